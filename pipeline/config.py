@@ -1,0 +1,185 @@
+"""The run configuration: YAML and flags parsed once into frozen, validated dataclasses.
+
+Precedence is defaults < YAML files (in the order given) < command-line flags. Unknown keys are
+rejected with their full key path, and every value is checked on load, so a typo fails in the
+first second of an overnight run rather than at 3 am. Only :mod:`pipeline.run` and
+:mod:`pipeline.cli` see the whole config; the other modules take the few plain values they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+OutputDtype = Literal["float32", "float16", "uint8"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str | None = None
+    """The TIFF to read."""
+    series: int = 0
+    """Which image series of the file (``fcnpipe inspect`` lists them)."""
+    level: int = 0
+    """Pyramid level: 0 is full resolution."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    """An fcnpipe checkpoint or a plain ``state_dict`` of the reference FCN."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean subtracted after scaling to [0, 1]; overrides the checkpoint's."""
+    std: tuple[float, ...] | None = None
+    """Per-channel standard deviation divided by after the mean; overrides the checkpoint's."""
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    tile: int = 512
+    """Core size in pixels: one output chunk. The halo comes from the model, not from here."""
+    batch: int = 4
+    """Tiles per task; equal-sized tiles of a task share one forward pass."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str | None = None
+    """The Zarr store to write."""
+    dtype: OutputDtype = "float32"
+    """Stored probabilities: float32, float16, or uint8 holding round(p * 255)."""
+    overwrite: bool = False
+    """Replace an existing store. Without it an existing output is never touched."""
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    device: Device = "auto"
+    """auto picks CUDA, then MPS, then the CPU."""
+    workers: int | None = None
+    """Tasks run at once (Dask threads). None: chosen with torch_threads to fill the cores."""
+    torch_threads: int | None = None
+    """Intra-op threads of each forward pass. None: cores divided by workers."""
+    progress: bool = True
+    """Show a progress bar (only ever on a terminal)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as YAML or JSON would hold it."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_config(files: typing.Sequence[str | os.PathLike[str]] = (), overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then each YAML file, then ``overrides`` (nested like the YAML), validated."""
+    merged: dict[str, Any] = {}
+    for file in files:
+        merged = merge(merged, read_yaml(file))
+    merged = merge(merged, dict(overrides or {}))
+    return parse(RunConfig, merged, "")
+
+
+def read_yaml(file: str | os.PathLike[str]) -> dict[str, Any]:
+    name = os.fspath(file)
+    try:
+        with open(name, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read config ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{name}: not valid YAML ({' '.join(str(err).split())})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict update: ``extra`` wins, sections merge key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse(cls: type[Any], data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"Expected a mapping for config section {where or '<root>'!r}. Got {data!r} instead.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(f"Unknown config key {key!r}. Known keys here: {', '.join(sorted(names))}.")
+    values = {}
+    for name in names & set(data):
+        key = f"{where}.{name}" if where else name
+        values[name] = _value(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _value(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"Expected one of {', '.join(map(str, args))} for {key!r}. Got {value!r} instead.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"Expected a list of numbers for {key!r}. Got {value!r} instead.")
+        return tuple(_value(args[0], v, key) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Expected true or false for {key!r}. Got {value!r} instead.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"Expected an integer for {key!r}. Got {value!r} instead.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Expected a number for {key!r}. Got {value!r} instead.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"Expected a string for {key!r}. Got {value!r} instead.")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a programming error, not a user's

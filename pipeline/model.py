@@ -1,0 +1,302 @@
+"""The network: the reference FCN, checkpoints, receptive radius, and the batched forward pass.
+
+This is the module that owns torch for inference (``pipeline.train`` owns it for fitting).
+Two checkpoint kinds load, always with ``torch.load(..., weights_only=True)`` so that a checkpoint
+can never run code:
+
+* a plain ``state_dict`` of :class:`ReferenceFCN` (``torch.save(model.state_dict(), path)``): the
+  sizes are inferred from the weight shapes and the input is scaled by the dtype's maximum;
+* an fcnpipe checkpoint (:func:`save_checkpoint`): a dict that also names the architecture and its
+  arguments, the classes and their colours, the input normalisation and the training resolution,
+  so that a run needs no other flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError
+
+CHECKPOINT_FORMAT = "fcnpipe-checkpoint"
+CHECKPOINT_VERSION = 1
+REFERENCE_FCN = "reference_fcn"
+_PALETTE = [
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+]  # fmt: skip
+
+
+class ReferenceFCN(nn.Module):
+    """``Conv2d(in, hidden, 3, padding=1) -> ReLU -> Conv2d(hidden, classes, 1)``; returns logits.
+
+    Input ``(B, in_channels, H, W)``, output ``(B, num_classes, H, W)``; softmax over dim 1 gives
+    probabilities. Receptive field 3 x 3, so a halo of 1 pixel makes tiling exact.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, hidden: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(hidden, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.conv1(x)))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``x / scale``, then ``(x - mean) / std`` per channel. ``scale=None``: the dtype's maximum."""
+
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def scale_for(self, dtype: np.dtype[Any]) -> float:
+        """The divisor for ``dtype``: 255 for uint8, 65535 for uint16, 127 for int8, 1 for floats."""
+        if self.scale is not None:
+            return self.scale
+        if np.issubdtype(dtype, np.integer):
+            return float(np.iinfo(dtype).max)
+        return 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "mean": _list(self.mean), "std": _list(self.std)}
+
+
+def _list(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything about a network except its weights: enough to rebuild it and to run it."""
+
+    architecture: str
+    arguments: dict[str, int]
+    in_channels: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    class_colors: tuple[tuple[int, int, int], ...]
+    normalization: Normalization = field(default_factory=Normalization)
+    mpp: float | None = None
+    """Micrometres per pixel of the training images (slides), if known."""
+    gsd: float | None = None
+    """Ground sample distance of the training images (rasters, CRS units per pixel), if known."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "arguments": dict(self.arguments),
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "classes": [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.class_colors, strict=True)],
+            "normalization": self.normalization.to_dict(),
+            "mpp": self.mpp,
+            "gsd": self.gsd,
+        }
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    spec: ModelSpec
+    sha256: str
+    path: str
+
+
+def default_classes(num_classes: int) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+    """Names ``class_0 ...`` and a fixed palette (black first), for a bare state_dict."""
+    names = tuple(f"class_{i}" for i in range(num_classes))
+    colors = tuple(_PALETTE[i % len(_PALETTE)] for i in range(num_classes))
+    return names, colors
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load a state_dict or an fcnpipe checkpoint into an eval-mode module on the CPU."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such model file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(
+            f"{path}: refused: the file holds pickled Python objects, not only weights; "
+            "save model.state_dict() or an fcnpipe checkpoint instead"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a state_dict or an fcnpipe checkpoint, got a {type(obj).__name__}")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        spec, state = _parse_checkpoint(obj, path)
+    else:
+        state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+        spec = _spec_from_state_dict(state, path)
+    module = build_module(spec, path)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelError(f"{path}: weights do not fit {spec.architecture} ({_first_line(err)})") from err
+    module.eval()
+    return LoadedModel(module=module, spec=spec, sha256=file_sha256(path), path=path)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _spec_from_state_dict(state: dict[str, Any], path: str) -> ModelSpec:
+    needed = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ModelError(
+            f"{path}: not a state_dict of the reference FCN (missing {', '.join(missing)}); "
+            "save an fcnpipe checkpoint for other architectures"
+        )
+    w1, w2 = state["conv1.weight"], state["conv2.weight"]
+    if w1.ndim != 4 or tuple(w1.shape[2:]) != (3, 3) or w2.ndim != 4 or tuple(w2.shape[2:]) != (1, 1):
+        raise ModelError(
+            f"{path}: reference FCN needs 3x3 conv1 and 1x1 conv2 weights, "
+            f"got {tuple(w1.shape)} and {tuple(w2.shape)}"
+        )
+    if w2.shape[1] != w1.shape[0]:
+        raise ModelError(f"{path}: conv1 has {w1.shape[0]} outputs but conv2 takes {w2.shape[1]} inputs")
+    in_channels, hidden, num_classes = int(w1.shape[1]), int(w1.shape[0]), int(w2.shape[0])
+    names, colors = default_classes(num_classes)
+    return ModelSpec(
+        architecture=REFERENCE_FCN,
+        arguments={"in_channels": in_channels, "num_classes": num_classes, "hidden": hidden},
+        in_channels=in_channels,
+        num_classes=num_classes,
+        class_names=names,
+        class_colors=colors,
+    )
+
+
+def _parse_checkpoint(obj: dict[str, Any], path: str) -> tuple[ModelSpec, dict[str, Any]]:
+    try:
+        if obj["version"] > CHECKPOINT_VERSION:
+            raise ModelError(f"{path}: checkpoint version {obj['version']} is newer than this fcnpipe reads")
+        classes = obj["classes"]
+        norm = obj.get("normalization") or {}
+        spec = ModelSpec(
+            architecture=str(obj["architecture"]),
+            arguments={str(k): int(v) for k, v in obj["arguments"].items()},
+            in_channels=int(obj["in_channels"]),
+            num_classes=len(classes),
+            class_names=tuple(str(c["name"]) for c in classes),
+            class_colors=tuple((int(c["color"][0]), int(c["color"][1]), int(c["color"][2])) for c in classes),
+            normalization=Normalization(
+                scale=None if norm.get("scale") is None else float(norm["scale"]),
+                mean=None if norm.get("mean") is None else tuple(float(v) for v in norm["mean"]),
+                std=None if norm.get("std") is None else tuple(float(v) for v in norm["std"]),
+            ),
+            mpp=None if obj.get("mpp") is None else float(obj["mpp"]),
+            gsd=None if obj.get("gsd") is None else float(obj["gsd"]),
+        )
+        state = obj["state_dict"]
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ModelError(f"{path}: malformed fcnpipe checkpoint (bad or missing field {err})") from err
+    return spec, state
+
+
+def build_module(spec: ModelSpec, path: str = "<model>") -> nn.Module:
+    if spec.architecture != REFERENCE_FCN:
+        raise ModelError(f"{path}: unknown architecture {spec.architecture!r} (known: {REFERENCE_FCN})")
+    try:
+        return ReferenceFCN(**spec.arguments)
+    except TypeError as err:
+        raise ModelError(f"{path}: bad arguments for {spec.architecture}: {err}") from err
+
+
+def save_checkpoint(path: str | os.PathLike[str], module: nn.Module, spec: ModelSpec) -> None:
+    """Write a self-describing fcnpipe checkpoint that :func:`load_model` reads back."""
+    obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **spec.to_dict()}
+    obj["state_dict"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    torch.save(obj, os.fspath(path))
+
+
+def with_normalization(spec: ModelSpec, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> ModelSpec:
+    """``spec`` with mean/std overridden where given (the config wins over the checkpoint)."""
+    norm = spec.normalization
+    return replace(spec, normalization=replace(norm, mean=mean or norm.mean, std=std or norm.std))
+
+
+def receptive_radius(module: nn.Module) -> int:
+    """Pixels of context each output pixel needs on every side: the halo that makes tiling exact.
+
+    Summed over every convolution and pooling layer as if they were in sequence, each contributing
+    ``dilation * (kernel - 1) / 2`` times the product of the strides before it. For a chain that is
+    exact; for branches and skip connections it is an upper bound, which is still exact tiling.
+    """
+    radius = 0.0
+    jump = 1
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            kernel = _pair(layer.kernel_size)
+            dilation = _pair(getattr(layer, "dilation", 1))
+            stride = _pair(layer.stride)
+            radius += jump * max(d * (k - 1) for k, d in zip(kernel, dilation, strict=True)) / 2
+            jump *= max(stride)
+    return int(np.ceil(radius))
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def select_device(name: str) -> torch.device:
+    """``auto``: CUDA if present, then Apple MPS, else CPU. An unavailable explicit device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but PyTorch sees no CUDA GPU; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device 'mps' requested but PyTorch sees no Apple GPU; use --device cpu")
+    return torch.device(name)
+
+
+def set_torch_threads(count: int) -> None:
+    """Intra-op threads of each forward pass (process-wide)."""
+    torch.set_num_threads(max(1, count))
+
+
+class Predictor:
+    """A loaded network on one device that maps normalised input batches to probabilities."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.channels_last = device.type == "cpu"
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.module = module.to(device=device, memory_format=fmt).eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 class probabilities."""
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            probs = torch.softmax(self.module(x), dim=1)
+            return probs.float().contiguous().cpu().numpy()

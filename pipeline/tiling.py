@@ -1,0 +1,121 @@
+"""Cut an image into tiles: pure integer arithmetic, no I/O.
+
+A tile has a *core*, the block of output pixels it owns, and a *read window*, the core grown by a
+halo of real neighbouring pixels on every side and clipped to the image. The cores form a regular
+grid of ``tile x tile`` blocks (smaller at the right and bottom edges), which is exactly the chunk
+grid of the output Zarr arrays, so no two tiles ever write the same chunk.
+
+Why clipping is exact: a fully convolutional network zero-pads at the border of whatever it is
+given. Where a read window is clipped, its border *is* the image border, so the network sees
+the same zero padding there as in one whole-image pass. Everywhere else the halo supplies real
+pixels, and as long as ``halo`` is at least the network's receptive radius every core pixel sees
+exactly the input it would see in the whole-image pass.
+
+>>> tiles = plan_tiles(height=5, width=7, tile=4, halo=1)
+>>> [(t.core, t.window) for t in tiles]  # doctest: +NORMALIZE_WHITESPACE
+[((0, 4, 0, 4), (0, 5, 0, 5)), ((0, 4, 4, 7), (0, 5, 3, 7)),
+ ((4, 5, 0, 4), (3, 5, 0, 5)), ((4, 5, 4, 7), (3, 5, 3, 7))]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError
+
+Box = tuple[int, int, int, int]
+"""``(y0, y1, x0, x1)``: half-open pixel ranges, rows then columns."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One unit of work: the core it writes and the window it reads, in image pixels."""
+
+    row: int
+    col: int
+    core: Box
+    window: Box
+
+    @property
+    def crop(self) -> Box:
+        """Where the core lies inside the window, as ``(y0, y1, x0, x1)`` relative to the window."""
+        y0, y1, x0, x1 = self.core
+        wy0, _, wx0, _ = self.window
+        return (y0 - wy0, y1 - wy0, x0 - wx0, x1 - wx0)
+
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        wy0, wy1, wx0, wx1 = self.window
+        return (wy1 - wy0, wx1 - wx0)
+
+    @property
+    def core_pixels(self) -> int:
+        y0, y1, x0, x1 = self.core
+        return (y1 - y0) * (x1 - x0)
+
+
+def parse_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an int > 0, or raise a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"Expected a positive integer for {name}. Got {value!r} instead.")
+    return value
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``.
+
+    >>> round_up(5, 4), round_up(8, 4), round_up(0, 4)
+    (8, 8, 0)
+    """
+    return -(-value // multiple) * multiple
+
+
+def grid_shape(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Number of tile rows and columns that cover a ``height x width`` image."""
+    return (math.ceil(height / tile), math.ceil(width / tile))
+
+
+def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -> list[Tile]:
+    """Cover a ``height x width`` image with ``tile``-sized cores, each read with ``halo`` pixels.
+
+    ``stride`` is the network's total downsampling factor: tiles must start on multiples of it so
+    that every tile sees the same sampling phase as the whole image, hence ``tile`` must be a
+    multiple of ``stride`` and the halo is rounded up to one.
+    """
+    parse_positive_int(height, "image height")
+    parse_positive_int(width, "image width")
+    parse_positive_int(tile, "tile size")
+    parse_positive_int(stride, "network stride")
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ConfigError(f"Expected a non-negative integer for halo. Got {halo!r} instead.")
+    if tile % stride:
+        raise ConfigError(
+            f"Tile size {tile} is not a multiple of the network's stride {stride}; "
+            f"use {round_up(tile, stride)}."
+        )
+    halo = round_up(halo, stride)
+    rows, cols = grid_shape(height, width, tile)
+    tiles = []
+    for row in range(rows):
+        y0, y1 = row * tile, min((row + 1) * tile, height)
+        for col in range(cols):
+            x0, x1 = col * tile, min((col + 1) * tile, width)
+            window = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
+            tiles.append(Tile(row, col, (y0, y1, x0, x1), window))
+    return tiles
+
+
+def batched(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
+    """Consecutive groups of at most ``size`` tiles, in row-major order (neighbours share reads)."""
+    parse_positive_int(size, "batch size")
+    for start in range(0, len(tiles), size):
+        yield list(tiles[start : start + size])
+
+
+def halo_overhead(tiles: Sequence[Tile]) -> float:
+    """Pixels read divided by pixels written, minus one: the cost of the halo (0.0 = none)."""
+    read = sum(h * w for h, w in (t.window_shape for t in tiles))
+    written = sum(t.core_pixels for t in tiles)
+    return read / written - 1.0
