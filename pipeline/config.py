@@ -24,6 +24,16 @@ OutputDtype = Literal["float32", "float16", "uint8"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
+def _positive(value: int | None, key: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"Expected a positive integer for {key!r}. Got {value} instead.")
+
+
+def _non_negative(value: int, key: str) -> None:
+    if value < 0:
+        raise ConfigError(f"Expected a non-negative integer for {key!r}. Got {value} instead.")
+
+
 @dataclass(frozen=True)
 class InputConfig:
     path: str | None = None
@@ -32,6 +42,10 @@ class InputConfig:
     """Which image series of the file (``fcnpipe inspect`` lists them)."""
     level: int = 0
     """Pyramid level: 0 is full resolution."""
+
+    def __post_init__(self) -> None:
+        _non_negative(self.series, "input.series")
+        _non_negative(self.level, "input.level")
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class TilingConfig:
     """Core size in pixels: one output chunk. The halo comes from the model, not from here."""
     batch: int = 4
     """Tiles per task; equal-sized tiles of a task share one forward pass."""
+
+    def __post_init__(self) -> None:
+        _positive(self.tile, "tiling.tile")
+        _positive(self.batch, "tiling.batch")
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,10 @@ class ComputeConfig:
     progress: bool = True
     """Show a progress bar (only ever on a terminal)."""
 
+    def __post_init__(self) -> None:
+        _positive(self.workers, "compute.workers")
+        _positive(self.torch_threads, "compute.torch_threads")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -95,13 +117,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_config(files: typing.Sequence[str | os.PathLike[str]] = (), overrides: Mapping[str, Any] | None = None) -> RunConfig:
+def load_config(
+    files: typing.Sequence[str | os.PathLike[str]] = (), overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Defaults, then each YAML file, then ``overrides`` (nested like the YAML), validated."""
     merged: dict[str, Any] = {}
     for file in files:
-        merged = merge(merged, read_yaml(file))
+        data = read_yaml(file)
+        try:
+            parse(RunConfig, data, "")  # each file valid on its own, so errors can name it
+        except ConfigError as err:
+            raise ConfigError(f"{os.fspath(file)}: {err}") from err
+        merged = merge(merged, data)
     merged = merge(merged, dict(overrides or {}))
-    return parse(RunConfig, merged, "")
+    config: RunConfig = parse(RunConfig, merged, "")
+    return config
 
 
 def read_yaml(file: str | os.PathLike[str]) -> dict[str, Any]:
@@ -117,7 +147,7 @@ def read_yaml(file: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: a config must be a mapping of sections, got {type(data).__name__}")
-    return data
+    return dict(data)
 
 
 def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,7 +181,7 @@ def parse(cls: type[Any], data: Any, where: str) -> Any:
 def _value(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return parse(hint, value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

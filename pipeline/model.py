@@ -98,7 +98,9 @@ class ModelSpec:
             "arguments": dict(self.arguments),
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
-            "classes": [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.class_colors, strict=True)],
+            "classes": [
+                {"name": n, "color": list(c)} for n, c in zip(self.class_names, self.class_colors, strict=True)
+            ],
             "normalization": self.normalization.to_dict(),
             "mpp": self.mpp,
             "gsd": self.gsd,
@@ -133,6 +135,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: not a PyTorch checkpoint (expected a file written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -174,8 +178,7 @@ def _spec_from_state_dict(state: dict[str, Any], path: str) -> ModelSpec:
     w1, w2 = state["conv1.weight"], state["conv2.weight"]
     if w1.ndim != 4 or tuple(w1.shape[2:]) != (3, 3) or w2.ndim != 4 or tuple(w2.shape[2:]) != (1, 1):
         raise ModelError(
-            f"{path}: reference FCN needs 3x3 conv1 and 1x1 conv2 weights, "
-            f"got {tuple(w1.shape)} and {tuple(w2.shape)}"
+            f"{path}: reference FCN needs 3x3 conv1 and 1x1 conv2 weights, got {tuple(w1.shape)} and {tuple(w2.shape)}"
         )
     if w2.shape[1] != w1.shape[0]:
         raise ModelError(f"{path}: conv1 has {w1.shape[0]} outputs but conv2 takes {w2.shape[1]} inputs")
@@ -299,4 +302,5 @@ class Predictor:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             probs = torch.softmax(self.module(x), dim=1)
-            return probs.float().contiguous().cpu().numpy()
+            out: np.ndarray = probs.float().contiguous().cpu().numpy()
+            return out

@@ -70,6 +70,7 @@ class SourceInfo:
     compression: str
     chunk_shape: tuple[int, int]
     """``(Y, X)`` of the file's tiles, or of its strips for a stripped file."""
+    tiled: bool
     alpha_dropped: bool
     other_axes: str
     """Axes read at index 0 only (e.g. ``"T"``)."""
@@ -179,6 +180,7 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
         levels=levels,
         compression=page.compression.name,
         chunk_shape=(page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, page.imagewidth),
+        tiled=bool(page.is_tiled),
         alpha_dropped=alpha,
         other_axes=other,
         mpp=None if mpp0 is None else mpp0 * downsample,
@@ -307,10 +309,56 @@ def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
         data = np.asarray(_open_level(ref)[tuple(index)])
     except Exception as err:  # any codec or I/O failure in this window: report it with its place
         raise SourceError(
-            f"{ref.path}: cannot read pixels of level {ref.level} at rows {y0}-{y1}, "
-            f"columns {x0}-{x1}: {one_line(err)}"
+            f"{ref.path}: cannot read pixels of level {ref.level} at rows {y0}-{y1}, columns {x0}-{x1}: {one_line(err)}"
         ) from err
     kept = [a for a in ref.axes if a in SPATIAL or a == ref.channel_axis]
     if ref.channel_axis is None:
         return data[np.newaxis] if kept == ["Y", "X"] else data.T[np.newaxis]
     return np.transpose(data, [kept.index(ref.channel_axis), kept.index("Y"), kept.index("X")])
+
+
+# --- describing a file ----------------------------------------------------------------------------
+
+
+def describe_file(path: str | os.PathLike[str]) -> list[str]:
+    """Lines for ``fcnpipe inspect``: every series with its levels, dtype, compression and resolution.
+
+    Reads the directory only. A series that cannot be used says why instead of failing the rest.
+    """
+    first = open_source(path)
+    lines = [f"{first.path}: {first.file_size:,} bytes, {first.series_count} series"]
+    for index in range(first.series_count):
+        name = first.series_names[index]
+        try:
+            info = first if index == 0 else open_source(path, series=index)
+        except SourceError as err:
+            lines.append(f"series {index} ({name}): not usable: {str(err).removeprefix(f'{first.path}: ')}")
+            continue
+        lines.extend(_describe_series(index, name, info))
+    return lines
+
+
+def _describe_series(index: int, name: str, info: SourceInfo) -> list[str]:
+    channels = info.shape[0]
+    notes = []
+    if info.alpha_dropped:
+        notes.append("alpha band dropped")
+    if info.other_axes:
+        notes.append(f"axes {info.other_axes} read at index 0")
+    chunk = "x".join(map(str, info.chunk_shape))
+    lines = [
+        f"series {index} ({name}): axes {info.ref.axes}, {channels} channels, {info.dtype}, "
+        f"{info.compression}, {'tiles' if info.tiled else 'strips'} {chunk}"
+        + (f" ({'; '.join(notes)})" if notes else "")
+    ]
+    for number, level in enumerate(info.levels):
+        height, width = level.shape
+        lines.append(f"  level {number}: {height} x {width} px (downsample {level.downsample:g})")
+    if info.mpp is not None:
+        lines.append(f"  resolution: {info.mpp:g} micrometres per pixel at level 0")
+    elif info.crs is not None or info.pixel_size is not None:
+        size = "unknown" if info.pixel_size is None else f"{info.pixel_size[0]:g} x {info.pixel_size[1]:g}"
+        lines.append(f"  georeference: {info.crs or 'unknown CRS'}, pixel size {size} CRS units")
+    else:
+        lines.append("  resolution: not recorded in the file")
+    return lines

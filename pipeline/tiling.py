@@ -92,8 +92,7 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -
         raise ConfigError(f"Expected a non-negative integer for halo. Got {halo!r} instead.")
     if tile % stride:
         raise ConfigError(
-            f"Tile size {tile} is not a multiple of the network's stride {stride}; "
-            f"use {round_up(tile, stride)}."
+            f"Tile size {tile} is not a multiple of the network's stride {stride}; use {round_up(tile, stride)}."
         )
     halo = round_up(halo, stride)
     rows, cols = grid_shape(height, width, tile)

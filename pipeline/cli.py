@@ -1,0 +1,187 @@
+"""The ``fcnpipe`` command: parse and validate, then call the plain functions of the package.
+
+This is the only module that imports click. Every :class:`~pipeline.errors.FcnpipeError` becomes
+one line on stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import ConfigError, FcnpipeError
+
+INTERNAL_ERROR = 70
+
+
+class _Group(click.Group):
+    """A group that turns errors into one line, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except FcnpipeError as err:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"fcnpipe: error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("fcnpipe: interrupted; the output is not marked complete", err=True)
+            ctx.exit(130)
+        except Exception as err:  # a bug or an environment failure: still one line, never a traceback
+            if ctx.params.get("debug"):
+                raise
+            text = " ".join(str(err).split()) or type(err).__name__
+            click.echo(f"fcnpipe: internal error: {type(err).__name__}: {text} (rerun with --debug)", err=True)
+            ctx.exit(INTERNAL_ERROR)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="fcnpipe")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    """Turn gigapixel TIFFs (whole-slide scans, GeoTIFFs) into per-pixel class-probability maps.
+
+    \b
+    fcnpipe demo                                  make a synthetic slide, train, run, score
+    fcnpipe inspect SLIDE.svs                     what is in a TIFF, before a long run
+    fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr
+    """
+
+
+def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError as err:
+        raise ConfigError(f"Expected comma-separated numbers for {name}. Got {value!r} instead.") from err
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Nested config overrides from the flags that were given (``section__key=value``)."""
+    out: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is not None:
+            section, key = name.split("__")
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).")
+@click.option("-m", "--model", help="fcnpipe checkpoint or state_dict of the reference FCN (.pt).")
+@click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+              help="YAML config; repeat to layer them (later wins; flags win over all).")  # fmt: skip
+@click.option("--level", type=int, help="Pyramid level to read (0 = full resolution).  [default: 0]")
+@click.option("--series", type=int, help="Image series of the file (see inspect).  [default: 0]")
+@click.option("--tile", type=int, help="Tile core in pixels = output chunk size.  [default: 512]")
+@click.option("--batch", type=int, help="Tiles per task / forward pass.  [default: 4]")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
+              help="Stored probabilities; uint8 holds round(p*255).  [default: float32]")  # fmt: skip
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
+@click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]")
+@click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]")
+@click.option("--mean", help="Per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Per-channel std after the mean, e.g. 0.229,0.224,0.225.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
+def run(input_path: str, output: str | None, model: str | None, configs: tuple[str, ...], **flags: Any) -> None:
+    """Predict class probabilities for every pixel of INPUT and write them to a Zarr store.
+
+    The image is read lazily in tiles with a halo as wide as the network's receptive radius, so the
+    stitched map equals one whole-image forward pass, and memory does not grow with the image.
+    The store holds `0` (classes x Y x X probabilities) and `labels/argmax/0` (Y x X class index);
+    its `fcnpipe` attribute records the config, model hash and timings, and `complete: true` last.
+    """
+    from pipeline.config import load_config
+    from pipeline.run import execute, prepare
+
+    overrides = _overrides(
+        input__path=input_path,
+        input__level=flags["level"],
+        input__series=flags["series"],
+        model__path=model,
+        model__mean=_floats(flags["mean"], "--mean"),
+        model__std=_floats(flags["std"], "--std"),
+        tiling__tile=flags["tile"],
+        tiling__batch=flags["batch"],
+        output__path=output,
+        output__dtype=flags["dtype"],
+        output__overwrite=flags["overwrite"],
+        compute__device=flags["device"],
+        compute__workers=flags["workers"],
+        compute__torch_threads=flags["torch_threads"],
+        compute__progress=flags["progress"],
+    )
+    config = load_config(configs, overrides)
+    plan = prepare(config)
+    for line in plan.describe():
+        click.echo(line, err=True)
+    with _progress_bar(plan.megapixels, config.compute.progress) as bar:
+        result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
+    rate = result.megapixels / result.seconds if result.seconds else float("inf")
+    click.echo(f"wrote {result.output_path}: {result.shape} in {result.seconds:.1f} s ({rate:.2f} Mpx/s)", err=True)
+
+
+def _progress_bar(total_mpx: float, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=round(total_mpx, 2),
+        unit="Mpx",
+        unit_scale=False,
+        disable=None if enabled else True,  # None: only on a terminal
+        file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]",
+        dynamic_ncols=True,
+    )
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+def inspect(input_path: str) -> None:
+    """Show what is in a TIFF: series, pyramid levels, dtype, compression, tiles, resolution.
+
+    Reads only the file's directory, never its pixels, so it is instant on a 100k x 100k slide.
+    """
+    from pipeline.source import describe_file
+
+    for line in describe_file(input_path):
+        click.echo(line)
+
+
+@cli.command()
+@click.option("-o", "--output", "workdir", default="demo-output", show_default=True,
+              help="Folder for the synthetic slide, the model, the store and the preview.")  # fmt: skip
+@click.option("--size", default=8192, show_default=True, help="Slide width and height in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the slide and the training.")
+@click.option("--train-seconds", default=45.0, show_default=True, help="Training time budget.")
+def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
+    """The whole job on a synthetic slide: make it, train the reference FCN, run, score, preview.
+
+    Makes a tiled, JPEG-compressed, pyramidal slide-like TIFF with a ground-truth mask, trains
+    the reference FCN on a crop, runs the full pipeline on the whole slide, prints per-class IoU
+    against the ground truth and writes a PNG preview.
+    """
+    from pipeline.demo import run_demo
+
+    started = time.perf_counter()
+    result = run_demo(workdir, size=size, seed=seed, progress=True, train_seconds=train_seconds)
+    for name, iou in result.ious.items():
+        click.echo(f"IoU {name:<12} {iou:.3f}")
+    click.echo(f"mean IoU {result.mean_iou:.3f}")
+    click.echo(f"store    {result.store_path}")
+    click.echo(f"preview  {result.preview_path}")
+    click.echo(f"took     {time.perf_counter() - started:.0f} s")
+
+
+def main() -> None:
+    cli(prog_name="fcnpipe")

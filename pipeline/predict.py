@@ -1,0 +1,104 @@
+"""Dask glue: one fused task per group of tiles (read with halo -> predict -> crop -> write).
+
+Each task carries only small, picklable values (a :class:`Job` and a list of tiles): paths and
+windows, never an open file or a model. The worker loads the network once and keeps it
+(:func:`predictor_for`), opens the TIFF and the Zarr store once per thread, and returns a few
+numbers, so nothing proportional to the image ever lives in the graph or in the scheduler.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import numpy as np
+
+from pipeline.model import Predictor, load_model, select_device
+from pipeline.output import OutputRef, write_core
+from pipeline.source import SourceRef, read_window
+from pipeline.tiling import Tile, batched
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything a task needs besides its tiles."""
+
+    source: SourceRef
+    output: OutputRef
+    model_path: str
+    model_sha256: str
+    device: str
+    scale: float
+    """Input values are divided by this (the dtype's maximum by default)."""
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+_predictors: dict[tuple[str, str, str], Predictor] = {}
+_predictors_lock = threading.Lock()
+
+
+def predictor_for(job: Job) -> Predictor:
+    """The worker's network for ``job``, loaded on first use and kept for every later task."""
+    key = (job.model_path, job.model_sha256, job.device)
+    with _predictors_lock:
+        if key not in _predictors:
+            loaded = load_model(job.model_path)
+            _predictors[key] = Predictor(loaded.module, select_device(job.device))
+        return _predictors[key]
+
+
+def normalize(
+    window: np.ndarray, scale: float, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> np.ndarray:
+    """``(C, Y, X)`` raw pixels -> float32 network input: ``x / scale``, then ``(x - mean) / std``."""
+    x = window.astype(np.float32) * np.float32(1.0 / scale)
+    if mean is not None:
+        x -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    if std is not None:
+        x /= np.asarray(std, dtype=np.float32)[:, None, None]
+    return x
+
+
+def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
+    """Read, predict, crop and write ``tiles``; return the number of output pixels written.
+
+    Tiles of equal window shape (all interior tiles) share one forward pass.
+    """
+    predictor = predictor_for(job)
+    by_shape: dict[tuple[int, int], list[Tile]] = {}
+    for tile in tiles:
+        by_shape.setdefault(tile.window_shape, []).append(tile)
+    for group in by_shape.values():
+        batch = np.stack([normalize(read_window(job.source, t.window), job.scale, job.mean, job.std) for t in group])
+        probs = predictor(batch)
+        for tile, prob in zip(group, probs, strict=True):
+            cy0, cy1, cx0, cx1 = tile.crop
+            write_core(job.output, tile.core, prob[:, cy0:cy1, cx0:cx1])
+    return sum(t.core_pixels for t in tiles)
+
+
+def build_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
+    """One delayed task per group of ``batch`` consecutive tiles."""
+    run = dask.delayed(process_tiles, pure=False)
+    return [run(job, group) for group in batched(tiles, batch)]
+
+
+def compute_tasks(tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None) -> int:
+    """Run ``tasks`` on the local threaded scheduler; ``on_done(pixels)`` after each one.
+
+    Returns the total number of pixels written.
+    """
+    from dask.callbacks import Callback
+
+    class _Progress(Callback):  # type: ignore[misc]
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if on_done is not None and isinstance(result, int):
+                on_done(result)
+
+    with _Progress():
+        results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    return int(sum(results))
