@@ -161,7 +161,7 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
     )
     height, width = levels[level].shape
     downsample = levels[level].downsample
-    mpp0 = _microns_per_pixel(tif, page)
+    mpp0 = _microns_per_pixel(tif, chosen.levels[0].keyframe)
     crs, pixel0 = _georeference(tif)
     return SourceInfo(
         ref=SourceRef(

@@ -1,0 +1,66 @@
+"""Factories for small synthetic inputs, and the real third-party TIFFs from ../shared."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from pipeline.model import ReferenceFCN
+
+REAL_DATA = Path(os.environ.get("FCNPIPE_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """``../shared/data/real`` beside the checkout (see its README), or skip saying why."""
+    if not (REAL_DATA / "README.md").is_file():
+        pytest.skip(f"real TIFF collection not found at {REAL_DATA} (set FCNPIPE_REAL_DATA)")
+    return REAL_DATA
+
+
+def random_image(shape: tuple[int, ...], dtype: str = "uint8", seed: int = 0) -> np.ndarray:
+    """Smooth-ish random pixels of ``dtype`` (full range for integers, [0, 1] for floats)."""
+    rng = np.random.default_rng(seed)
+    data = rng.random(shape)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        return (info.min + data * (float(info.max) - info.min)).astype(dtype)
+    return data.astype(dtype)
+
+
+@pytest.fixture
+def make_tiff(tmp_path: Path) -> Callable[..., Path]:
+    """Write ``data`` (as tifffile takes it, e.g. ``(Y, X, S)``) to a TIFF in ``tmp_path``."""
+    counter = iter(range(10_000))
+
+    def make(data: np.ndarray, name: str | None = None, **kwargs: Any) -> Path:
+        path = tmp_path / (name or f"image{next(counter)}.tif")
+        tifffile.imwrite(path, data, **kwargs)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_model(tmp_path: Path) -> Callable[..., Path]:
+    """Save a seeded reference FCN's plain state_dict; return its path."""
+
+    def make(in_channels: int = 3, num_classes: int = 3, seed: int = 0, hidden: int = 16) -> Path:
+        torch.manual_seed(seed)
+        module = ReferenceFCN(in_channels, num_classes, hidden)
+        # Larger weights than the default init make neighbouring pixels matter more: a tiling bug shows.
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.mul_(4.0)
+        path = tmp_path / f"fcn_{in_channels}_{num_classes}_{seed}.pt"
+        torch.save(module.state_dict(), path)
+        return path
+
+    return make

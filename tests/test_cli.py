@@ -1,0 +1,101 @@
+"""The command line: Click's runner for speed, and real subprocesses as users run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import zarr
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.conftest import random_image
+
+
+def fcnpipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline ARGS`` in a fresh process, the way a shell would run ``fcnpipe``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
+def test_help_explains_every_command() -> None:
+    runner = CliRunner()
+    top = runner.invoke(cli, ["--help"])
+    assert top.exit_code == 0
+    for command in ("run", "inspect", "demo"):
+        assert command in top.output
+        sub = runner.invoke(cli, [command, "--help"])
+        assert sub.exit_code == 0 and "Usage:" in sub.output
+    run_help = runner.invoke(cli, ["run", "--help"]).output
+    for flag in ("--model", "--tile", "--level", "--dtype", "--overwrite", "--config", "--device"):
+        assert flag in run_help
+
+
+def test_run_as_a_real_process(make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_tiff(random_image((70, 90, 3)), tile=(32, 32), photometric="rgb")
+    out = tmp_path / "out.zarr"
+    done = fcnpipe("run", str(image), "--model", str(make_model()), "-o", str(out), "--tile", "32", "--dtype", "uint8")
+    assert done.returncode == 0, done.stderr
+    assert "tiles   9 of 32 px + 1 px halo" in done.stderr  # the plan, printed before the run
+    assert f"wrote {out}" in done.stderr
+    store = zarr.open_group(str(out), mode="r")
+    assert store["0"].shape == (3, 70, 90) and store["0"].dtype == "uint8"
+    assert store.attrs["fcnpipe"]["complete"] is True
+
+
+def test_errors_are_one_line_without_traceback_and_debug_shows_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.svs"
+    done = fcnpipe("run", str(missing), "--model", "m.pt", "-o", str(tmp_path / "o.zarr"))
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"fcnpipe: error: {missing}: no such file"
+    debug = fcnpipe("--debug", "run", str(missing), "--model", "m.pt", "-o", str(tmp_path / "o.zarr"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "SourceError" in debug.stderr
+
+
+def test_bad_config_key_names_file_and_key(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("tiling:\n  tile: 256\n  halo: 3\n")
+    image = make_tiff(random_image((8, 8, 3)), photometric="rgb")
+    result = CliRunner().invoke(cli, ["run", str(image), "-c", str(config), "-m", "m.pt", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip()
+        == f"fcnpipe: error: {config}: Unknown config key 'tiling.halo'. Known keys here: batch, tile."
+    )
+
+
+def test_bad_flag_value_is_a_config_error(
+    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    image = make_tiff(random_image((8, 8, 3)), photometric="rgb")
+    args = ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr"), "--tile", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "fcnpipe: error: Expected a positive integer for 'tiling.tile'. Got 0 instead."
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_flags_override_yaml(make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("tiling:\n  tile: 16\noutput:\n  dtype: float16\n")
+    image = make_tiff(random_image((40, 40, 3)), photometric="rgb")
+    out = tmp_path / "o.zarr"
+    result = CliRunner().invoke(
+        cli, ["run", str(image), "-c", str(config), "-m", str(make_model()), "-o", str(out), "--tile", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    store = zarr.open_group(str(out), mode="r")
+    assert store["0"].chunks == (3, 32, 32) and store["0"].dtype == "float16"
+
+
+def test_inspect_prints_levels_and_resolution(real_data: Path) -> None:
+    done = fcnpipe("inspect", str(real_data / "hubmap_multi-channel_pyramid.ome.tif"))
+    assert done.returncode == 0, done.stderr
+    assert "axes CYX, 3 channels, uint8, ADOBE_DEFLATE, tiles 512x512" in done.stdout
+    assert "level 7: 1 x 3 px" in done.stdout
+    assert "resolution: not recorded in the file" in done.stdout

@@ -1,0 +1,140 @@
+"""Checkpoints load safely and describe themselves; the receptive radius comes from the layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError
+from pipeline.model import (
+    ModelSpec,
+    Normalization,
+    Predictor,
+    ReferenceFCN,
+    load_model,
+    receptive_radius,
+    save_checkpoint,
+    select_device,
+)
+
+
+def test_plain_state_dict_sizes_are_inferred(tmp_path: Path) -> None:
+    path = tmp_path / "sd.pt"
+    torch.save(ReferenceFCN(in_channels=5, num_classes=7, hidden=64).state_dict(), path)
+    loaded = load_model(path)
+    assert (loaded.spec.in_channels, loaded.spec.num_classes, loaded.spec.arguments["hidden"]) == (5, 7, 64)
+    assert loaded.spec.class_names == tuple(f"class_{i}" for i in range(7))
+    assert loaded.spec.normalization == Normalization()
+
+
+def test_data_parallel_prefix_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in ReferenceFCN(3, 2).state_dict().items()}, path)
+    assert load_model(path).spec.num_classes == 2
+
+
+def test_checkpoint_round_trip_keeps_everything(tmp_path: Path) -> None:
+    module = ReferenceFCN(3, 2, hidden=8)
+    spec = ModelSpec(
+        architecture="reference_fcn",
+        arguments={"in_channels": 3, "num_classes": 2, "hidden": 8},
+        in_channels=3,
+        num_classes=2,
+        class_names=("background", "tumour"),
+        class_colors=((255, 255, 255), (200, 0, 0)),
+        normalization=Normalization(scale=255.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        mpp=0.5,
+    )
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, module, spec)
+    loaded = load_model(path)
+    assert loaded.spec == spec
+    for name, value in module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[name], value)
+
+
+def test_pickled_module_is_refused_not_executed(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(ReferenceFCN(3, 2), path)  # a whole pickled module: loading it would run code
+    with pytest.raises(ModelError, match="refused: the file holds pickled Python objects"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"conv1.weight": torch.zeros(4, 3, 3, 3)}, "missing conv1.bias"),
+        (
+            {"conv1.weight": torch.zeros(4, 3, 5, 5), "conv1.bias": torch.zeros(4),
+             "conv2.weight": torch.zeros(2, 4, 1, 1), "conv2.bias": torch.zeros(2)},
+            "needs 3x3 conv1",
+        ),
+        (
+            {"conv1.weight": torch.zeros(4, 3, 3, 3), "conv1.bias": torch.zeros(4),
+             "conv2.weight": torch.zeros(2, 6, 1, 1), "conv2.bias": torch.zeros(2)},
+            "conv1 has 4 outputs but conv2 takes 6",
+        ),
+    ],
+    ids=["missing-key", "wrong-kernel", "inconsistent"],
+)  # fmt: skip
+def test_state_dict_that_does_not_fit(tmp_path: Path, state: dict[str, torch.Tensor], message: str) -> None:
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match=message) as caught:
+        load_model(path)
+    assert str(caught.value).startswith(str(path))
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pt"
+    path.write_text("hello")
+    with pytest.raises(ModelError, match="not a PyTorch checkpoint"):
+        load_model(path)
+
+
+def _measured_radius(module: nn.Module, size: int = 41) -> int:
+    """How far the gradient of the centre output pixel reaches into the input: the true radius."""
+    x = torch.rand(1, 3, size, size, requires_grad=True)
+    module(x)[0, :, size // 2, size // 2].sum().backward()
+    assert x.grad is not None
+    rows = np.nonzero(x.grad.abs().sum(dim=(0, 1, 3)).numpy())[0]
+    return int(size // 2 - rows.min())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        ReferenceFCN(3, 2),
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2), nn.Conv2d(8, 2, 1)),
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=2, dilation=2), nn.Conv2d(8, 2, 3, padding=1)),
+    ],
+    ids=["reference", "3x3-5x5-1x1", "dilated"],
+)
+def test_receptive_radius_matches_the_gradient(module: nn.Module) -> None:
+    module.eval()
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.constant_(layer.weight, 0.1)  # no dead paths: the gradient shows the full field
+    assert receptive_radius(module) == _measured_radius(module)
+
+
+def test_predictor_returns_probabilities() -> None:
+    probs = Predictor(ReferenceFCN(3, 4), select_device("cpu"))(np.random.rand(2, 3, 9, 11).astype(np.float32))
+    assert probs.shape == (2, 4, 9, 11) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_unavailable_device_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error path is for machines without it")
+    with pytest.raises(ModelError, match="no CUDA GPU; use --device cpu"):
+        select_device("cuda")
+
+
+def test_make_model_fixture_is_loadable(make_model: Callable[..., Path]) -> None:
+    assert load_model(make_model(in_channels=2, num_classes=5)).spec.in_channels == 2
