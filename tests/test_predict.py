@@ -1,0 +1,55 @@
+"""Tasks are small and self-contained: the same graph runs on threads and on separate processes."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import dask
+import numpy as np
+import zarr
+
+from pipeline.model import load_model
+from pipeline.output import LABELS, PROBABILITIES, OutputRef, create_store
+from pipeline.predict import Job, build_tasks, normalize
+from pipeline.source import open_source
+from pipeline.tiling import plan_tiles
+from tests.conftest import random_image
+
+
+def _job(image: Path, model: Path, out: Path, tile: int) -> tuple[Job, list[object]]:
+    info = open_source(image)
+    loaded = load_model(model)
+    create_store(str(out), (loaded.spec.num_classes, *info.shape[1:]), tile, "float32", overwrite=False)
+    job = Job(info.ref, OutputRef(str(out), "float32"), str(model), loaded.sha256, "cpu", 255.0, None, None)
+    return job, build_tasks(job, plan_tiles(info.shape[1], info.shape[2], tile, halo=1), batch=2)
+
+
+def test_tasks_pickle_small(make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path) -> None:
+    job, tasks = _job(make_tiff(random_image((64, 64, 3)), photometric="rgb"), make_model(), tmp_path / "o.zarr", 16)
+    graph = dict(dask.delayed(list)(tasks).__dask_graph__())
+    assert len(pickle.dumps(job)) < 1000  # a path and a window, no pixels, no model, no file handle
+    assert len(pickle.dumps(graph)) < 1000 * len(tasks)
+
+
+def test_same_graph_on_processes_gives_same_bytes(
+    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    image = make_tiff(random_image((50, 70, 3)), tile=(16, 16), photometric="rgb")
+    model = make_model()
+    results = []
+    for scheduler in ("threads", "processes"):
+        out = tmp_path / f"{scheduler}.zarr"
+        _, tasks = _job(image, model, out, 16)
+        assert sum(dask.compute(*tasks, scheduler=scheduler, num_workers=2)) == 50 * 70
+        store = zarr.open_group(str(out), mode="r")
+        results.append((store[PROBABILITIES][:], store[LABELS][:]))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_normalize_scales_then_standardises() -> None:
+    window = np.array([[[0, 255]], [[51, 102]]], dtype=np.uint8)
+    np.testing.assert_allclose(normalize(window, 255.0, None, None), [[[0, 1]], [[0.2, 0.4]]], rtol=1e-6)
+    np.testing.assert_allclose(normalize(window, 255.0, (0.5, 0.2), (0.5, 0.1)), [[[-1, 1]], [[0, 2]]], atol=1e-6)
