@@ -51,6 +51,14 @@ def predictor_for(job: Job) -> Predictor:
         return _predictors[key]
 
 
+def adopt_model(job: Job, module: Any) -> None:
+    """Use an already loaded ``module`` for ``job`` in this process, instead of loading it again."""
+    key = (job.model_path, job.model_sha256, job.device)
+    with _predictors_lock:
+        if key not in _predictors:
+            _predictors[key] = Predictor(module, select_device(job.device))
+
+
 def normalize(
     window: np.ndarray, scale: float, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> np.ndarray:

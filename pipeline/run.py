@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError, ModelError
 from pipeline.metadata import mark_complete, provenance, write_start
 from pipeline.model import LoadedModel, load_model, receptive_radius, select_device, set_torch_threads
 from pipeline.output import OutputRef, check_target, create_store
-from pipeline.predict import Job, build_tasks, compute_tasks
+from pipeline.predict import Job, adopt_model, build_tasks, compute_tasks
 from pipeline.source import SourceInfo, open_source
 from pipeline.tiling import Tile, halo_overhead, plan_tiles
 
@@ -132,6 +132,7 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         std=cfg.model.std or norm.std,
     )
     set_torch_threads(plan.torch_threads)
+    adopt_model(job, plan.model.module)  # threads share it; other processes load their own once
     tasks = build_tasks(job, plan.tiles, cfg.tiling.batch)
     compute_started = time.perf_counter()
     compute_tasks(tasks, plan.workers, on_progress)
