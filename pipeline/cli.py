@@ -174,7 +174,14 @@ def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
     from pipeline.demo import run_demo
 
     started = time.perf_counter()
-    result = run_demo(workdir, size=size, seed=seed, progress=True, train_seconds=train_seconds)
+    result = run_demo(
+        workdir,
+        size=size,
+        seed=seed,
+        progress=True,
+        train_seconds=train_seconds,
+        log=lambda line: click.echo(line, err=True),
+    )
     for name, iou in result.ious.items():
         click.echo(f"IoU {name:<12} {iou:.3f}")
     click.echo(f"mean IoU {result.mean_iou:.3f}")

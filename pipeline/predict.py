@@ -16,7 +16,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from pipeline.model import Predictor, load_model, select_device
+from pipeline.model import Predictor, load_model, select_device, set_torch_threads
 from pipeline.output import OutputRef, write_core
 from pipeline.source import SourceRef, read_window
 from pipeline.tiling import Tile, batched
@@ -31,6 +31,10 @@ class Job:
     model_path: str
     model_sha256: str
     device: str
+    torch_threads: int
+    """Intra-op threads of each forward pass. Part of the job because the float result of a
+    convolution can differ in the last bit with the thread count: the same count everywhere gives
+    the same bytes on threads, processes and clusters."""
     scale: float
     """Input values are divided by this (the dtype's maximum by default)."""
     mean: tuple[float, ...] | None
@@ -46,6 +50,7 @@ def predictor_for(job: Job) -> Predictor:
     key = (job.model_path, job.model_sha256, job.device)
     with _predictors_lock:
         if key not in _predictors:
+            set_torch_threads(job.torch_threads)
             loaded = load_model(job.model_path)
             _predictors[key] = Predictor(loaded.module, select_device(job.device))
         return _predictors[key]
@@ -56,6 +61,7 @@ def adopt_model(job: Job, module: Any) -> None:
     key = (job.model_path, job.model_sha256, job.device)
     with _predictors_lock:
         if key not in _predictors:
+            set_torch_threads(job.torch_threads)
             _predictors[key] = Predictor(module, select_device(job.device))
 
 

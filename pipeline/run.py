@@ -127,11 +127,12 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         model_path=os.path.abspath(plan.model.path),
         model_sha256=plan.model.sha256,
         device=plan.device,
+        torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),
         mean=cfg.model.mean or norm.mean,
         std=cfg.model.std or norm.std,
     )
-    set_torch_threads(plan.torch_threads)
+    set_torch_threads(plan.torch_threads)  # also for a model already adopted by an earlier run
     adopt_model(job, plan.model.module)  # threads share it; other processes load their own once
     tasks = build_tasks(job, plan.tiles, cfg.tiling.batch)
     compute_started = time.perf_counter()

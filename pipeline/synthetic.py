@@ -3,15 +3,17 @@
 The picture is a deterministic function of level-0 coordinates ``(y, x)`` and a seed: pink
 "stroma" made of a few large rotated ellipses with noisy borders and white holes, containing
 purple "nuclei" (small ellipses, at most one per 32 x 32 px cell), on a near-white background,
-with smooth colour variation, fibre-like texture and per-pixel noise. Because every tile (and
-every pyramid level, sampled at its own pixel centres) is computed from that function alone,
-the full-resolution image never exists in memory: memory is a few tiles plus small noise grids
-(``O((size / 5) ** 2)`` floats), whatever the slide size.
+with smooth colour variation and fibre-like texture; only the per-pixel noise on top is drawn
+per tile (seeded by the seed, the level and the tile's position). Every tile, and every pyramid
+level (sampled at its own pixel centres), is computed from that function alone, so the full
+image never exists in memory: memory is a few tiles plus small noise grids, the largest
+``(size / 5) ** 2`` float32 values (11 MB at ``size=8192``).
 
-The image is written the way scanners write slides: tiled, JPEG-compressed RGB with reduced
-resolution levels in SubIFDs (so ``tifffile.TiffFile(path).series[0].levels`` lists them) and a
-resolution of 0.5 micrometres per pixel. The mask is a tiled, Deflate-compressed uint8 TIFF of
-class indices (0 background, 1 stroma, 2 nuclei) of the same height and width.
+The image is written the way scanners write slides: tiled, JPEG-compressed RGB (stored as YCbCr
+with 2 x 2 chroma subsampling) with reduced-resolution levels in SubIFDs, so that
+``tifffile.TiffFile(path).series[0].levels`` lists them, and 0.5 micrometres per pixel. The mask
+is a tiled, Deflate-compressed uint8 TIFF of class indices (0 background, 1 stroma, 2 nuclei) of
+the same height and width.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import tifffile
@@ -43,7 +46,7 @@ _EDGE_NOISE = 0.45  # amplitude of the border noise in units of the ellipse fiel
 _BACKGROUND_RGB = (243.0, 241.0, 245.0)
 _STROMA_RGB = (232.0, 160.0, 198.0)
 _NUCLEUS_RGB = (92.0, 58.0, 150.0)
-_WORKERS = 2  # tiles rendered at once; numpy releases the GIL for the heavy part
+_WORKERS = 2  # tiles rendered (and encoded) at once; numpy and the codecs release the GIL
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class _Layout:
     shade_grid: tuple[np.ndarray, float]
     fibre_grid: tuple[np.ndarray, float]
     nuclei: np.ndarray
-    """``(7, rows, cols)`` per nucleus cell: present, centre y, centre x, semi-axes y and x, angle, tone."""
+    """``(8, rows, cols)`` per 32 px cell: present, centre y, x, 1 / semi-axis y, 1 / semi-axis x, cos, sin, tone."""
 
 
 def make_synthetic_slide(
@@ -88,7 +91,7 @@ def make_synthetic_slide(
     """Write a ``size x size`` RGB slide (tiled JPEG, pyramidal) and its uint8 label mask.
 
     ``tile`` is the TIFF tile edge in pixels (a multiple of 16); levels halve until the largest
-    side fits in one tile. Takes about 10 s for ``size=8192`` on two cores.
+    side fits in one tile. Takes about 5 s for ``size=8192`` on one core.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ConfigError(f"Expected an integer of at least 16 for the slide size. Got {size!r} instead.")
@@ -122,26 +125,8 @@ def pyramid_shapes(size: int, tile: int) -> tuple[tuple[int, int], ...]:
 
 def _make_layout(size: int, seed: int) -> _Layout:
     rng = np.random.default_rng([seed, 0x5EED])
-    count = 10
-    blobs = np.column_stack(
-        [
-            rng.uniform(0.12, 0.88, count) * size,
-            rng.uniform(0.12, 0.88, count) * size,
-            rng.uniform(0.08, 0.2, count) * size,
-            rng.uniform(0.08, 0.2, count) * size,
-            rng.uniform(0.0, np.pi, count),
-        ]
-    )
-    holes_count = 24
-    holes = np.column_stack(
-        [
-            rng.uniform(0.0, 1.0, holes_count) * size,
-            rng.uniform(0.0, 1.0, holes_count) * size,
-            rng.uniform(0.006, 0.02, holes_count) * size,
-            rng.uniform(0.006, 0.02, holes_count) * size,
-            rng.uniform(0.0, np.pi, holes_count),
-        ]
-    )
+    blobs = _ellipses(rng, 10, (0.12, 0.88), (0.08, 0.2), size)
+    holes = _ellipses(rng, 24, (0.0, 1.0), (0.006, 0.02), size)
     coarse, fine = max(8.0, size / 20), max(4.0, size / 90)
     edge_grids = ((_noise_grid(rng, size, coarse), coarse), (_noise_grid(rng, size, fine), fine))
     shade = max(8.0, size / 12)
@@ -151,54 +136,79 @@ def _make_layout(size: int, seed: int) -> _Layout:
         edge_grids=edge_grids,
         shade_grid=(_noise_grid(rng, size, shade), shade),
         fibre_grid=(_noise_grid(rng, size, _FIBRE_CELL), _FIBRE_CELL),
-        nuclei=np.zeros((7, 0, 0)),
+        nuclei=np.zeros((8, 0, 0), np.float32),
     )
     return replace(layout, nuclei=_make_nuclei(rng, size, layout))
 
 
+def _ellipses(
+    rng: np.random.Generator, count: int, centres: tuple[float, float], radii: tuple[float, float], size: int
+) -> np.ndarray:
+    """``(count, 5)`` random ellipses: centre y, x and semi-axes y, x (fractions of ``size``), angle."""
+    return np.column_stack(
+        [
+            rng.uniform(*centres, count) * size,
+            rng.uniform(*centres, count) * size,
+            rng.uniform(*radii, count) * size,
+            rng.uniform(*radii, count) * size,
+            rng.uniform(0.0, np.pi, count),
+        ]
+    )
+
+
 def _noise_grid(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     """Random values in [-1, 1] at the corners of ``cell``-pixel squares covering the slide."""
-    n = int(np.ceil(size / cell)) + 2
+    n = int(np.ceil((size + 2 * _NUCLEUS_CELL) / cell)) + 2  # covers cell centres just past the edge
     return rng.uniform(-1.0, 1.0, (n, n)).astype(np.float32)
 
 
 def _make_nuclei(rng: np.random.Generator, size: int, layout: _Layout) -> np.ndarray:
-    """One candidate nucleus per cell, kept where the cell's draw says so and its centre is tissue."""
+    """One candidate nucleus per cell, kept where the cell's draw says so and its cell centre is tissue."""
     cells = -(-size // _NUCLEUS_CELL)
     shape = (cells, cells)
     low, high = _NUCLEUS_RADII
     ry, rx = rng.uniform(low, high, shape), rng.uniform(low, high, shape)
-    margin = np.maximum(ry, rx) + 1.0
-    origin_y = np.arange(cells)[:, None] * _NUCLEUS_CELL
-    origin_x = np.arange(cells)[None, :] * _NUCLEUS_CELL
-    cy = origin_y + margin + rng.uniform(0.0, 1.0, shape) * (_NUCLEUS_CELL - 2 * margin)
-    cx = origin_x + margin + rng.uniform(0.0, 1.0, shape) * (_NUCLEUS_CELL - 2 * margin)
+    margin = np.maximum(ry, rx) + 1.0  # the whole ellipse stays inside its cell
+    origin = np.arange(cells, dtype=np.float64) * _NUCLEUS_CELL
+    cy = origin[:, None] + margin + rng.uniform(0.0, 1.0, shape) * (_NUCLEUS_CELL - 2 * margin)
+    cx = origin[None, :] + margin + rng.uniform(0.0, 1.0, shape) * (_NUCLEUS_CELL - 2 * margin)
     angle = rng.uniform(0.0, np.pi, shape)
     tone = rng.uniform(0.85, 1.15, shape)
-    present = (rng.uniform(0.0, 1.0, shape) < _NUCLEUS_CHANCE) & (_tissue_field(layout, cy, cx) > 0)
-    return np.stack([present, cy, cx, ry, rx, angle, tone]).astype(np.float32)
+    centres = origin + _NUCLEUS_CELL / 2
+    present = (rng.uniform(0.0, 1.0, shape) < _NUCLEUS_CHANCE) & (_tissue_field(layout, centres, centres) > 0)
+    return np.stack([present, cy, cx, 1 / ry, 1 / rx, np.cos(angle), np.sin(angle), tone]).astype(np.float32)
 
 
-# --- the analytic picture -------------------------------------------------------------------------
+# --- the analytic picture: functions of level-0 coordinates ---------------------------------------
 
 
-def _value_noise(grid: tuple[np.ndarray, float], y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Smooth noise in [-1, 1] at broadcastable level-0 coordinates ``y`` and ``x`` (pixels)."""
+def _value_noise(grid: tuple[np.ndarray, float], ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Smooth noise in [-1, 1] on the grid of level-0 coordinates ``ys`` (h,) x ``xs`` (w,): ``(h, w)``.
+
+    Separable interpolation (rows first, then columns) costs two gathers of ``(h, w)`` instead of four.
+    """
     values, cell = grid
-    gy, gx = np.asarray(y, np.float32) / cell, np.asarray(x, np.float32) / cell
-    last = values.shape[0] - 2  # points just past the slide edge (nucleus centres) reuse the last cell
-    iy = np.clip(np.floor(gy).astype(np.intp), 0, last)
-    ix = np.clip(np.floor(gx).astype(np.intp), 0, last)
-    fy, fx = gy - iy, gx - ix
-    fy, fx = fy * fy * (3 - 2 * fy), fx * fx * (3 - 2 * fx)  # smoothstep: no creases at cell edges
-    top = values[iy, ix] + (values[iy, ix + 1] - values[iy, ix]) * fx
-    bottom = values[iy + 1, ix] + (values[iy + 1, ix + 1] - values[iy + 1, ix]) * fx
-    out: np.ndarray = top + (bottom - top) * fy
+    last = values.shape[0] - 2  # coordinates past the grid (small levels overhang the slide) stay on its edge
+    gy, gx = np.asarray(ys, np.float32) / np.float32(cell), np.asarray(xs, np.float32) / np.float32(cell)
+    fly, flx = np.clip(np.floor(gy), 0, last), np.clip(np.floor(gx), 0, last)
+    iy, ix = fly.astype(np.intp), flx.astype(np.intp)
+    fy, fx = _smoothstep(np.clip(gy - fly, 0, 1)), _smoothstep(np.clip(gx - flx, 0, 1))
+    first = int(ix.min())
+    sub = values[:, first : int(ix.max()) + 2]
+    rows = sub[iy] * (1 - fy)[:, None] + sub[iy + 1] * fy[:, None]
+    jx = ix - first
+    out: np.ndarray = rows[:, jx] * (1 - fx) + rows[:, jx + 1] * fx
+    return out
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    """``3t^2 - 2t^3``: interpolation weights without creases at cell edges."""
+    out: np.ndarray = t * t * (3 - 2 * t)
     return out
 
 
 def _ellipse(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Squared normalised distance from an ellipse's centre: < 1 inside."""
+    """Squared normalised distance from an ellipse's centre (< 1 inside) at ``y`` (h, 1), ``x`` (1, w)."""
     cy, cx, ry, rx, angle = (float(v) for v in params)
     cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     dy, dx = y - np.float32(cy), x - np.float32(cx)
@@ -208,79 +218,90 @@ def _ellipse(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _overlaps(params: np.ndarray, y: np.ndarray, x: np.ndarray, grow: float) -> bool:
-    """Whether an ellipse's bounding square, grown by ``grow``, meets the extent of ``y`` and ``x``."""
+def _overlaps(params: np.ndarray, ys: np.ndarray, xs: np.ndarray, grow: float) -> bool:
+    """Whether an ellipse's bounding square, grown by ``grow``, meets the extent of ``ys`` x ``xs``."""
     cy, cx, ry, rx, _ = params
     reach = max(ry, rx) * grow
-    return bool(y.min() <= cy + reach and y.max() >= cy - reach and x.min() <= cx + reach and x.max() >= cx - reach)
+    return bool(ys[0] <= cy + reach and ys[-1] >= cy - reach and xs[0] <= cx + reach and xs[-1] >= cx - reach)
 
 
-def _tissue_field(layout: _Layout, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Positive on tissue: the union of the blobs minus the holes, with noisy borders.
+def _tissue_field(layout: _Layout, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``(h, w)`` field, positive on tissue: the blobs minus the holes, with noisy borders.
 
-    ``y`` and ``x`` are broadcastable float32 level-0 coordinates: ``(h, 1)`` and ``(1, w)`` for a
-    tile, or two ``(n,)`` vectors for points.
+    ``ys`` and ``xs`` are increasing level-0 coordinates (pixels) of the rows and columns.
     """
-    y, x = np.asarray(y, np.float32), np.asarray(x, np.float32)
-    shape = np.broadcast_shapes(y.shape, x.shape)
+    y, x = np.asarray(ys, np.float32)[:, None], np.asarray(xs, np.float32)[None, :]
     floor = np.float32(-1.0 - 2 * _EDGE_NOISE)  # far enough below zero that noise never lifts it
-    field = np.full(shape, floor, np.float32)
+    field = np.full((y.size, x.size), floor, np.float32)
     grow = float(np.sqrt(1 + 2 * _EDGE_NOISE))
     for blob in layout.blobs:
-        if _overlaps(blob, y, x, grow):
+        if _overlaps(blob, ys, xs, grow):
             np.maximum(field, 1 - _ellipse(blob, y, x), out=field)
     for hole in layout.holes:
-        if _overlaps(hole, y, x, grow):
+        if _overlaps(hole, ys, xs, grow):
             np.minimum(field, 4 * (_ellipse(hole, y, x) - 1), out=field)
-    (coarse, fine) = layout.edge_grids
-    field += np.float32(_EDGE_NOISE) * (0.7 * _value_noise(coarse, y, x) + 0.3 * _value_noise(fine, y, x))
+    coarse, fine = layout.edge_grids
+    field += np.float32(0.7 * _EDGE_NOISE) * _value_noise(coarse, ys, xs)
+    field += np.float32(0.3 * _EDGE_NOISE) * _value_noise(fine, ys, xs)
     return field
 
 
-def _nucleus_params(layout: _Layout, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(inside, tone)`` for a ``(h, 1)`` x ``(1, w)`` grid: whether a pixel lies in its cell's nucleus."""
+def _nuclei(layout: _Layout, box: Box, downsample: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(inside, tone)``, both ``(h, w)``: whether each pixel of ``box`` lies in its cell's nucleus.
+
+    ``downsample`` is a power of two. Each nucleus lies inside its own 32 px cell, so the pixels are
+    viewed as ``(cell rows, per, cell columns, per)`` blocks that broadcast against one parameter per
+    cell: no per-pixel gathers. ``per`` is 1 when a level's pixel is larger than a cell.
+    """
+    y0, y1, x0, x1 = box
+    per = max(1, _NUCLEUS_CELL // downsample)  # this level's pixels per cell side
+    by0, bx0, by1, bx1 = y0 // per * per, x0 // per * per, -(-y1 // per) * per, -(-x1 // per) * per
+    ys = ((np.arange(by0, by1, dtype=np.float32) + 0.5) * downsample).reshape(-1, per)
+    xs = ((np.arange(bx0, bx1, dtype=np.float32) + 0.5) * downsample).reshape(-1, per)
     rows, cols = layout.nuclei.shape[1:]
-    iy = np.minimum((y // _NUCLEUS_CELL).astype(np.intp), rows - 1)
-    ix = np.minimum((x // _NUCLEUS_CELL).astype(np.intp), cols - 1)
-    present, cy, cx, ry, rx, angle, tone = (p[iy, ix] for p in layout.nuclei)
-    cos, sin = np.cos(angle), np.sin(angle)
-    dy, dx = y - cy, x - cx
-    u, v = (dx * cos + dy * sin) / rx, (dy * cos - dx * sin) / ry
-    inside = (present > 0) & (u * u + v * v <= 1)
-    return inside, tone
+    iy = np.minimum((ys[:, 0] // _NUCLEUS_CELL).astype(np.intp), rows - 1)
+    ix = np.minimum((xs[:, 0] // _NUCLEUS_CELL).astype(np.intp), cols - 1)
+    present, cy, cx, iry, irx, cos, sin, tone = layout.nuclei[:, iy][:, :, ix][:, :, None, :, None]
+    dy, dx = ys[:, :, None, None] - cy, xs[None, None, :, :] - cx
+    u, v = (dx * cos + dy * sin) * irx, (dy * cos - dx * sin) * iry
+    inside = ((u * u + v * v <= 1) & (present > 0)).reshape(ys.size, xs.size)
+    tone_px = np.broadcast_to(tone, (ys.shape[0], per, xs.shape[0], per)).reshape(inside.shape)
+    crop = (slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+    return inside[crop], tone_px[crop]
 
 
 def _coordinates(box: Box, downsample: int) -> tuple[np.ndarray, np.ndarray]:
-    """Level-0 coordinates of the pixel centres of ``box`` (rows, columns of a level)."""
+    """Level-0 coordinates of the pixel centres of ``box``'s rows and columns in a level."""
     y0, y1, x0, x1 = box
     ys = (np.arange(y0, y1, dtype=np.float32) + 0.5) * downsample
     xs = (np.arange(x0, x1, dtype=np.float32) + 0.5) * downsample
-    return ys[:, None], xs[None, :]
+    return ys, xs
 
 
 def render_labels(layout: _Layout, box: Box, downsample: int = 1) -> np.ndarray:
-    """``(y1 - y0, x1 - x0)`` uint8 class indices of ``box`` of the level ``downsample`` times smaller."""
-    y, x = _coordinates(box, downsample)
-    labels = (_tissue_field(layout, y, x) > 0).astype(np.uint8)
-    inside, _ = _nucleus_params(layout, y, x)
+    """``(y1 - y0, x1 - x0)`` uint8 class indices of ``box`` in the level ``downsample`` times smaller."""
+    ys, xs = _coordinates(box, downsample)
+    labels = (_tissue_field(layout, ys, xs) > 0).astype(np.uint8)
+    inside, _ = _nuclei(layout, box, downsample)
     labels[inside] = 2
     return labels
 
 
 def render_rgb(layout: _Layout, box: Box, downsample: int, seed: int) -> np.ndarray:
-    """``(h, w, 3)`` uint8 pixels of ``box``; the per-pixel noise is seeded by the box and level."""
-    y, x = _coordinates(box, downsample)
-    tissue = _tissue_field(layout, y, x) > 0
-    inside, tone = _nucleus_params(layout, y, x)
-    fibre = _value_noise(layout.fibre_grid, y, x)
-    shade = 1 + 0.06 * _value_noise(layout.shade_grid, y, x)
-    stroma = np.asarray(_STROMA_RGB, np.float32) * shade[..., None] + 14 * fibre[..., None]
-    nucleus = np.asarray(_NUCLEUS_RGB, np.float32) * tone[..., None] + 10 * fibre[..., None]
-    rgb = np.where(tissue[..., None], stroma, np.asarray(_BACKGROUND_RGB, np.float32))
-    rgb = np.where(inside[..., None], nucleus, rgb)
+    """``(h, w, 3)`` uint8 pixels of ``box``; the per-pixel noise is seeded by the box and the level."""
+    ys, xs = _coordinates(box, downsample)
+    stroma = _tissue_field(layout, ys, xs) > 0
+    nucleus, tone = _nuclei(layout, box, downsample)
+    fibre = _value_noise(layout.fibre_grid, ys, xs)
+    shade = 1 + np.float32(0.06) * _value_noise(layout.shade_grid, ys, xs)
     rng = np.random.default_rng([seed, downsample, box[0], box[2]])
-    rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(4.0)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    noise = rng.integers(-7, 8, (*stroma.shape, 3), dtype=np.int8)  # uniform, sigma ~4 grey levels
+    channels = []
+    for c in range(3):
+        value = np.where(stroma, _STROMA_RGB[c] * shade + 14 * fibre, np.float32(_BACKGROUND_RGB[c]))
+        value = np.where(nucleus, _NUCLEUS_RGB[c] * tone + 10 * fibre, value)
+        channels.append(value + noise[..., c])
+    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -309,7 +330,7 @@ def _write_image(path: str, layout: _Layout, levels: tuple[tuple[int, int], ...]
         for level, shape in enumerate(levels):
             downsample = 2**level
             tif.write(
-                _tiles(lambda box, d=downsample: render_rgb(layout, box, d, seed), _boxes(shape, tile)),
+                _tiles(partial(render_rgb, layout, downsample=downsample, seed=seed), _boxes(shape, tile)),
                 shape=(*shape, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
@@ -330,7 +351,7 @@ def _write_image(path: str, layout: _Layout, levels: tuple[tuple[int, int], ...]
 def _write_mask(path: str, layout: _Layout, size: int, tile: int) -> None:
     with tifffile.TiffWriter(path, bigtiff=size * size > 2**31) as tif:
         tif.write(
-            _tiles(lambda box: render_labels(layout, box), _boxes((size, size), tile)),
+            _tiles(partial(render_labels, layout), _boxes((size, size), tile)),
             shape=(size, size),
             dtype=np.uint8,
             tile=(tile, tile),
