@@ -298,9 +298,18 @@ class Predictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 class probabilities."""
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            probs = torch.softmax(self.module(x), dim=1)
-            out: np.ndarray = probs.float().contiguous().cpu().numpy()
+            out: np.ndarray = self._probabilities(batch).cpu().numpy()
             return out
+
+    def with_labels(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities as :meth:`__call__`, and their argmax ``(B, H, W)`` as uint8 class indices."""
+        with torch.inference_mode():
+            probs = self._probabilities(batch)
+            labels = probs.argmax(dim=1).to(torch.uint8)
+            return probs.cpu().numpy(), labels.cpu().numpy()
+
+    def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(batch).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return torch.softmax(self.module(x), dim=1).float().contiguous()

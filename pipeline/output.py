@@ -36,6 +36,8 @@ class OutputRef:
     path: str
     dtype: str
     """``float32``, ``float16`` or ``uint8`` for the probabilities."""
+    token: str = ""
+    """Unique per created store: handles cached for an earlier store at the same path are not reused."""
 
 
 def is_store(path: str) -> bool:
@@ -99,21 +101,21 @@ _local = threading.local()
 
 def _arrays(out: OutputRef) -> tuple[Any, Any]:
     """This thread's handles on the two arrays, opened once per store."""
-    cache: dict[str, tuple[Any, Any]] = getattr(_local, "cache", None) or {}
+    cache: dict[OutputRef, tuple[Any, Any]] = getattr(_local, "cache", None) or {}
     _local.cache = cache
-    if out.path not in cache:
+    if out not in cache:
         group = zarr.open_group(out.path, mode="r+")
         cache.clear()  # one store at a time per thread is plenty
-        cache[out.path] = (group[PROBABILITIES], group[LABELS])
-    return cache[out.path]
+        cache[out] = (group[PROBABILITIES], group[LABELS])
+    return cache[out]
 
 
-def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray) -> None:
-    """Write one tile core: ``probs`` is ``(C, y1 - y0, x1 - x0)`` float32 probabilities."""
+def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray) -> None:
+    """Write one tile core: ``probs`` ``(C, y1 - y0, x1 - x0)`` float32, ``labels`` their argmax."""
     y0, y1, x0, x1 = core
-    probabilities, labels = _arrays(out)
+    probabilities, label_map = _arrays(out)
     try:
         probabilities[:, y0:y1, x0:x1] = quantize(probs, out.dtype)
-        labels[y0:y1, x0:x1] = np.argmax(probs, axis=0).astype(np.uint8)
+        label_map[y0:y1, x0:x1] = labels
     except OSError as err:
         raise OutputError(f"{out.path}: cannot write chunk at rows {y0}-{y1}, columns {x0}-{x1} ({err})") from err

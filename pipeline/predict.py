@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.model import Predictor, load_model, select_device, set_torch_threads
 from pipeline.output import OutputRef, write_core
 from pipeline.source import SourceRef, read_window
-from pipeline.tiling import Tile, batched
+from pipeline.tiling import Tile, batched, union_window
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,23 +80,28 @@ def normalize(
 def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     """Read, predict, crop and write ``tiles``; return the number of output pixels written.
 
-    Tiles of equal window shape (all interior tiles) share one forward pass.
+    The union of the windows is read once; tiles of equal window shape (all interior tiles) share
+    one forward pass.
     """
     predictor = predictor_for(job)
+    uy0, _, ux0, _ = box = union_window(tiles)
+    pixels = normalize(read_window(job.source, box), job.scale, job.mean, job.std)
     by_shape: dict[tuple[int, int], list[Tile]] = {}
     for tile in tiles:
         by_shape.setdefault(tile.window_shape, []).append(tile)
     for group in by_shape.values():
-        batch = np.stack([normalize(read_window(job.source, t.window), job.scale, job.mean, job.std) for t in group])
-        probs = predictor(batch)
-        for tile, prob in zip(group, probs, strict=True):
+        batch = np.stack(
+            [pixels[:, t.window[0] - uy0 : t.window[1] - uy0, t.window[2] - ux0 : t.window[3] - ux0] for t in group]
+        )
+        probs, labels = predictor.with_labels(batch)
+        for tile, prob, label in zip(group, probs, labels, strict=True):
             cy0, cy1, cx0, cx1 = tile.crop
-            write_core(job.output, tile.core, prob[:, cy0:cy1, cx0:cx1])
+            write_core(job.output, tile.core, prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1])
     return sum(t.core_pixels for t in tiles)
 
 
 def build_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
-    """One delayed task per group of ``batch`` consecutive tiles."""
+    """One delayed task per group of at most ``batch`` neighbouring tiles of a row."""
     run = dask.delayed(process_tiles, pure=False)
     return [run(job, group) for group in batched(tiles, batch)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,7 +124,7 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
     norm = spec.normalization
     job = Job(
         source=plan.source.ref,
-        output=OutputRef(out_path, cfg.output.dtype),
+        output=OutputRef(out_path, cfg.output.dtype, token=uuid.uuid4().hex),
         model_path=os.path.abspath(plan.model.path),
         model_sha256=plan.model.sha256,
         device=plan.device,

@@ -107,10 +107,38 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -
 
 
 def batched(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
-    """Consecutive groups of at most ``size`` tiles, in row-major order (neighbours share reads)."""
+    """Groups of at most ``size`` neighbouring tiles of one row, in row-major order.
+
+    A group never spans two rows, so the union of its windows is a strip one tile high: a task
+    reads that strip once and cuts the windows out of it, instead of decoding the file tiles
+    under each overlapping halo again for every window.
+
+    >>> [[(t.row, t.col) for t in group] for group in batched(plan_tiles(8, 12, 4, 1), 2)]
+    [[(0, 0), (0, 1)], [(0, 2)], [(1, 0), (1, 1)], [(1, 2)]]
+    """
     parse_positive_int(size, "batch size")
-    for start in range(0, len(tiles), size):
-        yield list(tiles[start : start + size])
+    group: list[Tile] = []
+    for tile in tiles:
+        if group and (len(group) == size or tile.row != group[0].row):
+            yield group
+            group = []
+        group.append(tile)
+    if group:
+        yield group
+
+
+def union_window(tiles: Sequence[Tile]) -> Box:
+    """The smallest box holding every tile's window.
+
+    >>> union_window(plan_tiles(8, 12, 4, 1)[:2])
+    (0, 5, 0, 9)
+    """
+    return (
+        min(t.window[0] for t in tiles),
+        max(t.window[1] for t in tiles),
+        min(t.window[2] for t in tiles),
+        max(t.window[3] for t in tiles),
+    )
 
 
 def halo_overhead(tiles: Sequence[Tile]) -> float:

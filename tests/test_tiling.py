@@ -58,7 +58,9 @@ def test_bad_tile_size_is_a_config_error(bad: object) -> None:
 
 def test_batches_keep_order_and_overhead_counts_halo() -> None:
     tiles = plan_tiles(10, 10, 5, 1)
-    assert [len(b) for b in batched(tiles, 3)] == [3, 1]
+    assert [len(b) for b in batched(tiles, 3)] == [2, 2]  # a group never spans two rows
     assert [t for b in batched(tiles, 3) for t in b] == tiles
+    wide = plan_tiles(10, 40, 5, 1)
+    assert [len(b) for b in batched(wide, 3)] == [3, 3, 2, 3, 3, 2]
     assert halo_overhead(tiles) == pytest.approx(4 * 36 / 100 - 1)
     assert halo_overhead(plan_tiles(10, 10, 5, 0)) == 0.0
