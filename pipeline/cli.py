@@ -86,6 +86,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--batch", type=int, help="Tiles per task / forward pass.  [default: 4]")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
               help="Stored probabilities; uint8 holds round(p*255).  [default: float32]")  # fmt: skip
+@click.option("--format", "output_format", type=click.Choice(["ome-zarr-0.4", "ome-zarr-0.5"]),
+              help="OME-Zarr 0.4 on Zarr v2 (QuPath, GDAL/QGIS, napari) or 0.5 on Zarr v3."
+                   "  [default: ome-zarr-0.4]")  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
 @click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]")
 @click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]")
@@ -115,6 +118,7 @@ def run(input_path: str, output: str | None, model: str | None, configs: tuple[s
         tiling__batch=flags["batch"],
         output__path=output,
         output__dtype=flags["dtype"],
+        output__format=flags["output_format"],
         output__overwrite=flags["overwrite"],
         compute__device=flags["device"],
         compute__workers=flags["workers"],
@@ -152,7 +156,7 @@ def inspect(input_path: str) -> None:
 
     Reads only the file's directory, never its pixels, so it is instant on a 100k x 100k slide.
     """
-    from pipeline.source import describe_file
+    from pipeline.describe import describe_file
 
     for line in describe_file(input_path):
         click.echo(line)

@@ -21,6 +21,7 @@ import yaml
 from pipeline.errors import ConfigError
 
 OutputDtype = Literal["float32", "float16", "uint8"]
+OutputFormat = Literal["ome-zarr-0.4", "ome-zarr-0.5"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
@@ -78,6 +79,8 @@ class OutputConfig:
     """Stored probabilities: float32, float16, or uint8 holding round(p * 255)."""
     overwrite: bool = False
     """Replace an existing store. Without it an existing output is never touched."""
+    format: OutputFormat = "ome-zarr-0.4"
+    """OME-NGFF 0.4 on Zarr format 2 (QuPath, GDAL < 3.11, napari) or 0.5 on Zarr format 3."""
 
 
 @dataclass(frozen=True)

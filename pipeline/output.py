@@ -1,13 +1,16 @@
-"""The output store: Zarr arrays created once, then written one tile core (= one chunk) at a time.
+"""The output store: Zarr arrays created once, then written one chunk at a time.
 
-Layout of the group at the output path (Zarr format 2, ``/`` chunk keys, Blosc):
+Layout of the group at the output path (OME-Zarr; Zarr format 2 for OME-NGFF 0.4, 3 for 0.5):
 
-* ``0``: probabilities, shape ``(C, Y, X)``, chunks ``(C, tile, tile)``, float32/float16, or uint8
-  holding ``round(p * 255)``;
-* ``labels/argmax/0``: the argmax of the full-precision probabilities, shape ``(Y, X)``, uint8.
+* ``0``, ``1``, ...: probabilities, shape ``(C, Y, X)`` halving level by level, chunks
+  ``(C, tile, tile)``; float32/float16, or uint8 holding ``round(p * 255)``;
+* ``labels/argmax/0``, ``1``, ...: the argmax of the full-precision probabilities, ``(Y, X)``
+  uint8, :data:`NODATA_LABEL` where the source has no data;
+* ``x``, ``y`` (and the same in ``labels/argmax``): pixel-centre coordinates, for a GeoTIFF input.
 
-Chunks are the tile cores of :mod:`pipeline.tiling`, so every task writes whole chunks that no
-other task touches, and nothing ever holds the whole map. This module owns zarr for writing.
+Level-0 chunks are the tile cores of :mod:`pipeline.tiling` and each coarser chunk is made from
+the 2 x 2 chunks above it, so every task writes whole chunks that no other task touches, and
+nothing ever holds a whole map. This module owns zarr for writing.
 """
 
 from __future__ import annotations
@@ -15,18 +18,23 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numcodecs
 import numpy as np
 import zarr
+import zarr.codecs
 
 from pipeline.errors import OutputError
+from pipeline.pyramid import mean_2x2, subsample_2x2
 
 PROBABILITIES = "0"
-LABELS = "labels/argmax/0"
-_CHUNK_KEYS = {"name": "v2", "separator": "/"}
+LABEL_GROUP = "labels/argmax"
+LABELS = f"{LABEL_GROUP}/0"
+NODATA_LABEL = 255
+"""Label where the source has no data (alpha 0 or GDAL_NODATA); its probabilities are all 0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,40 +61,51 @@ def check_target(path: str, overwrite: bool) -> None:
             raise OutputError(f"{path}: exists and is not a Zarr store; refusing to delete it")
 
 
-def create_store(path: str, shape: tuple[int, int, int], tile: int, dtype: str, overwrite: bool) -> zarr.Group:
-    """Create the group and its empty arrays; refuse to replace anything without ``overwrite``.
+def _compressor(zarr_format: int, bitshuffle: bool) -> dict[str, Any]:
+    if zarr_format == 2:
+        shuffle = numcodecs.Blosc.BITSHUFFLE if bitshuffle else numcodecs.Blosc.SHUFFLE
+        return {"compressors": numcodecs.Blosc(cname="lz4", clevel=5, shuffle=shuffle), "chunk_key_encoding": _V2_KEYS}
+    codec = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bitshuffle else "shuffle")
+    return {"compressors": codec}
 
-    Even with ``overwrite`` only a Zarr store is ever deleted, never an arbitrary folder.
+
+_V2_KEYS = {"name": "v2", "separator": "/"}
+
+
+def create_store(
+    path: str,
+    classes: int,
+    levels: Sequence[tuple[int, int]],
+    tile: int,
+    dtype: str,
+    overwrite: bool,
+    zarr_format: int = 2,
+) -> None:
+    """Create the group and the empty arrays of every level; see :func:`check_target` for overwrite.
+
+    ``levels`` are the ``(Y, X)`` shapes of level 0, 1, ... (see :func:`pipeline.pyramid.level_shapes`).
     """
     check_target(path, overwrite)
     if os.path.lexists(path):
         shutil.rmtree(path)
-    channels, height, width = shape
-    if channels > 255:
-        raise OutputError(f"{path}: {channels} classes do not fit the uint8 label map (at most 255)")
+    if classes >= NODATA_LABEL:
+        raise OutputError(f"{path}: {classes} classes do not fit the uint8 label map (at most {NODATA_LABEL - 1})")
     try:
-        group = zarr.open_group(path, mode="w-", zarr_format=2)
-        group.create_array(
-            PROBABILITIES,
-            shape=shape,
-            chunks=(channels, min(tile, height), min(tile, width)),
-            dtype=dtype,
-            fill_value=0,
-            compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
-            chunk_key_encoding=_CHUNK_KEYS,
-        )
-        group.create_array(
-            LABELS,
-            shape=(height, width),
-            chunks=(min(tile, height), min(tile, width)),
-            dtype="uint8",
-            fill_value=0,
-            compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),
-            chunk_key_encoding=_CHUNK_KEYS,
-        )
+        group = zarr.open_group(path, mode="w-", zarr_format=zarr_format)  # type: ignore[arg-type]
+        labels = group.require_group(LABEL_GROUP)
+        v3 = zarr_format == 3
+        for level, (height, width) in enumerate(levels):
+            chunks = (min(tile, height), min(tile, width))
+            group.create_array(
+                str(level), shape=(classes, height, width), chunks=(classes, *chunks), dtype=dtype, fill_value=0,
+                dimension_names=("c", "y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=False),
+            )  # fmt: skip
+            labels.create_array(
+                str(level), shape=(height, width), chunks=chunks, dtype="uint8", fill_value=NODATA_LABEL,
+                dimension_names=("y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=True),
+            )  # fmt: skip
     except OSError as err:
         raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
-    return group
 
 
 def quantize(probs: np.ndarray, dtype: str) -> np.ndarray:
@@ -99,23 +118,74 @@ def quantize(probs: np.ndarray, dtype: str) -> np.ndarray:
 _local = threading.local()
 
 
-def _arrays(out: OutputRef) -> tuple[Any, Any]:
-    """This thread's handles on the two arrays, opened once per store."""
-    cache: dict[OutputRef, tuple[Any, Any]] = getattr(_local, "cache", None) or {}
+def _group(out: OutputRef) -> Any:
+    """This thread's handle on the store, opened once per created store."""
+    cache: dict[OutputRef, Any] = getattr(_local, "cache", None) or {}
     _local.cache = cache
     if out not in cache:
-        group = zarr.open_group(out.path, mode="r+")
         cache.clear()  # one store at a time per thread is plenty
-        cache[out] = (group[PROBABILITIES], group[LABELS])
+        cache[out] = zarr.open_group(out.path, mode="r+")
     return cache[out]
 
 
+def _arrays(out: OutputRef, level: int) -> tuple[Any, Any]:
+    group = _group(out)
+    return group[str(level)], group[f"{LABEL_GROUP}/{level}"]
+
+
 def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray) -> None:
-    """Write one tile core: ``probs`` ``(C, y1 - y0, x1 - x0)`` float32, ``labels`` their argmax."""
+    """Write one level-0 tile core: ``probs`` ``(C, y1 - y0, x1 - x0)`` float32, ``labels`` their argmax."""
     y0, y1, x0, x1 = core
-    probabilities, label_map = _arrays(out)
+    probabilities, label_map = _arrays(out, 0)
     try:
         probabilities[:, y0:y1, x0:x1] = quantize(probs, out.dtype)
         label_map[y0:y1, x0:x1] = labels
     except OSError as err:
         raise OutputError(f"{out.path}: cannot write chunk at rows {y0}-{y1}, columns {x0}-{x1} ({err})") from err
+
+
+def reduce_core(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> int:
+    """Make ``core`` of ``level`` (>= 1) from the 2 x 2 larger region of the stored level above.
+
+    Returns the number of pixels written at ``level``.
+    """
+    y0, y1, x0, x1 = core
+    above_probs, above_labels = _arrays(out, level - 1)
+    probabilities, label_map = _arrays(out, level)
+    probs = np.asarray(above_probs[:, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+    labels = np.asarray(above_labels[2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+    try:
+        probabilities[:, y0:y1, x0:x1] = mean_2x2(probs, out.dtype)[:, : y1 - y0, : x1 - x0]
+        label_map[y0:y1, x0:x1] = subsample_2x2(labels)[: y1 - y0, : x1 - x0]
+    except OSError as err:
+        raise OutputError(
+            f"{out.path}: cannot write level {level} at rows {y0}-{y1}, columns {x0}-{x1} ({err})"
+        ) from err
+    return (y1 - y0) * (x1 - x0)
+
+
+def write_coordinates(path: str, group_path: str, xs: np.ndarray, ys: np.ndarray) -> None:
+    """1-D ``x`` and ``y`` arrays of pixel-centre coordinates beside the arrays of ``group_path``.
+
+    With ``_ARRAY_DIMENSIONS`` on the data arrays, this is how GDAL and xarray find a grid's
+    georeference in Zarr format 2 (xarray's convention).
+    """
+    group = zarr.open_group(path, mode="r+")
+    target = group if group_path in ("", "/") else group[group_path]
+    zarr_format = group.metadata.zarr_format
+    for name, values in (("x", xs), ("y", ys)):
+        options = {"dimension_names": [name]} if zarr_format == 3 else {}
+        array = target.create_array(
+            name, shape=values.shape, chunks=values.shape, dtype="float64", fill_value=0.0,
+            **_compressor(zarr_format, bitshuffle=False), **options,
+        )  # fmt: skip
+        array[:] = values
+        if zarr_format == 2:
+            array.attrs["_ARRAY_DIMENSIONS"] = [name]
+
+
+def update_attributes(path: str, node: str, attributes: dict[str, Any]) -> None:
+    """Merge ``attributes`` into the attributes of the group or array at ``node`` ("" = root)."""
+    group = zarr.open_group(path, mode="r+")
+    target = group if node in ("", "/") else group[node]
+    target.attrs.update(attributes)

@@ -17,8 +17,8 @@ import dask
 import numpy as np
 
 from pipeline.model import Predictor, load_model, select_device, set_torch_threads
-from pipeline.output import OutputRef, write_core
-from pipeline.source import SourceRef, read_window
+from pipeline.output import NODATA_LABEL, OutputRef, reduce_core, write_core
+from pipeline.source import SourceRef, read_masked
 from pipeline.tiling import Tile, batched, union_window
 
 
@@ -85,7 +85,8 @@ def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     """
     predictor = predictor_for(job)
     uy0, _, ux0, _ = box = union_window(tiles)
-    pixels = normalize(read_window(job.source, box), job.scale, job.mean, job.std)
+    raw, valid = read_masked(job.source, box)
+    pixels = normalize(raw, job.scale, job.mean, job.std)
     by_shape: dict[tuple[int, int], list[Tile]] = {}
     for tile in tiles:
         by_shape.setdefault(tile.window_shape, []).append(tile)
@@ -96,7 +97,13 @@ def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
         probs, labels = predictor.with_labels(batch)
         for tile, prob, label in zip(group, probs, labels, strict=True):
             cy0, cy1, cx0, cx1 = tile.crop
-            write_core(job.output, tile.core, prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1])
+            core_probs, core_labels = prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1]
+            if valid is not None:
+                y0, y1, x0, x1 = tile.core
+                empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
+                core_probs[:, empty] = 0.0
+                core_labels[empty] = NODATA_LABEL
+            write_core(job.output, tile.core, core_probs, core_labels)
     return sum(t.core_pixels for t in tiles)
 
 
@@ -104,6 +111,16 @@ def build_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
     """One delayed task per group of at most ``batch`` neighbouring tiles of a row."""
     run = dask.delayed(process_tiles, pure=False)
     return [run(job, group) for group in batched(tiles, batch)]
+
+
+def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch: int) -> list[Any]:
+    """Tasks that make pyramid ``level`` chunk by chunk from the level above (cores of ``tiles``)."""
+
+    def reduce(group: list[Tile]) -> int:
+        return sum(reduce_core(out, level, tile.core) for tile in group)
+
+    run = dask.delayed(reduce, pure=False)
+    return [run(group) for group in batched(tiles, batch)]
 
 
 def compute_tasks(tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None) -> int:

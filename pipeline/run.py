@@ -16,11 +16,31 @@ from typing import Any
 
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, ModelError
-from pipeline.metadata import mark_complete, provenance, write_start
+from pipeline.errors import ConfigError, ModelError, SourceError
+from pipeline.metadata import (
+    crs_attribute,
+    mark_complete,
+    ome_image,
+    ome_label_image,
+    ome_labels_group,
+    pixel_centres,
+    provenance,
+    write_start,
+)
 from pipeline.model import LoadedModel, load_model, receptive_radius, select_device, set_torch_threads
-from pipeline.output import OutputRef, check_target, create_store
-from pipeline.predict import Job, adopt_model, build_tasks, compute_tasks
+from pipeline.output import (
+    LABEL_GROUP,
+    LABELS,
+    NODATA_LABEL,
+    PROBABILITIES,
+    OutputRef,
+    check_target,
+    create_store,
+    update_attributes,
+    write_coordinates,
+)
+from pipeline.predict import Job, adopt_model, build_reduce_tasks, build_tasks, compute_tasks
+from pipeline.pyramid import level_shapes
 from pipeline.source import SourceInfo, open_source
 from pipeline.tiling import Tile, halo_overhead, plan_tiles
 
@@ -36,6 +56,12 @@ class RunPlan:
     torch_threads: int
     device: str
     setup_s: float
+    levels: list[tuple[int, int]]
+    """``(Y, X)`` of each output pyramid level."""
+
+    @property
+    def ome_version(self) -> str:
+        return self.config.output.format.removeprefix("ome-zarr-")
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -59,8 +85,19 @@ class RunPlan:
             f"tiles   {len(self.tiles)} of {cfg.tiling.tile} px + {self.halo} px halo "
             f"({halo_overhead(self.tiles):.1%} extra reads), {cfg.tiling.batch} per task",
             f"compute {self.device}, {self.workers} workers x {self.torch_threads} torch threads",
-            f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels",
+            f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels, "
+            f"{cfg.output.format}, {len(self.levels)} levels",
+            self._spatial_line(),
         ]
+
+    def _spatial_line(self) -> str:
+        source = self.source
+        if source.mpp is not None:
+            return f"scale   {source.mpp:g} micrometres per pixel"
+        if source.crs is not None:
+            size = source.pixel_size or (float("nan"), float("nan"))
+            return f"scale   {source.crs}, {size[0]:g} x {size[1]:g} CRS units per pixel; OME scale in pixels"
+        return "scale   the input records no pixel size: the output's scale is in pixels"
 
 
 @dataclass(frozen=True)
@@ -99,17 +136,29 @@ def prepare(config: RunConfig) -> RunPlan:
     halo = receptive_radius(model.module)
     _, height, width = source.shape
     tiles = plan_tiles(height, width, config.tiling.tile, halo)
-    return RunPlan(config, source, model, halo, tiles, workers, threads, str(device), time.perf_counter() - started)
+    georef = source.georeference
+    if georef is not None and georef.transform is not None and not georef.north_up:
+        raise SourceError(
+            f"{source.path}: its GeoTIFF transform is rotated or sheared {georef.transform}; "
+            "only north-up (or south-up) rasters are supported: warp it first, e.g. gdalwarp"
+        )
+    setup_s = time.perf_counter() - started
+    levels = level_shapes(height, width)
+    return RunPlan(config, source, model, halo, tiles, workers, threads, str(device), setup_s, levels)
 
 
 def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> RunResult:
-    """Create the store, run every task, and mark the store complete; ``on_progress(pixels)``."""
+    """Create the store, run every task, build the pyramid, mark complete; ``on_progress(pixels)``."""
     cfg = plan.config
     assert cfg.output.path is not None  # checked by prepare()
     out_path = os.path.abspath(cfg.output.path)
     started = time.perf_counter()
-    create_store(out_path, plan.output_shape, cfg.tiling.tile, cfg.output.dtype, cfg.output.overwrite)
     spec = plan.model.spec
+    create_store(
+        out_path, spec.num_classes, plan.levels, cfg.tiling.tile, cfg.output.dtype, cfg.output.overwrite,
+        zarr_format=2 if plan.ome_version == "0.4" else 3,
+    )  # fmt: skip
+    write_viewer_metadata(out_path, plan)
     record = provenance(
         config=cfg.to_dict(),
         input_path=os.path.abspath(plan.source.path),
@@ -119,6 +168,7 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         model=spec.to_dict(),
         tile=cfg.tiling.tile,
         halo=plan.halo,
+        spatial=_spatial_record(plan.source),
     )
     write_start(out_path, record)
     norm = spec.normalization
@@ -135,14 +185,49 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
     )
     set_torch_threads(plan.torch_threads)  # also for a model already adopted by an earlier run
     adopt_model(job, plan.model.module)  # threads share it; other processes load their own once
-    tasks = build_tasks(job, plan.tiles, cfg.tiling.batch)
     compute_started = time.perf_counter()
-    compute_tasks(tasks, plan.workers, on_progress)
+    compute_tasks(build_tasks(job, plan.tiles, cfg.tiling.batch), plan.workers, on_progress)
     compute_s = time.perf_counter() - compute_started
+    for level, (height, width) in enumerate(plan.levels[1:], start=1):
+        tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
+        compute_tasks(build_reduce_tasks(job.output, level, tiles, cfg.tiling.batch), plan.workers)
+    pyramid_s = time.perf_counter() - compute_started - compute_s
     total_s = plan.setup_s + time.perf_counter() - started
-    timings = {"setup": round(plan.setup_s, 3), "compute": round(compute_s, 3), "total": round(total_s, 3)}
-    final = mark_complete(out_path, record, timings)
+    timings = {"setup": plan.setup_s, "compute": compute_s, "pyramid": pyramid_s, "total": total_s}
+    final = mark_complete(out_path, record, {k: round(v, 3) for k, v in timings.items()})
     return RunResult(out_path, plan.output_shape, plan.megapixels, total_s, final)
+
+
+def write_viewer_metadata(path: str, plan: RunPlan) -> None:
+    """OME-NGFF attributes for viewers, and the georeference for GIS on the level-0 arrays."""
+    spec, version = plan.model.spec, plan.ome_version
+    names, colors = list(spec.class_names), list(spec.class_colors)
+    levels, mpp, dtype = len(plan.levels), plan.source.mpp, plan.config.output.dtype
+    name = os.path.basename(plan.source.path)
+    update_attributes(path, "", ome_image(version, name, levels, names, colors, mpp, dtype))
+    update_attributes(path, "labels", ome_labels_group(version, ["argmax"]))
+    update_attributes(path, LABEL_GROUP, ome_label_image(version, levels, names, colors, mpp, NODATA_LABEL))
+    georef = plan.source.georeference
+    if georef is None or georef.transform is None:
+        return
+    _, height, width = plan.source.shape
+    xs, ys = pixel_centres(georef.transform, height, width)
+    for group, array, dims in (("", PROBABILITIES, ["c", "y", "x"]), (LABEL_GROUP, LABELS, ["y", "x"])):
+        write_coordinates(path, group, xs, ys)
+        attributes: dict[str, object] = {"_CRS": crs_attribute(georef.crs)} if georef.crs else {}
+        if version == "0.4":
+            attributes["_ARRAY_DIMENSIONS"] = dims
+        update_attributes(path, array, attributes)
+
+
+def _spatial_record(source: SourceInfo) -> dict[str, object]:
+    georef = source.georeference
+    return {
+        "mpp": source.mpp,
+        "crs": None if georef is None else georef.crs,
+        "transform": None if georef is None or georef.transform is None else list(georef.transform),
+        "pixel_is_point": None if georef is None else georef.pixel_is_point,
+    }
 
 
 def run_pipeline(config: RunConfig, on_progress: Callable[[int], None] | None = None) -> RunResult:

@@ -13,9 +13,7 @@ are read at index 0. An alpha band (TIFF ExtraSamples = associated/unassociated 
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,10 +24,12 @@ import tifffile
 import zarr
 
 from pipeline.errors import SourceError
+from pipeline.georef import Georeference, from_geokeys, ome_mpp, resolution_mpp, svs_mpp
 
 SPATIAL = "YX"
 CHANNEL_AXES = "SC"
 _ALPHA = {tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA}
+GDAL_NODATA = 42113
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,10 @@ class SourceRef:
     """The axis holding channels (``"S"`` or ``"C"``), or None for a single-channel image."""
     channels: int
     """Channels kept (alpha dropped); ``read_window`` returns this many."""
+    alpha: bool = False
+    """The channel axis ends with an alpha band (0 = no data) after the kept channels."""
+    nodata: float | None = None
+    """GDAL_NODATA: a pixel whose every kept channel equals it holds no data."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +80,21 @@ class SourceInfo:
     """Axes read at index 0 only (e.g. ``"T"``)."""
     mpp: float | None
     """Micrometres per pixel at the chosen level, or None when the file does not say."""
-    crs: str | None
-    """``"EPSG:<code>"`` for a GeoTIFF, else None."""
-    pixel_size: tuple[float, float] | None
-    """GeoTIFF pixel size ``(x, y)`` in CRS units at the chosen level."""
+    georeference: Georeference | None
+    """CRS and affine transform of the chosen level, for a GeoTIFF."""
 
     @property
     def path(self) -> str:
         return self.ref.path
+
+    @property
+    def crs(self) -> str | None:
+        return None if self.georeference is None else self.georeference.crs
+
+    @property
+    def pixel_size(self) -> tuple[float, float] | None:
+        """Pixel ``(width, height)`` in CRS units at the chosen level, for a GeoTIFF."""
+        return None if self.georeference is None else self.georeference.pixel_size
 
 
 def open_source(path: str | os.PathLike[str], series: int = 0, level: int = 0) -> SourceInfo:
@@ -162,7 +173,11 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
     height, width = levels[level].shape
     downsample = levels[level].downsample
     mpp0 = _microns_per_pixel(tif, chosen.levels[0].keyframe)
-    crs, pixel0 = _georeference(tif)
+    georeference = None
+    if tif.is_geotiff:
+        level0_height = chosen.levels[0].shape[chosen.levels[0].axes.index("Y")]
+        georeference = from_geokeys(tif.geotiff_metadata or {}).scaled(downsample, level0_height / height)
+    nodata_tag = page.tags.get(GDAL_NODATA)
     return SourceInfo(
         ref=SourceRef(
             path=path,
@@ -171,6 +186,8 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
             axes=axes,
             channel_axis=channel_axes[0] if channel_axes else None,
             channels=channels,
+            alpha=alpha,
+            nodata=_parse_nodata(nodata_tag.value if nodata_tag else None),
         ),
         shape=(channels, height, width),
         dtype=np.dtype(lvl.dtype),
@@ -184,9 +201,15 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
         alpha_dropped=alpha,
         other_axes=other,
         mpp=None if mpp0 is None else mpp0 * downsample,
-        crs=crs,
-        pixel_size=None if pixel0 is None else (pixel0[0] * downsample, pixel0[1] * downsample),
+        georeference=georeference,
     )
+
+
+def _parse_nodata(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(str(text).strip().strip("\x00"))
+    except ValueError:
+        return None
 
 
 def _check_decodable(page: Any, path: str) -> None:
@@ -215,47 +238,20 @@ def _check_not_truncated(level: Any, path: str, file_size: int) -> None:
             )
 
 
-_UNIT_TO_MICRONS = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
-
-
 def _microns_per_pixel(tif: tifffile.TiffFile, page: Any) -> float | None:
     """Level-0 micrometres per pixel from SVS, OME or TIFF resolution tags, else None."""
     if tif.is_svs:
-        match = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", str(tif.pages[0].description))
-        return float(match.group(1)) if match else None
+        return svs_mpp(str(tif.pages[0].description))
     if tif.is_ome and tif.ome_metadata:
-        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-        if not match:
-            return None
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-        return float(match.group(1)) * _UNIT_TO_MICRONS.get(unit.group(1) if unit else "µm", 1.0)
+        return ome_mpp(tif.ome_metadata)
     if tif.is_geotiff:
         return None
     unit = page.tags.get("ResolutionUnit")
     res = page.tags.get("XResolution")
-    if unit is None or res is None:
-        return None
-    numerator, denominator = res.value
-    if not numerator or not denominator:
-        return None
-    per_unit = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}.get(unit.value)
-    return None if per_unit is None else per_unit * denominator / numerator
-
-
-def _georeference(tif: tifffile.TiffFile) -> tuple[str | None, tuple[float, float] | None]:
-    """``("EPSG:<code>", (pixel width, pixel height))`` at level 0, or Nones."""
-    if not tif.is_geotiff:
-        return None, None
-    meta = tif.geotiff_metadata or {}
-    code = meta.get("ProjectedCSTypeGeoKey") or meta.get("GeographicTypeGeoKey")
-    crs = f"EPSG:{int(code)}" if code is not None and 0 < int(code) < 32767 else None
-    scale = meta.get("ModelPixelScale")
-    if scale:
-        return crs, (float(scale[0]), float(scale[1]))
-    matrix = meta.get("ModelTransformation")
-    if matrix:
-        return crs, (math.hypot(matrix[0][0], matrix[1][0]), math.hypot(matrix[0][1], matrix[1][1]))
-    return crs, None
+    per_unit = (
+        None if unit is None else {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}.get(unit.value)
+    )
+    return resolution_mpp(None if res is None else res.value, per_unit)
 
 
 def one_line(err: BaseException) -> str:
@@ -294,6 +290,26 @@ def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
     Decodes only the tiles or strips that overlap the box. A tile that cannot be decoded raises
     SourceError naming the file and the window.
     """
+    return _read(ref, box)[: ref.channels]
+
+
+def read_masked(ref: SourceRef, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`read_window`, and where the source has data: ``(Y, X)`` bool, or None if everywhere.
+
+    No data means alpha 0, or every channel equal to the GDAL_NODATA value.
+    """
+    data = _read(ref, box)
+    valid = None
+    if ref.alpha:
+        valid = data[ref.channels] != 0
+    if ref.nodata is not None:
+        has_data = (data[: ref.channels] != np.asarray(ref.nodata, dtype=data.dtype)).any(axis=0)
+        valid = has_data if valid is None else valid & has_data
+    return data[: ref.channels], valid
+
+
+def _read(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Every channel of the box, alpha included, as ``(C, Y, X)``."""
     y0, y1, x0, x1 = box
     index: list[int | slice] = []
     for axis in ref.axes:
@@ -302,7 +318,7 @@ def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
         elif axis == "X":
             index.append(slice(x0, x1))
         elif axis == ref.channel_axis:
-            index.append(slice(0, ref.channels))
+            index.append(slice(0, ref.channels + int(ref.alpha)))
         else:
             index.append(0)
     try:
@@ -315,50 +331,3 @@ def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
     if ref.channel_axis is None:
         return data[np.newaxis] if kept == ["Y", "X"] else data.T[np.newaxis]
     return np.transpose(data, [kept.index(ref.channel_axis), kept.index("Y"), kept.index("X")])
-
-
-# --- describing a file ----------------------------------------------------------------------------
-
-
-def describe_file(path: str | os.PathLike[str]) -> list[str]:
-    """Lines for ``fcnpipe inspect``: every series with its levels, dtype, compression and resolution.
-
-    Reads the directory only. A series that cannot be used says why instead of failing the rest.
-    """
-    first = open_source(path)
-    lines = [f"{first.path}: {first.file_size:,} bytes, {first.series_count} series"]
-    for index in range(first.series_count):
-        name = first.series_names[index]
-        try:
-            info = first if index == 0 else open_source(path, series=index)
-        except SourceError as err:
-            lines.append(f"series {index} ({name}): not usable: {str(err).removeprefix(f'{first.path}: ')}")
-            continue
-        lines.extend(_describe_series(index, name, info))
-    return lines
-
-
-def _describe_series(index: int, name: str, info: SourceInfo) -> list[str]:
-    channels = info.shape[0]
-    notes = []
-    if info.alpha_dropped:
-        notes.append("alpha band dropped")
-    if info.other_axes:
-        notes.append(f"axes {info.other_axes} read at index 0")
-    chunk = "x".join(map(str, info.chunk_shape))
-    lines = [
-        f"series {index} ({name}): axes {info.ref.axes}, {channels} channels, {info.dtype}, "
-        f"{info.compression}, {'tiles' if info.tiled else 'strips'} {chunk}"
-        + (f" ({'; '.join(notes)})" if notes else "")
-    ]
-    for number, level in enumerate(info.levels):
-        height, width = level.shape
-        lines.append(f"  level {number}: {height} x {width} px (downsample {level.downsample:g})")
-    if info.mpp is not None:
-        lines.append(f"  resolution: {info.mpp:g} micrometres per pixel at level 0")
-    elif info.crs is not None or info.pixel_size is not None:
-        size = "unknown" if info.pixel_size is None else f"{info.pixel_size[0]:g} x {info.pixel_size[1]:g}"
-        lines.append(f"  georeference: {info.crs or 'unknown CRS'}, pixel size {size} CRS units")
-    else:
-        lines.append("  resolution: not recorded in the file")
-    return lines

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline.describe import describe_file
 from pipeline.errors import SourceError
-from pipeline.source import describe_file, open_source, read_window
+from pipeline.source import open_source, read_window
 from tests.conftest import random_image
 
 LAYOUTS: dict[str, tuple[tuple[int, ...], str, dict[str, Any], int]] = {

@@ -1,0 +1,57 @@
+"""Multiscale levels: shapes, and the 2 x 2 reductions that make each level from the one above.
+
+Pure numpy, no I/O. Probabilities are averaged (a coarse pixel is the mean probability of the four
+it covers: still a probability, still summing to one over classes); labels are subsampled (the
+top-left pixel of each 2 x 2 block), never averaged: the mean of class 1 and class 3 is not class 2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VIEWER_SIDE = 1024
+"""Levels halve until the whole image fits in about this many pixels a side."""
+
+
+def level_shapes(height: int, width: int, smallest: int = VIEWER_SIDE) -> list[tuple[int, int]]:
+    """``(Y, X)`` of level 0, 1, ... each half the one above (rounded up), down to <= ``smallest``.
+
+    >>> level_shapes(5000, 3000)
+    [(5000, 3000), (2500, 1500), (1250, 750), (625, 375)]
+    >>> level_shapes(700, 900)
+    [(700, 900)]
+    """
+    shapes = [(height, width)]
+    while max(shapes[-1]) > smallest:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def mean_2x2(block: np.ndarray, dtype: str) -> np.ndarray:
+    """``(C, Y, X)`` -> ``(C, ceil(Y/2), ceil(X/2))``: the mean of each 2 x 2 block, as ``dtype``.
+
+    At an odd edge the mean is over the pixels that exist. uint8 input holds ``round(p * 255)``
+    and the result is rounded back the same way.
+
+    >>> mean_2x2(np.array([[[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]]]), "float32").tolist()
+    [[[0.5, 0.375]]]
+    """
+    c, y, x = block.shape
+    padded = np.zeros((c, y + y % 2, x + x % 2), np.float32)
+    padded[:, :y, :x] = block
+    counts = np.zeros((y + y % 2, x + x % 2), np.float32)
+    counts[:y, :x] = 1.0
+    sums = padded.reshape(c, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2).sum(axis=(2, 4))
+    n = counts.reshape(counts.shape[0] // 2, 2, counts.shape[1] // 2, 2).sum(axis=(1, 3))
+    mean: np.ndarray = sums / n
+    return np.rint(mean).astype(np.uint8) if dtype == "uint8" else mean.astype(dtype)
+
+
+def subsample_2x2(labels: np.ndarray) -> np.ndarray:
+    """``(Y, X)`` -> ``(ceil(Y/2), ceil(X/2))``: the top-left label of each 2 x 2 block.
+
+    >>> subsample_2x2(np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])).tolist()
+    [[1, 3], [7, 9]]
+    """
+    return labels[::2, ::2]
