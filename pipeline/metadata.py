@@ -175,6 +175,19 @@ def crs_attribute(crs: str) -> dict[str, Any]:
     return {"url": f"http://www.opengis.net/def/crs/{authority}/0/{code}"}
 
 
+def grid_mapping(crs: str | None, transform: tuple[float, ...]) -> dict[str, Any]:
+    """CF grid-mapping attributes with GDAL's ``GeoTransform`` (exact, unlike coordinates).
+
+    >>> grid_mapping("EPSG:3857", (2.0, 0.0, 100.0, 0.0, -2.0, 50.0))["GeoTransform"]
+    '100.0 2.0 0.0 50.0 0.0 -2.0'
+    """
+    a, b, c, d, e, f = transform[:6]
+    attributes: dict[str, Any] = {"GeoTransform": " ".join(repr(float(v)) for v in (c, a, b, f, d, e))}
+    if crs:
+        attributes["spatial_ref"] = crs
+    return attributes
+
+
 def pixel_centres(transform: tuple[float, ...], height: int, width: int) -> tuple[Any, Any]:
     """``(xs, ys)``: coordinates of the centres of the columns and rows of a north-up grid.
 

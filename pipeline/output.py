@@ -164,11 +164,13 @@ def reduce_core(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> 
     return (y1 - y0) * (x1 - x0)
 
 
-def write_coordinates(path: str, group_path: str, xs: np.ndarray, ys: np.ndarray) -> None:
-    """1-D ``x`` and ``y`` arrays of pixel-centre coordinates beside the arrays of ``group_path``.
+def write_georeference_arrays(path: str, group_path: str, xs: np.ndarray, ys: np.ndarray, crs: dict[str, Any]) -> None:
+    """Coordinates and a CF grid mapping beside the arrays of ``group_path``, as GIS readers expect.
 
-    With ``_ARRAY_DIMENSIONS`` on the data arrays, this is how GDAL and xarray find a grid's
-    georeference in Zarr format 2 (xarray's convention).
+    ``x`` and ``y`` hold pixel-centre coordinates: with ``_ARRAY_DIMENSIONS`` on the data arrays
+    that is how GDAL finds the transform (xarray's convention for Zarr format 2). ``spatial_ref``
+    is a scalar CF grid-mapping variable whose attributes ``crs`` gives (``spatial_ref``,
+    ``GeoTransform``), as rioxarray reads them.
     """
     group = zarr.open_group(path, mode="r+")
     target = group if group_path in ("", "/") else group[group_path]
@@ -182,6 +184,8 @@ def write_coordinates(path: str, group_path: str, xs: np.ndarray, ys: np.ndarray
         array[:] = values
         if zarr_format == 2:
             array.attrs["_ARRAY_DIMENSIONS"] = [name]
+    mapping = target.create_array("spatial_ref", shape=(), dtype="int32", fill_value=0)
+    mapping.attrs.update({**crs, **({"_ARRAY_DIMENSIONS": []} if zarr_format == 2 else {})})
 
 
 def update_attributes(path: str, node: str, attributes: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, ModelError, SourceError
 from pipeline.metadata import (
     crs_attribute,
+    grid_mapping,
     mark_complete,
     ome_image,
     ome_label_image,
@@ -37,7 +38,7 @@ from pipeline.output import (
     check_target,
     create_store,
     update_attributes,
-    write_coordinates,
+    write_georeference_arrays,
 )
 from pipeline.predict import Job, adopt_model, build_reduce_tasks, build_tasks, compute_tasks
 from pipeline.pyramid import level_shapes
@@ -213,8 +214,10 @@ def write_viewer_metadata(path: str, plan: RunPlan) -> None:
     _, height, width = plan.source.shape
     xs, ys = pixel_centres(georef.transform, height, width)
     for group, array, dims in (("", PROBABILITIES, ["c", "y", "x"]), (LABEL_GROUP, LABELS, ["y", "x"])):
-        write_coordinates(path, group, xs, ys)
-        attributes: dict[str, object] = {"_CRS": crs_attribute(georef.crs)} if georef.crs else {}
+        write_georeference_arrays(path, group, xs, ys, grid_mapping(georef.crs, georef.transform))
+        attributes: dict[str, object] = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
+        if georef.crs:
+            attributes["_CRS"] = crs_attribute(georef.crs)
         if version == "0.4":
             attributes["_ARRAY_DIMENSIONS"] = dims
         update_attributes(path, array, attributes)

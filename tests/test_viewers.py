@@ -1,0 +1,180 @@
+"""The store opens in the real downstream readers: OME-Zarr validators and readers, GDAL, xarray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from click.testing import CliRunner
+from rasterio.transform import Affine
+
+from pipeline.cli import cli
+from pipeline.output import LABELS, NODATA_LABEL, PROBABILITIES
+from pipeline.pyramid import level_shapes, mean_2x2
+from tests.conftest import random_image
+
+
+def run(image: Path, model: Path, out: Path, *flags: str) -> zarr.Group:
+    result = CliRunner().invoke(cli, ["run", str(image), "-m", str(model), "-o", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    return zarr.open_group(str(out), mode="r")
+
+
+@pytest.fixture(scope="module")
+def svs_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The SVS run once per OME-NGFF version (3 levels, 0.499 µm/px)."""
+    from tests.conftest import REAL_DATA
+
+    if not (REAL_DATA / "README.md").is_file():
+        pytest.skip(f"real TIFF collection not found at {REAL_DATA}")
+    import torch
+
+    from pipeline.model import ReferenceFCN
+
+    folder = tmp_path_factory.mktemp("svs")
+    torch.manual_seed(0)
+    model = folder / "m.pt"
+    torch.save(ReferenceFCN(3, 3, 8).state_dict(), model)
+    stores = {}
+    for version in ("0.4", "0.5"):
+        out = folder / f"svs-{version}.zarr"
+        run(REAL_DATA / "CMU-1-Small-Region.svs", model, out, "--format", f"ome-zarr-{version}", "--dtype", "uint8")
+        stores[version] = out
+    return stores
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_models_validate_image_labels_and_label_image(svs_stores: dict[str, Path], version: str) -> None:
+    from ome_zarr_models import open_ome_zarr
+
+    group = zarr.open_group(str(svs_stores[version]), mode="r")
+    module = f"ome_zarr_models.v{version.replace('.', '')}"
+    assert type(open_ome_zarr(group)).__module__.startswith(module)
+    assert type(open_ome_zarr(group)).__name__ == "Image"
+    assert type(open_ome_zarr(group["labels"])).__name__ == "Labels"
+    assert type(open_ome_zarr(group["labels/argmax"])).__name__ == "ImageLabel"
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_reader_finds_levels_scale_and_label_colours(svs_stores: dict[str, Path], version: str) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(svs_stores[version])))())
+    image, label = nodes[0], next(n for n in nodes if n.metadata.get("name") == "argmax")
+    assert [d.shape for d in image.data] == [(3, 2967, 2220), (3, 1484, 1110), (3, 742, 555)]
+    assert [d.shape for d in label.data] == [(2967, 2220), (1484, 1110), (742, 555)]
+    scales = [t[0]["scale"] for t in image.metadata["coordinateTransformations"]]
+    assert scales == [[1.0, 0.499, 0.499], [1.0, 0.998, 0.998], [1.0, 1.996, 1.996]]
+    assert image.metadata["channel_names"] == ["class_0", "class_1", "class_2"]
+    assert set(label.metadata["color"]) == {0, 1, 2, NODATA_LABEL}
+    assert label.metadata["color"][NODATA_LABEL][3] == 0  # no data is transparent
+
+
+def test_svs_scale_is_in_micrometres(svs_stores: dict[str, Path]) -> None:
+    attrs = zarr.open_group(str(svs_stores["0.4"]), mode="r").attrs
+    multiscale = attrs["multiscales"][0]
+    assert multiscale["axes"][1] == {"name": "y", "type": "space", "unit": "micrometer"}
+    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.499, 0.499]
+    assert attrs["fcnpipe"]["spatial"]["mpp"] == pytest.approx(0.499)
+
+
+def test_levels_are_means_and_labels_are_subsamples(svs_stores: dict[str, Path]) -> None:
+    group = zarr.open_group(str(svs_stores["0.4"]), mode="r")
+    for level in (1, 2):
+        above, below = group[str(level - 1)][:], group[str(level)][:]
+        np.testing.assert_array_equal(below, mean_2x2(above, "uint8"))
+        labels_above = group[f"labels/argmax/{level - 1}"][:]
+        np.testing.assert_array_equal(group[f"labels/argmax/{level}"][:], labels_above[::2, ::2])
+    assert level_shapes(2967, 2220)[-1] == (742, 555)
+
+
+def test_geotiff_georeference_reaches_gdal_and_rioxarray(
+    real_data: Path, make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    import rioxarray  # noqa: F401  (registers .rio)
+    import xarray as xr
+
+    image = real_data / "RGB.byte.tif"
+    out = tmp_path / "rgb.zarr"
+    run(image, make_model(), out)
+    with rasterio.open(image) as source:
+        crs, transform = source.crs, source.transform
+    for array in (PROBABILITIES, LABELS):
+        with rasterio.open(f'ZARR:"{out}":/{array}') as opened:
+            assert opened.crs == crs and opened.crs.to_epsg() == 32618
+            assert opened.transform.almost_equals(transform, precision=1e-9)
+            assert opened.shape == (718, 791)
+    probabilities = xr.open_zarr(out, consolidated=False)["0"]
+    assert probabilities.rio.crs.to_epsg() == 32618
+    assert probabilities.rio.transform() == transform  # exact: from the grid mapping's GeoTransform
+    labels = xr.open_zarr(out, group="labels/argmax", consolidated=False)["0"]
+    assert labels.rio.crs.to_epsg() == 32618 and labels.rio.transform() == transform
+
+
+def test_nodata_collar_gets_no_prediction(real_data: Path, make_model: Callable[..., Path], tmp_path: Path) -> None:
+    store = run(real_data / "RGB.byte.tif", make_model(), tmp_path / "rgb.zarr")
+    with rasterio.open(real_data / "RGB.byte.tif") as source:
+        empty = (source.read() == 0).all(axis=0)
+    labels, probs = store[LABELS][:], store[PROBABILITIES][:]
+    assert 0.1 < empty.mean() < 0.9  # the collar is real and large
+    np.testing.assert_array_equal(labels == NODATA_LABEL, empty)
+    assert (probs[:, empty] == 0).all()
+    np.testing.assert_allclose(probs[:, ~empty].sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_alpha_zero_gets_no_prediction(
+    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    rgba = random_image((40, 50, 4))
+    rgba[..., 3] = 255
+    rgba[10:20, 5:30, 3] = 0
+    store = run(make_tiff(rgba, photometric="rgb", extrasamples=["unassalpha"]), make_model(), tmp_path / "a.zarr")
+    labels = store[LABELS][:]
+    assert (labels[10:20, 5:30] == NODATA_LABEL).all()
+    assert (labels[rgba[..., 3] == 255] != NODATA_LABEL).all()
+
+
+def _geotiff(path: Path, transform: Affine, **tags: str) -> Path:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=60, height=40, count=3, dtype="uint8", crs="EPSG:3857", transform=transform
+    ) as dst:
+        dst.write(random_image((3, 40, 60)))
+        if tags:
+            dst.update_tags(**tags)
+    return path
+
+
+@pytest.mark.parametrize("area_or_point", ["Area", "Point"])
+def test_pixel_is_area_and_point_keep_gdal_transform(
+    make_model: Callable[..., Path], tmp_path: Path, area_or_point: str
+) -> None:
+    image = _geotiff(tmp_path / "in.tif", Affine(2.5, 0, 1000.0, 0, -2.5, 5000.0), AREA_OR_POINT=area_or_point)
+    out = tmp_path / "out.zarr"
+    run(image, make_model(), out)
+    with rasterio.open(image) as source, rasterio.open(f'ZARR:"{out}":/0') as opened:
+        assert source.tags().get("AREA_OR_POINT") == area_or_point
+        assert opened.crs == source.crs
+        assert opened.transform.almost_equals(source.transform, precision=1e-9)
+
+
+def test_rotated_geotiff_is_refused_clearly(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    image = _geotiff(tmp_path / "rotated.tif", Affine(2.0, 0.5, 1000.0, 0.5, -2.0, 5000.0))
+    result = CliRunner().invoke(cli, ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr")])
+    assert result.exit_code == 1
+    assert "rotated or sheared" in result.stderr and str(image) in result.stderr
+
+
+def test_input_without_resolution_is_in_pixels_and_says_so(
+    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    image = make_tiff(random_image((30, 30, 3)), photometric="rgb")
+    result = CliRunner().invoke(cli, ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr")])
+    assert result.exit_code == 0
+    assert result.stderr.count("records no pixel size") == 1
+    axes = zarr.open_group(str(tmp_path / "o.zarr"), mode="r").attrs["multiscales"][0]["axes"]
+    assert all("unit" not in axis for axis in axes)
