@@ -49,6 +49,8 @@ class SourceRef:
     """The channel axis ends with an alpha band (0 = no data) after the kept channels."""
     nodata: float | None = None
     """GDAL_NODATA: a pixel whose every kept channel equals it holds no data."""
+    mask_series: int | None = None
+    """Series holding a GDAL internal mask (PhotometricInterpretation MASK) of this level's size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,7 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
             channels=channels,
             alpha=alpha,
             nodata=_parse_nodata(nodata_tag.value if nodata_tag else None),
+            mask_series=_mask_series(tif, series, level, (height, width)),
         ),
         shape=(channels, height, width),
         dtype=np.dtype(lvl.dtype),
@@ -203,6 +206,16 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
         mpp=None if mpp0 is None else mpp0 * downsample,
         georeference=georeference,
     )
+
+
+def _mask_series(tif: tifffile.TiffFile, series: int, level: int, shape: tuple[int, int]) -> int | None:
+    """The series of a GDAL internal mask whose same level matches ``shape``, if there is one."""
+    for index, candidate in enumerate(tif.series):
+        if index == series or candidate.keyframe.photometric != tifffile.PHOTOMETRIC.MASK:
+            continue
+        if level < len(candidate.levels) and tuple(candidate.levels[level].shape) == shape:
+            return index
+    return None
 
 
 def _parse_nodata(text: str | None) -> float | None:
@@ -296,12 +309,16 @@ def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
 def read_masked(ref: SourceRef, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`read_window`, and where the source has data: ``(Y, X)`` bool, or None if everywhere.
 
-    No data means alpha 0, or every channel equal to the GDAL_NODATA value.
+    No data means alpha 0, 0 in a GDAL internal mask, or every channel equal to GDAL_NODATA.
     """
     data = _read(ref, box)
     valid = None
     if ref.alpha:
         valid = data[ref.channels] != 0
+    if ref.mask_series is not None:
+        mask_ref = SourceRef(ref.path, ref.mask_series, ref.level, "YX", None, 1)
+        in_mask = _read(mask_ref, box)[0] != 0
+        valid = in_mask if valid is None else valid & in_mask
     if ref.nodata is not None:
         has_data = (data[: ref.channels] != np.asarray(ref.nodata, dtype=data.dtype)).any(axis=0)
         valid = has_data if valid is None else valid & has_data

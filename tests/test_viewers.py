@@ -178,3 +178,16 @@ def test_input_without_resolution_is_in_pixels_and_says_so(
     assert result.stderr.count("records no pixel size") == 1
     axes = zarr.open_group(str(tmp_path / "o.zarr"), mode="r").attrs["multiscales"][0]["axes"]
     assert all("unit" not in axis for axis in axes)
+
+
+def test_gdal_internal_mask_gets_no_prediction(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    image = tmp_path / "masked.tif"
+    profile = {"driver": "GTiff", "width": 64, "height": 48, "count": 3, "dtype": "uint8", "crs": "EPSG:3857"}
+    layout = {"tiled": True, "blockxsize": 16, "blockysize": 16, "transform": Affine(2, 0, 100, 0, -2, 900)}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(image, "w", **profile, **layout) as dst:
+        dst.write(random_image((3, 48, 64)))
+        mask = np.full((48, 64), 255, np.uint8)
+        mask[:10, :20] = 0
+        dst.write_mask(mask)
+    labels = run(image, make_model(), tmp_path / "o.zarr")[LABELS][:]
+    np.testing.assert_array_equal(labels == NODATA_LABEL, mask == 0)
