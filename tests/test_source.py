@@ -20,6 +20,18 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], str, dict[str, Any], int]] = {
     "rgb-tiled-deflate": ((70, 90, 3), "uint8", {"tile": (32, 32), "compression": "zlib", "photometric": "rgb"}, 3),
     "rgb-stripped-lzw": ((70, 90, 3), "uint8", {"rowsperstrip": 7, "compression": "lzw", "photometric": "rgb"}, 3),
     "rgb-jpeg-tiles": ((64, 80, 3), "uint8", {"tile": (16, 16), "compression": "jpeg", "photometric": "rgb"}, 3),
+    "rgb-jpeg2000-tiles": (
+        (64, 80, 3),
+        "uint8",
+        {"tile": (32, 32), "compression": "jpeg2000", "photometric": "rgb", "compressionargs": {"level": 0}},
+        3,
+    ),
+    "uint16-tiled-lzw": (
+        (50, 60, 2),
+        "uint16",
+        {"tile": (16, 16), "compression": "lzw", "photometric": "minisblack", "planarconfig": "contig"},
+        2,
+    ),
     "planar-separate-uint16": ((4, 50, 60), "uint16", {"planarconfig": "separate", "photometric": "minisblack"}, 4),
     "grey-float32": ((41, 39), "float32", {"photometric": "minisblack"}, 1),
     "rgba-alpha-dropped": ((30, 40, 4), "uint8", {"photometric": "rgb", "extrasamples": ["unassalpha"]}, 3),
@@ -27,12 +39,10 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], str, dict[str, Any], int]] = {
 }
 
 
-def _as_cyx(data: np.ndarray, channels: int) -> np.ndarray:
+def _as_cyx(data: np.ndarray, channels: int, planar: bool) -> np.ndarray:
     if data.ndim == 2:
         return data[np.newaxis]
-    if data.shape[-1] in (3, 4) and data.shape[0] not in (3, 4):
-        return np.moveaxis(data, -1, 0)[:channels]
-    return data[:channels]
+    return data[:channels] if planar else np.moveaxis(data, -1, 0)[:channels]
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -43,7 +53,7 @@ def test_windows_match_the_written_pixels(make_tiff: Callable[..., Path], name: 
         yy, xx = np.mgrid[: shape[0], : shape[1]]
         data = np.stack([yy * 3, xx * 3, (yy + xx) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     info = open_source(make_tiff(data, **kwargs))
-    expected = _as_cyx(data, channels)
+    expected = _as_cyx(data, channels, planar=kwargs.get("planarconfig") == "separate")
     assert info.shape == expected.shape
     assert info.dtype == np.dtype(dtype)
     assert info.alpha_dropped == (name == "rgba-alpha-dropped")
