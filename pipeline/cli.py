@@ -96,7 +96,11 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--std", help="Per-channel std after the mean, e.g. 0.229,0.224,0.225.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
-def run(input_path: str, output: str | None, model: str | None, configs: tuple[str, ...], **flags: Any) -> None:
+@click.option("--preview/--no-preview", default=True, show_default=True,
+              help="Write OUT.preview.png beside the store: input, classes over it, legend.")  # fmt: skip
+def run(
+    input_path: str, output: str | None, model: str | None, configs: tuple[str, ...], preview: bool, **flags: Any
+) -> None:
     """Predict class probabilities for every pixel of INPUT and write them to a Zarr store.
 
     The image is read lazily in tiles with a halo as wide as the network's receptive radius, so the
@@ -133,6 +137,15 @@ def run(input_path: str, output: str | None, model: str | None, configs: tuple[s
         result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
     rate = result.megapixels / result.seconds if result.seconds else float("inf")
     click.echo(f"wrote {result.output_path}: {result.shape} in {result.seconds:.1f} s ({rate:.2f} Mpx/s)", err=True)
+    if preview:
+        from pipeline.preview import default_preview_path, write_store_preview
+
+        try:
+            png = write_store_preview(result.output_path, default_preview_path(result.output_path))
+        except FcnpipeError as err:  # the store is complete; a missing picture must not fail the run
+            click.echo(f"fcnpipe: warning: no preview written: {err}", err=True)
+        else:
+            click.echo(f"preview {png}", err=True)
 
 
 def _progress_bar(total_mpx: float, enabled: bool) -> Any:
@@ -147,6 +160,22 @@ def _progress_bar(total_mpx: float, enabled: bool) -> Any:
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]",
         dynamic_ncols=True,
     )
+
+
+@cli.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "png_path", help="PNG to write.  [default: STORE without .zarr + .preview.png]")
+@click.option("--size", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Largest side of each panel in pixels.")  # fmt: skip
+def preview(store: str, png_path: str | None, size: int) -> None:
+    """Write a PNG of a run's output: the input, its classes over it, and a legend with class shares.
+
+    Reads a small pyramid level of STORE chunk by chunk, so it is quick on any slide. Works on an
+    unfinished run too (marked INCOMPLETE) and, if the input TIFF has moved, shows the labels alone.
+    """
+    from pipeline.preview import default_preview_path, write_store_preview
+
+    click.echo(write_store_preview(store, png_path or default_preview_path(store), max_size=size))
 
 
 @cli.command()
