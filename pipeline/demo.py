@@ -20,7 +20,7 @@ import zarr
 from pipeline.config import load_config
 from pipeline.model import REFERENCE_FCN, ModelSpec, save_checkpoint
 from pipeline.output import LABELS
-from pipeline.preview import label_thumbnail, source_thumbnail, write_preview
+from pipeline.preview import write_store_preview
 from pipeline.run import run_pipeline
 from pipeline.source import SourceRef, open_source, read_window
 from pipeline.synthetic import Box, SyntheticSlide, make_synthetic_slide
@@ -85,8 +85,7 @@ def run_demo(
         predicted = zarr.open_group(store, mode="r")[LABELS]
         ious = iou_per_class(confusion_by_bands(predicted, mask_ref, len(slide.class_names)))
     with _timer(timings, "preview"):
-        thumbnail = source_thumbnail(open_source(slide.image_path))
-        write_preview(preview, thumbnail, label_thumbnail(predicted), slide.class_colors)
+        write_store_preview(store, preview)
     return DemoResult(
         slide_path=slide.image_path,
         mask_path=slide.mask_path,
