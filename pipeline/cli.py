@@ -51,7 +51,9 @@ def cli(debug: bool) -> None:
     \b
     fcnpipe demo                                  make a synthetic slide, train, run, score
     fcnpipe inspect SLIDE.svs                     what is in a TIFF, before a long run
-    fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr
+    fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr   probabilities + labels, OME-Zarr, preview PNG
+    fcnpipe preview OUT.zarr                      the PNG again (input, classes over it, legend)
+    fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (or --as ome-tiff for slide viewers)
     """
 
 
@@ -176,6 +178,30 @@ def preview(store: str, png_path: str | None, size: int) -> None:
     from pipeline.preview import default_preview_path, write_store_preview
 
     click.echo(write_store_preview(store, png_path or default_preview_path(store), max_size=size))
+
+
+@cli.command("export")
+@click.argument("store", metavar="STORE", type=click.Path())
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="TIFF file to write, e.g. OUT.tif."
+)
+@click.option("--as", "kind", type=click.Choice(["cog", "ome-tiff"]), default="cog", show_default=True,
+              help="Cloud-Optimized GeoTIFF (GIS) or OME-TIFF pyramid (QuPath, napari).")  # fmt: skip
+@click.option("--what", type=click.Choice(["probabilities", "labels"]), default="probabilities", show_default=True,
+              help="One band per class, or the uint8 argmax map (nodata 255).")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["uint8", "float32"]),
+              help="Probabilities as round(p*255) or float32.  [default: as stored; float16 -> float32]")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def export(store: str, output: str, kind: str, what: str, dtype: str | None, overwrite: bool) -> None:
+    """Write a finished store (from `fcnpipe run`) as one TIFF: a COG or an OME-TIFF.
+
+    The store is read chunk by chunk, so memory stays small however large the map. A store whose
+    run did not finish is refused. The file appears only when complete.
+    """
+    from pipeline.export import export_store
+
+    export_store(store, output, kind=kind, what=what, dtype=dtype, overwrite=overwrite)
+    click.echo(f"wrote {output}", err=True)
 
 
 @cli.command()
