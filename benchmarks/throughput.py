@@ -43,9 +43,10 @@ import torch
 import zarr
 
 from pipeline import __version__
+from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import TilingConfig
-from pipeline.model import Predictor, ReferenceFCN, load_model, receptive_radius, set_torch_threads
+from pipeline.model import Predictor, ReferenceFCN, receptive_radius, set_torch_threads
 
 FILE_TILE = 512
 # Runs argv[2:] and writes {"wall_s", "maxrss_kib", "rc"} to argv[1]; a fresh process per run so

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config
-from pipeline.model import REFERENCE_FCN, ModelSpec, save_checkpoint
+from pipeline.model import REFERENCE_FCN, ModelSpec
 from pipeline.output import LABELS
 from pipeline.preview import write_store_preview
 from pipeline.run import run_pipeline

@@ -16,7 +16,8 @@ from typing import Any
 import dask
 import numpy as np
 
-from pipeline.model import Predictor, load_model, select_device, set_torch_threads
+from pipeline.checkpoint import load_model
+from pipeline.model import Predictor, select_device, set_torch_threads
 from pipeline.output import NODATA_LABEL, OutputRef, reduce_core, write_core
 from pipeline.source import SourceRef, read_masked
 from pipeline.tiling import Tile, batched, union_window

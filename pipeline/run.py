@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, ModelError, SourceError
@@ -28,7 +29,7 @@ from pipeline.metadata import (
     provenance,
     write_start,
 )
-from pipeline.model import LoadedModel, load_model, receptive_radius, select_device, set_torch_threads
+from pipeline.model import LoadedModel, receptive_radius, select_device, set_torch_threads
 from pipeline.output import (
     LABEL_GROUP,
     LABELS,

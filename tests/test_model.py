@@ -10,15 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ModelError
 from pipeline.model import (
     ModelSpec,
     Normalization,
     Predictor,
     ReferenceFCN,
-    load_model,
     receptive_radius,
-    save_checkpoint,
     select_device,
 )
 

@@ -10,7 +10,7 @@ import dask
 import numpy as np
 import zarr
 
-from pipeline.model import load_model
+from pipeline.checkpoint import load_model
 from pipeline.output import LABELS, PROBABILITIES, OutputRef, create_store
 from pipeline.predict import Job, build_tasks, normalize
 from pipeline.source import open_source

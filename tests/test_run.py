@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.errors import ModelError, OutputError
-from pipeline.model import Predictor, load_model, select_device
+from pipeline.model import Predictor, select_device
 from pipeline.output import LABELS, PROBABILITIES
 from pipeline.run import prepare, run_pipeline
 from pipeline.source import open_source, read_window

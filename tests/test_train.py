@@ -11,8 +11,9 @@ import pytest
 import tifffile
 import torch
 
+from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ConfigError
-from pipeline.model import ModelSpec, Predictor, ReferenceFCN, load_model, save_checkpoint
+from pipeline.model import ModelSpec, Predictor, ReferenceFCN
 from pipeline.synthetic import CLASS_COLORS, CLASS_NAMES, make_synthetic_slide
 from pipeline.train import train_reference_fcn
 
