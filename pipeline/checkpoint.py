@@ -14,6 +14,7 @@ when the user names it. Kinds of file:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pickle
 import zipfile
@@ -45,24 +46,20 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load a state_dict or an fcnpipe checkpoint into an eval-mode module on the CPU."""
+def load_model(path: str | os.PathLike[str], factory: str | None = None) -> LoadedModel:
+    """Load any supported model file into an eval-mode module on the CPU (see the module doc)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file")
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not a PyTorch checkpoint (expected a file written by torch.save)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelError(
-            f"{path}: refused: the file holds pickled Python objects, not only weights; "
-            "save model.state_dict() or an fcnpipe checkpoint instead"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise ModelError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
-    if not isinstance(obj, dict):
-        raise ModelError(f"{path}: expected a state_dict or an fcnpipe checkpoint, got a {type(obj).__name__}")
+    if _is_torchscript(path):
+        if factory is not None:
+            raise ModelError(f"{path}: is a TorchScript file; it needs no factory ({factory})")
+        return _load_torchscript(path)
+    obj = _load_weights(path)
+    if factory is not None:
+        return _load_with_factory(path, obj, factory)
     if obj.get("format") == CHECKPOINT_FORMAT:
         spec, state = _parse_checkpoint(obj, path)
     else:
@@ -75,6 +72,83 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise ModelError(f"{path}: weights do not fit {spec.architecture} ({_first_line(err)})") from err
     module.eval()
     return LoadedModel(module=module, spec=spec, sha256=file_sha256(path), path=path)
+
+
+def _is_torchscript(path: str) -> bool:
+    """TorchScript archives carry their code (``<name>/code/...``); torch.save archives do not."""
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _load_torchscript(path: str) -> LoadedModel:
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as err:
+        raise ModelError(f"{path}: not a loadable TorchScript file ({_first_line(err)})") from err
+    module.eval()
+    spec = probe_spec(module, path, "torchscript")
+    return LoadedModel(module=module, spec=spec, sha256=file_sha256(path), path=path)
+
+
+def _load_with_factory(path: str, state: dict[str, Any], factory: str) -> LoadedModel:
+    """``factory`` = ``"package.module:function"``; the function takes no arguments."""
+    module_name, _, function_name = factory.partition(":")
+    if not module_name or not function_name:
+        raise ModelError(f"{path}: factory must look like 'package.module:function', got {factory!r}")
+    try:
+        build = getattr(importlib.import_module(module_name), function_name)
+        module = build()
+    except (ImportError, AttributeError, TypeError) as err:
+        raise ModelError(f"{path}: cannot build a module with factory {factory!r} ({_first_line(err)})") from err
+    try:
+        module.load_state_dict({str(k).removeprefix("module."): v for k, v in state.items()})
+    except RuntimeError as err:
+        raise ModelError(f"{path}: weights do not fit {factory} ({_first_line(err)})") from err
+    module.eval()
+    return LoadedModel(module=module, spec=probe_spec(module, path, factory), sha256=file_sha256(path), path=path)
+
+
+def probe_spec(module: nn.Module, path: str, architecture: str) -> ModelSpec:
+    """A spec for a module that does not describe itself: channels from its first convolution's
+    weight, classes from one forward pass, default class names and plain ``value / max`` scaling."""
+    weights = [p for p in module.parameters() if p.ndim == 4]
+    if not weights:
+        raise ModelError(f"{path}: has no convolution weights; is it a fully convolutional network?")
+    in_channels = int(weights[0].shape[1])
+    with torch.inference_mode():
+        try:
+            out = module(torch.zeros(1, in_channels, 256, 256))
+        except RuntimeError as err:
+            raise ModelError(
+                f"{path}: a forward pass on 1 x {in_channels} x 256 x 256 failed ({_first_line(err)})"
+            ) from err
+    if out.ndim != 4 or tuple(out.shape[2:]) != (256, 256):
+        raise ModelError(f"{path}: returns {tuple(out.shape)} for a 256 x 256 input; an FCN returns (B, C, 256, 256)")
+    num_classes = int(out.shape[1])
+    names, colors = default_classes(num_classes)
+    return ModelSpec(
+        architecture=architecture,
+        arguments={},
+        in_channels=in_channels,
+        num_classes=num_classes,
+        class_names=names,
+        class_colors=colors,
+    )
+
+
+def _load_weights(path: str) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(
+            f"{path}: refused: the file holds pickled Python objects, not only weights; "
+            "save model.state_dict() or an fcnpipe checkpoint instead"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a state_dict or an fcnpipe checkpoint, got a {type(obj).__name__}")
+    return obj
 
 
 def _first_line(err: BaseException) -> str:
@@ -136,11 +210,19 @@ def _parse_checkpoint(obj: dict[str, Any], path: str) -> tuple[ModelSpec, dict[s
     return spec, state
 
 
+def architectures() -> dict[str, type[nn.Module]]:
+    """Networks an fcnpipe checkpoint can name."""
+    from pipeline.architectures import ARCHITECTURES
+
+    return {REFERENCE_FCN: ReferenceFCN, **ARCHITECTURES}
+
+
 def build_module(spec: ModelSpec, path: str = "<model>") -> nn.Module:
-    if spec.architecture != REFERENCE_FCN:
-        raise ModelError(f"{path}: unknown architecture {spec.architecture!r} (known: {REFERENCE_FCN})")
+    known = architectures()
+    if spec.architecture not in known:
+        raise ModelError(f"{path}: unknown architecture {spec.architecture!r} (known: {', '.join(sorted(known))})")
     try:
-        return ReferenceFCN(**spec.arguments)
+        return known[spec.architecture](**spec.arguments)
     except TypeError as err:
         raise ModelError(f"{path}: bad arguments for {spec.architecture}: {err}") from err
 

@@ -51,6 +51,7 @@ def cli(debug: bool) -> None:
     \b
     fcnpipe demo                                  make a synthetic slide, train, run, score
     fcnpipe inspect SLIDE.svs                     what is in a TIFF, before a long run
+    fcnpipe inspect-model M.pt                    classes, receptive field, stride, halo
     fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr   probabilities + labels, OME-Zarr, preview PNG
     fcnpipe preview OUT.zarr                      the PNG again (input, classes over it, legend)
     fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (or --as ome-tiff for slide viewers)
@@ -79,7 +80,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @cli.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).")
-@click.option("-m", "--model", help="fcnpipe checkpoint or state_dict of the reference FCN (.pt).")
+@click.option("-m", "--model", help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt).")
+@click.option("--factory", help="package.module:function that builds the module of a state_dict.")
 @click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
               help="YAML config; repeat to layer them (later wins; flags win over all).")  # fmt: skip
 @click.option("--level", type=int, help="Pyramid level to read (0 = full resolution).  [default: 0]")
@@ -92,6 +94,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
               help="OME-Zarr 0.4 on Zarr v2 (QuPath, GDAL/QGIS, napari) or 0.5 on Zarr v3."
                    "  [default: ome-zarr-0.4]")  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
+@click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Forward-pass arithmetic; half precision on CUDA only.  [default: float32]")  # fmt: skip
+@click.option("--tta", type=click.Choice(["none", "flips"]), help="Average the 4 flips of each tile.  [default: none]")
 @click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]")
 @click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]")
 @click.option("--mean", help="Per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406.")
@@ -118,6 +123,7 @@ def run(
         input__level=flags["level"],
         input__series=flags["series"],
         model__path=model,
+        model__factory=flags["factory"],
         model__mean=_floats(flags["mean"], "--mean"),
         model__std=_floats(flags["std"], "--std"),
         tiling__tile=flags["tile"],
@@ -127,6 +133,8 @@ def run(
         output__format=flags["output_format"],
         output__overwrite=flags["overwrite"],
         compute__device=flags["device"],
+        compute__precision=flags["precision"],
+        model__tta=flags["tta"],
         compute__workers=flags["workers"],
         compute__torch_threads=flags["torch_threads"],
         compute__progress=flags["progress"],
@@ -247,6 +255,20 @@ def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
     click.echo(f"store    {result.store_path}")
     click.echo(f"preview  {result.preview_path}")
     click.echo(f"took     {time.perf_counter() - started:.0f} s")
+
+
+@cli.command("inspect-model")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--factory", help="package.module:function that builds the module of a state_dict.")
+def inspect_model(model_path: str, factory: str | None) -> None:
+    """Show what a model file holds and the tiling it needs: receptive radius, stride, halo.
+
+    Both are measured from the network itself, so they are right for any FCN, TorchScript included.
+    """
+    from pipeline.describe import describe_model
+
+    for line in describe_model(model_path, factory):
+        click.echo(line)
 
 
 def main() -> None:

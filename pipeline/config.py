@@ -23,6 +23,8 @@ from pipeline.errors import ConfigError
 OutputDtype = Literal["float32", "float16", "uint8"]
 OutputFormat = Literal["ome-zarr-0.4", "ome-zarr-0.5"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["float32", "float16", "bfloat16"]
+Tta = Literal["none", "flips"]
 
 
 def _positive(value: int | None, key: str) -> None:
@@ -52,11 +54,16 @@ class InputConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None
-    """An fcnpipe checkpoint or a plain ``state_dict`` of the reference FCN."""
+    """An fcnpipe checkpoint, a TorchScript file, or a ``state_dict`` (of the reference FCN, or of
+    the module ``factory`` builds)."""
+    factory: str | None = None
+    """``"package.module:function"`` returning the module whose ``state_dict`` ``path`` holds."""
     mean: tuple[float, ...] | None = None
     """Per-channel mean subtracted after scaling to [0, 1]; overrides the checkpoint's."""
     std: tuple[float, ...] | None = None
     """Per-channel standard deviation divided by after the mean; overrides the checkpoint's."""
+    tta: Tta = "none"
+    """Test-time augmentation: ``flips`` averages the predictions of the 4 flips of each tile."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class OutputConfig:
 class ComputeConfig:
     device: Device = "auto"
     """auto picks CUDA, then MPS, then the CPU."""
+    precision: Precision = "float32"
+    """Arithmetic of the forward pass; float16 / bfloat16 only on CUDA."""
     workers: int | None = None
     """Tasks run at once (Dask threads). None: chosen with torch_threads to fill the cores."""
     torch_threads: int | None = None

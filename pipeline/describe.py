@@ -50,3 +50,41 @@ def _describe_series(index: int, name: str, info: SourceInfo) -> list[str]:
     else:
         lines.append("  resolution: not recorded in the file")
     return lines
+
+
+def describe_model(path: str | os.PathLike[str], factory: str | None = None) -> list[str]:
+    """Lines for ``fcnpipe inspect-model``: what the network is and what tiling it needs.
+
+    The receptive radius and stride are measured from the network itself (TorchScript included):
+    the halo that makes tiled prediction equal a whole-image pass, and the alignment of tiles.
+    """
+    from pipeline.checkpoint import load_model
+    from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
+
+    loaded = load_model(path, factory)
+    spec = loaded.spec
+    stride = measure_stride(loaded.module, spec.in_channels)
+    radius = measure_receptive_radius(loaded.module, spec.in_channels, stride)
+    norm = spec.normalization
+    scale = "dtype maximum (255 for uint8, 65535 for uint16)" if norm.scale is None else f"{norm.scale:g}"
+    parameters = sum(p.numel() for p in loaded.module.parameters())
+    lines = [
+        f"{loaded.path}: sha256 {loaded.sha256}",
+        f"architecture     {spec.architecture} {spec.arguments or ''}".rstrip(),
+        f"parameters       {parameters:,}",
+        f"input            {spec.in_channels} channels, divided by {scale}"
+        + (f", mean {list(norm.mean)}" if norm.mean else "")
+        + (f", std {list(norm.std)}" if norm.std else ""),
+        f"classes          {spec.num_classes}: "
+        + ", ".join(
+            f"{n} #{''.join(f'{v:02X}' for v in c)}" for n, c in zip(spec.class_names, spec.class_colors, strict=True)
+        ),
+        f"receptive radius {radius} px (each output pixel sees {2 * radius + 1} x {2 * radius + 1} input pixels)",
+        f"stride           {stride} (tiles start on multiples of it; windows are zero-padded to it)",
+        f"halo             {halo_for(radius, stride)} px read around every tile",
+    ]
+    if spec.mpp is not None:
+        lines.append(f"trained at       {spec.mpp:g} micrometres per pixel")
+    if spec.gsd is not None:
+        lines.append(f"trained at       {spec.gsd:g} CRS units per pixel")
+    return lines

@@ -159,14 +159,26 @@ def set_torch_threads(count: int) -> None:
     torch.set_num_threads(max(1, count))
 
 
-class Predictor:
-    """A loaded network on one device that maps normalised input batches to probabilities."""
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+
+class Predictor:
+    """A loaded network on one device that maps normalised input batches to probabilities.
+
+    ``precision`` float16 / bfloat16 run the network in half precision (CUDA only: on a CPU half
+    precision is many times slower, so it is refused); the softmax is always taken in float32.
+    ``tta`` averages the probabilities of the batch and its horizontal, vertical and double flips.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, precision: str = "float32", tta: bool = False) -> None:
+        if precision != "float32" and device.type != "cuda":
+            raise ModelError(f"precision {precision} needs a CUDA device (on {device.type} it is slower); use float32")
         self.device = device
-        self.channels_last = device.type == "cpu"
+        self.dtype = PRECISIONS[precision]
+        self.tta = tta
+        self.channels_last = device.type in ("cpu", "cuda")
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.module = module.to(device=device, memory_format=fmt).eval()
+        self.module = module.to(device=device, dtype=self.dtype, memory_format=fmt).eval()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 class probabilities."""
@@ -182,7 +194,15 @@ class Predictor:
             return probs.cpu().numpy(), labels.cpu().numpy()
 
     def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch).to(self.device)
+        x = torch.from_numpy(batch).to(self.device, self.dtype)
+        if not self.tta:
+            return self._forward(x)
+        total = self._forward(x)
+        for dims in ((3,), (2,), (2, 3)):  # horizontal, vertical, both: undone after the pass
+            total = total + self._forward(x.flip(dims)).flip(dims)
+        return (total / 4).contiguous()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.module(x), dim=1).float().contiguous()
+        return torch.softmax(self.module(x).float(), dim=1).contiguous()

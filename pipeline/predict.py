@@ -31,7 +31,12 @@ class Job:
     output: OutputRef
     model_path: str
     model_sha256: str
+    model_factory: str | None
     device: str
+    stride: int
+    """The network's total downsampling: windows are padded to multiples of it."""
+    precision: str
+    tta: bool
     torch_threads: int
     """Intra-op threads of each forward pass. Part of the job because the float result of a
     convolution can differ in the last bit with the thread count: the same count everywhere gives
@@ -42,28 +47,30 @@ class Job:
     std: tuple[float, ...] | None
 
 
-_predictors: dict[tuple[str, str, str], Predictor] = {}
+_predictors: dict[tuple[object, ...], Predictor] = {}
 _predictors_lock = threading.Lock()
 
 
 def predictor_for(job: Job) -> Predictor:
     """The worker's network for ``job``, loaded on first use and kept for every later task."""
-    key = (job.model_path, job.model_sha256, job.device)
     with _predictors_lock:
-        if key not in _predictors:
+        if _key(job) not in _predictors:
             set_torch_threads(job.torch_threads)
-            loaded = load_model(job.model_path)
-            _predictors[key] = Predictor(loaded.module, select_device(job.device))
-        return _predictors[key]
+            loaded = load_model(job.model_path, job.model_factory)
+            _predictors[_key(job)] = Predictor(loaded.module, select_device(job.device), job.precision, job.tta)
+        return _predictors[_key(job)]
+
+
+def _key(job: Job) -> tuple[object, ...]:
+    return (job.model_path, job.model_sha256, job.device, job.precision, job.tta)
 
 
 def adopt_model(job: Job, module: Any) -> None:
     """Use an already loaded ``module`` for ``job`` in this process, instead of loading it again."""
-    key = (job.model_path, job.model_sha256, job.device)
     with _predictors_lock:
-        if key not in _predictors:
+        if _key(job) not in _predictors:
             set_torch_threads(job.torch_threads)
-            _predictors[key] = Predictor(module, select_device(job.device))
+            _predictors[_key(job)] = Predictor(module, select_device(job.device), job.precision, job.tta)
 
 
 def normalize(
@@ -78,24 +85,40 @@ def normalize(
     return x
 
 
+def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
+    """Zero-pad ``(C, Y, X)`` at the bottom and right to multiples of ``stride``.
+
+    The one way fcnpipe pads, for tiles and for a whole image alike: windows start on multiples
+    of the stride, so a window that reaches the image's end is padded exactly like the image.
+
+    >>> pad_to_stride(np.ones((1, 3, 5), np.float32), 4).shape
+    (1, 4, 8)
+    """
+    _, height, width = image.shape
+    pad_y, pad_x = -height % stride, -width % stride
+    if not pad_y and not pad_x:
+        return image
+    return np.pad(image, ((0, 0), (0, pad_y), (0, pad_x)))
+
+
 def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     """Read, predict, crop and write ``tiles``; return the number of output pixels written.
 
-    The union of the windows is read once; tiles of equal window shape (all interior tiles) share
-    one forward pass.
+    The union of the windows is read once; windows are padded to a multiple of the stride, and
+    those of equal shape (all interior tiles) share one forward pass.
     """
     predictor = predictor_for(job)
     uy0, _, ux0, _ = box = union_window(tiles)
     raw, valid = read_masked(job.source, box)
     pixels = normalize(raw, job.scale, job.mean, job.std)
-    by_shape: dict[tuple[int, int], list[Tile]] = {}
+    windows: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for tile in tiles:
-        by_shape.setdefault(tile.window_shape, []).append(tile)
-    for group in by_shape.values():
-        batch = np.stack(
-            [pixels[:, t.window[0] - uy0 : t.window[1] - uy0, t.window[2] - ux0 : t.window[3] - ux0] for t in group]
-        )
-        probs, labels = predictor.with_labels(batch)
+        wy0, wy1, wx0, wx1 = tile.window
+        window = pad_to_stride(pixels[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.stride)
+        windows.setdefault(window.shape[1:], []).append((tile, window))
+    for pairs in windows.values():
+        group = [tile for tile, _ in pairs]
+        probs, labels = predictor.with_labels(np.stack([window for _, window in pairs]))
         for tile, prob, label in zip(group, probs, labels, strict=True):
             cy0, cy1, cx0, cx1 = tile.crop
             core_probs, core_labels = prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1]

@@ -29,7 +29,7 @@ from pipeline.metadata import (
     provenance,
     write_start,
 )
-from pipeline.model import LoadedModel, receptive_radius, select_device, set_torch_threads
+from pipeline.model import LoadedModel, select_device, set_torch_threads
 from pipeline.output import (
     LABEL_GROUP,
     LABELS,
@@ -43,6 +43,7 @@ from pipeline.output import (
 )
 from pipeline.predict import Job, adopt_model, build_reduce_tasks, build_tasks, compute_tasks
 from pipeline.pyramid import level_shapes
+from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 from pipeline.source import SourceInfo, open_source
 from pipeline.tiling import Tile, halo_overhead, plan_tiles
 
@@ -53,6 +54,11 @@ class RunPlan:
     source: SourceInfo
     model: LoadedModel
     halo: int
+    """Context read around each core: the receptive radius rounded up to the stride."""
+    radius: int
+    """The network's receptive radius in pixels, measured from the model."""
+    stride: int
+    """The network's total downsampling factor: tiles start on multiples of it."""
     tiles: list[Tile]
     workers: int
     torch_threads: int
@@ -83,7 +89,7 @@ class RunPlan:
             f"input   {self.source.path} level {self.source.ref.level}: {y} x {x} px, {c} channels, "
             f"{self.source.dtype} ({self.megapixels:.1f} Mpx)",
             f"model   {self.model.path} ({self.model.spec.architecture}, {self.model.spec.num_classes} classes, "
-            f"receptive radius {self.halo} px)",
+            f"receptive radius {self.radius} px, stride {self.stride})",
             f"tiles   {len(self.tiles)} of {cfg.tiling.tile} px + {self.halo} px halo "
             f"({halo_overhead(self.tiles):.1%} extra reads), {cfg.tiling.batch} per task",
             f"compute {self.device}, {self.workers} workers x {self.torch_threads} torch threads",
@@ -122,7 +128,7 @@ def prepare(config: RunConfig) -> RunPlan:
         raise ConfigError("No output given: pass -o PATH (or output.path in the config)")
     check_target(config.output.path, config.output.overwrite)
     source = open_source(config.input.path, config.input.series, config.input.level)
-    model = load_model(config.model.path)
+    model = load_model(config.model.path, config.model.factory)
     channels = source.shape[0]
     if channels != model.spec.in_channels:
         dropped = " after dropping its alpha band" if source.alpha_dropped else ""
@@ -134,10 +140,17 @@ def prepare(config: RunConfig) -> RunPlan:
         if values is not None and len(values) != channels:
             raise ConfigError(f"{name} has {len(values)} values but the input has {channels} channels")
     device = select_device(config.compute.device)
+    if config.compute.precision != "float32" and device.type != "cuda":
+        raise ConfigError(
+            f"compute.precision {config.compute.precision} needs a CUDA device, but this run uses {device.type}: "
+            "half precision on a CPU is many times slower; use float32"
+        )
     workers, threads = thread_plan(available_cores(), config.compute.workers, config.compute.torch_threads, device.type)
-    halo = receptive_radius(model.module)
+    stride = measure_stride(model.module, model.spec.in_channels)
+    radius = measure_receptive_radius(model.module, model.spec.in_channels, stride)
+    halo = halo_for(radius, stride)
     _, height, width = source.shape
-    tiles = plan_tiles(height, width, config.tiling.tile, halo)
+    tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
     georef = source.georeference
     if georef is not None and georef.transform is not None and not georef.north_up:
         raise SourceError(
@@ -146,7 +159,7 @@ def prepare(config: RunConfig) -> RunPlan:
         )
     setup_s = time.perf_counter() - started
     levels = level_shapes(height, width)
-    return RunPlan(config, source, model, halo, tiles, workers, threads, str(device), setup_s, levels)
+    return RunPlan(config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels)
 
 
 def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> RunResult:
@@ -167,7 +180,7 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         input_size=plan.source.file_size,
         input_shape=plan.source.shape,
         model_sha256=plan.model.sha256,
-        model=spec.to_dict(),
+        model={**spec.to_dict(), "receptive_radius": plan.radius, "stride": plan.stride},
         tile=cfg.tiling.tile,
         halo=plan.halo,
         spatial=_spatial_record(plan.source),
@@ -179,7 +192,11 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         output=OutputRef(out_path, cfg.output.dtype, token=uuid.uuid4().hex),
         model_path=os.path.abspath(plan.model.path),
         model_sha256=plan.model.sha256,
+        model_factory=cfg.model.factory,
         device=plan.device,
+        stride=plan.stride,
+        precision=cfg.compute.precision,
+        tta=cfg.model.tta == "flips",
         torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),
         mean=cfg.model.mean or norm.mean,

@@ -137,3 +137,28 @@ def test_unavailable_device_is_a_clear_error() -> None:
 
 def test_make_model_fixture_is_loadable(make_model: Callable[..., Path]) -> None:
     assert load_model(make_model(in_channels=2, num_classes=5)).spec.in_channels == 2
+
+
+def test_torchscript_file_loads_with_probed_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(ReferenceFCN(4, 5, 8), torch.rand(1, 4, 16, 16)), path)
+    loaded = load_model(path)
+    assert (loaded.spec.architecture, loaded.spec.in_channels, loaded.spec.num_classes) == ("torchscript", 4, 5)
+    x = torch.rand(1, 4, 12, 12)
+    assert loaded.module(x).shape == (1, 5, 12, 12)
+
+
+def test_state_dict_with_factory(tmp_path: Path) -> None:
+    from pipeline.architectures import UNet
+
+    path = tmp_path / "unet_weights.pt"
+    torch.save(UNet().state_dict(), path)
+    loaded = load_model(path, factory="pipeline.architectures:UNet")
+    assert loaded.spec.architecture == "pipeline.architectures:UNet"
+    assert loaded.spec.in_channels == 3
+    with pytest.raises(ModelError, match=r"factory must look like 'package.module:function'"):
+        load_model(path, factory="UNet")
+    with pytest.raises(ModelError, match=r"cannot build a module with factory 'nowhere.at_all:f'"):
+        load_model(path, factory="nowhere.at_all:f")
+    with pytest.raises(ModelError, match=r"weights do not fit pipeline\.model:ReferenceFCN"):
+        load_model(path, factory="pipeline.model:ReferenceFCN")

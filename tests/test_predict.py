@@ -22,7 +22,21 @@ def _job(image: Path, model: Path, out: Path, tile: int) -> tuple[Job, list[obje
     info = open_source(image)
     loaded = load_model(model)
     create_store(str(out), loaded.spec.num_classes, [info.shape[1:]], tile, "float32", overwrite=False)
-    job = Job(info.ref, OutputRef(str(out), "float32"), str(model), loaded.sha256, "cpu", 1, 255.0, None, None)
+    job = Job(
+        info.ref,
+        OutputRef(str(out), "float32"),
+        str(model),
+        loaded.sha256,
+        None,
+        "cpu",
+        1,
+        "float32",
+        False,
+        1,
+        255.0,
+        None,
+        None,
+    )
     return job, build_tasks(job, plan_tiles(info.shape[1], info.shape[2], tile, halo=1), batch=2)
 
 

@@ -1,0 +1,157 @@
+"""Any FCN, stitched exactly: tiled output equals one whole-image pass for every shipped network.
+
+The whole-image reference pads the image with zeros at the bottom and right to a multiple of the
+network's stride (the one documented padding), runs one forward pass and crops back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from pipeline.architectures import FCN8s, UNet
+from pipeline.checkpoint import load_model, save_checkpoint
+from pipeline.config import load_config
+from pipeline.model import REFERENCE_FCN, ModelSpec, Predictor, ReferenceFCN, default_classes, select_device
+from pipeline.output import LABELS, PROBABILITIES
+from pipeline.predict import pad_to_stride
+from pipeline.receptive import measure_stride
+from pipeline.run import prepare, run_pipeline
+from pipeline.source import open_source, read_window
+from tests.conftest import random_image
+
+NETWORKS: dict[str, Callable[[], tuple[nn.Module, str, dict[str, int]]]] = {
+    "reference": lambda: (ReferenceFCN(3, 3, 16), REFERENCE_FCN, {"in_channels": 3, "num_classes": 3, "hidden": 16}),
+    "fcn8s": lambda: (FCN8s(3, 3, 8), "fcn8s", {"in_channels": 3, "num_classes": 3, "width": 8}),
+    "unet": lambda: (UNet(3, 3, 8, 3), "unet", {"in_channels": 3, "num_classes": 3, "width": 8, "depth": 3}),
+}
+
+
+def save(tmp_path: Path, name: str) -> Path:
+    """The network ``name`` with seeded weights, as an fcnpipe checkpoint (or TorchScript)."""
+    torch.manual_seed(0)
+    factory = NETWORKS["unet" if name == "torchscript-unet" else name]
+    module, architecture, arguments = factory()
+    module.eval()
+    path = tmp_path / f"{name}.pt"
+    if name == "torchscript-unet":
+        torch.jit.save(torch.jit.trace(module, torch.rand(1, 3, 64, 64)), path)
+        return path
+    names, colors = default_classes(3)
+    spec = ModelSpec(architecture, arguments, 3, 3, names, colors)
+    save_checkpoint(path, module, spec)
+    return path
+
+
+def whole_image(image: Path, model: Path, tta: bool = False) -> np.ndarray:
+    info = open_source(image)
+    loaded = load_model(model)
+    x = read_window(info.ref, (0, info.shape[1], 0, info.shape[2])).astype(np.float32) / np.float32(255)
+    stride = measure_stride(loaded.module, 3)
+    probs = Predictor(loaded.module, select_device("cpu"), tta=tta)(pad_to_stride(x, stride)[np.newaxis])[0]
+    return probs[:, : info.shape[1], : info.shape[2]]
+
+
+def run(image: Path, model: Path, out: Path, tile: int, **compute: object) -> zarr.Group:
+    config = load_config(
+        overrides={
+            "input": {"path": str(image)},
+            "model": {"path": str(model), **({"tta": "flips"} if compute.pop("tta", False) else {})},
+            "tiling": {"tile": tile, "batch": 2},
+            "output": {"path": str(out)},
+            "compute": {"progress": False, **compute},
+        }
+    )
+    run_pipeline(config)
+    return zarr.open_group(str(out), mode="r")
+
+
+CASES = [
+    ("reference", (97, 131), 32),
+    ("reference", (203, 157), 48),
+    ("fcn8s", (203, 157), 64),
+    ("fcn8s", (150, 97), 96),
+    ("unet", (203, 157), 64),
+    ("unet", (99, 130), 40),
+    ("torchscript-unet", (203, 157), 64),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "tile"), CASES, ids=[f"{n}-{h}x{w}-tile{t}" for n, (h, w), t in CASES])
+def test_stitched_equals_whole_image(
+    make_tiff: Callable[..., Path], tmp_path: Path, name: str, shape: tuple[int, int], tile: int
+) -> None:
+    image = make_tiff(random_image((*shape, 3), seed=sum(shape)), photometric="rgb")
+    model = save(tmp_path, name)
+    store = run(image, model, tmp_path / "out.zarr", tile)
+    expected = whole_image(image, model)
+    probs = store[PROBABILITIES][:]
+    assert probs.shape == (3, *shape)
+    assert np.abs(probs - expected).max() < 1e-4
+    agree = store[LABELS][:] == expected.argmax(axis=0)
+    assert agree.mean() > 0.999  # argmax may differ only where two classes tie within 1e-4
+
+
+def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_tiff(random_image((64, 64, 3)), photometric="rgb")
+    config = load_config(
+        overrides={
+            "input": {"path": str(image)},
+            "model": {"path": str(save(tmp_path, "unet"))},
+            "output": {"path": str(tmp_path / "o.zarr")},
+        }
+    )
+    plan = prepare(config)
+    assert plan.stride == 8
+    assert plan.halo % plan.stride == 0 and plan.halo >= plan.radius > 0
+    assert any(f"stride {plan.stride}" in line for line in plan.describe())
+
+
+def test_tile_not_multiple_of_stride_is_refused(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+
+    image = make_tiff(random_image((64, 64, 3)), photometric="rgb")
+    config = load_config(
+        overrides={
+            "input": {"path": str(image)},
+            "model": {"path": str(save(tmp_path, "fcn8s"))},
+            "tiling": {"tile": 50},
+            "output": {"path": str(tmp_path / "o.zarr")},
+        }
+    )
+    with pytest.raises(ConfigError, match="not a multiple of the network's stride 32; use 64"):
+        prepare(config)
+
+
+def test_flip_tta_is_exact_too(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_tiff(random_image((101, 75, 3), seed=3), photometric="rgb")
+    model = save(tmp_path, "unet")
+    store = run(image, model, tmp_path / "tta.zarr", 32, tta=True)
+    expected = whole_image(image, model, tta=True)
+    assert np.abs(store[PROBABILITIES][:] - expected).max() < 1e-4
+    plain = whole_image(image, model)
+    assert np.abs(expected - plain).max() > 1e-3  # the flips do change the answer
+
+
+def test_precision_other_than_float32_needs_cuda(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: half precision is allowed here")
+    image = make_tiff(random_image((16, 16, 3)), photometric="rgb")
+    config = load_config(
+        overrides={
+            "input": {"path": str(image)},
+            "model": {"path": str(save(tmp_path, "reference"))},
+            "compute": {"precision": "float16"},
+            "output": {"path": str(tmp_path / "o.zarr")},
+        }
+    )
+    with pytest.raises(ConfigError, match="float16 needs a CUDA device"):
+        prepare(config)
