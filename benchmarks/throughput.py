@@ -46,7 +46,8 @@ from pipeline import __version__
 from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import TilingConfig
-from pipeline.model import Predictor, ReferenceFCN, receptive_radius, set_torch_threads
+from pipeline.model import Predictor, ReferenceFCN, set_torch_threads
+from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 
 FILE_TILE = 512
 # Runs argv[2:] and writes {"wall_s", "maxrss_kib", "rc"} to argv[1]; a fresh process per run so
@@ -126,7 +127,8 @@ def model_only(model_path: str, tile: int, batch: int, workers: int, threads: in
     """Mpx/s of the network alone: ``workers`` threads calling one Predictor on random batches."""
     set_torch_threads(threads)
     module = load_model(model_path).module
-    halo = receptive_radius(module)
+    stride = measure_stride(module, 3)
+    halo = halo_for(measure_receptive_radius(module, 3, stride), stride)
     predictor = Predictor(module, torch.device("cpu"))
     side = tile + 2 * halo
     rng = np.random.default_rng(0)

@@ -116,29 +116,6 @@ def default_classes(num_classes: int) -> tuple[tuple[str, ...], tuple[tuple[int,
     return names, colors
 
 
-def receptive_radius(module: nn.Module) -> int:
-    """Pixels of context each output pixel needs on every side: the halo that makes tiling exact.
-
-    Summed over every convolution and pooling layer as if they were in sequence, each contributing
-    ``dilation * (kernel - 1) / 2`` times the product of the strides before it. For a chain that is
-    exact; for branches and skip connections it is an upper bound, which is still exact tiling.
-    """
-    radius = 0.0
-    jump = 1
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            kernel = _pair(layer.kernel_size)
-            dilation = _pair(getattr(layer, "dilation", 1))
-            stride = _pair(layer.stride)
-            radius += jump * max(d * (k - 1) for k, d in zip(kernel, dilation, strict=True)) / 2
-            jump *= max(stride)
-    return int(np.ceil(radius))
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def select_device(name: str) -> torch.device:
     """``auto``: CUDA if present, then Apple MPS, else CPU. An unavailable explicit device is an error."""
     if name == "auto":

@@ -3,8 +3,8 @@
 Tiled prediction is exact when every tile starts on a multiple of the network's *stride* (so that
 it sees the same pooling phase as the whole image) and is read with a *halo* of at least the
 *receptive radius* (so that every output pixel sees all the input it depends on). Walking the
-layers (:func:`pipeline.model.receptive_radius`) cannot see branches, upsampling or TorchScript
-graphs, so these functions treat the network as a black box:
+layers cannot see branches, upsampling or TorchScript graphs, so these functions treat the
+network as a black box:
 
 * the stride is the smallest power of two ``s`` such that shifting the input by ``s`` shifts the
   output by ``s`` (away from the borders): pooling by ``s`` breaks equivariance to smaller shifts;

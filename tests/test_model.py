@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ModelError
@@ -17,7 +16,6 @@ from pipeline.model import (
     Normalization,
     Predictor,
     ReferenceFCN,
-    receptive_radius,
     select_device,
 )
 
@@ -94,32 +92,6 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(ModelError, match="not a PyTorch checkpoint"):
         load_model(path)
-
-
-def _measured_radius(module: nn.Module, size: int = 41) -> int:
-    """How far the gradient of the centre output pixel reaches into the input: the true radius."""
-    x = torch.rand(1, 3, size, size, requires_grad=True)
-    module(x)[0, :, size // 2, size // 2].sum().backward()
-    assert x.grad is not None
-    rows = np.nonzero(x.grad.abs().sum(dim=(0, 1, 3)).numpy())[0]
-    return int(size // 2 - rows.min())
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        ReferenceFCN(3, 2),
-        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2), nn.Conv2d(8, 2, 1)),
-        nn.Sequential(nn.Conv2d(3, 8, 3, padding=2, dilation=2), nn.Conv2d(8, 2, 3, padding=1)),
-    ],
-    ids=["reference", "3x3-5x5-1x1", "dilated"],
-)
-def test_receptive_radius_matches_the_gradient(module: nn.Module) -> None:
-    module.eval()
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.constant_(layer.weight, 0.1)  # no dead paths: the gradient shows the full field
-    assert receptive_radius(module) == _measured_radius(module)
 
 
 def test_predictor_returns_probabilities() -> None:

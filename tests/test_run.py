@@ -74,11 +74,11 @@ def test_stitched_map_equals_whole_image_pass(
 
 def test_halo_is_what_makes_it_exact(make_tiff: Callable[..., Path], make_model: Callable[..., Path]) -> None:
     """Without the halo the same tiling shows seams: the test above would catch a missing halo."""
-    from pipeline.model import receptive_radius
+    from pipeline.receptive import measure_receptive_radius
 
     image = make_tiff(random_image((64, 64, 3), seed=1), photometric="rgb")
     model = make_model()
-    assert receptive_radius(load_model(model).module) == 1
+    assert measure_receptive_radius(load_model(model).module, 3, stride=1) == 1
     info = open_source(image)
     predictor = Predictor(load_model(model).module, select_device("cpu"))
     scale = np.float32(1 / 255)
