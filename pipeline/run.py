@@ -129,16 +129,7 @@ def prepare(config: RunConfig) -> RunPlan:
     check_target(config.output.path, config.output.overwrite)
     source = open_source(config.input.path, config.input.series, config.input.level)
     model = load_model(config.model.path, config.model.factory)
-    channels = source.shape[0]
-    if channels != model.spec.in_channels:
-        dropped = " after dropping its alpha band" if source.alpha_dropped else ""
-        raise ModelError(
-            f"{source.path}: has {channels} channels{dropped} but the model {model.path} "
-            f"expects {model.spec.in_channels}"
-        )
-    for name, values in (("model.mean", config.model.mean), ("model.std", config.model.std)):
-        if values is not None and len(values) != channels:
-            raise ConfigError(f"{name} has {len(values)} values but the input has {channels} channels")
+    _check_fit(config, source, model)
     device = select_device(config.compute.device)
     if config.compute.precision != "float32" and device.type != "cuda":
         raise ConfigError(
@@ -151,15 +142,29 @@ def prepare(config: RunConfig) -> RunPlan:
     halo = halo_for(radius, stride)
     _, height, width = source.shape
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
+    setup_s = time.perf_counter() - started
+    levels = level_shapes(height, width)
+    return RunPlan(config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels)
+
+
+def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> None:
+    """The input fits the model (channels, normalisation) and its georeference can be kept."""
+    channels = source.shape[0]
+    if channels != model.spec.in_channels:
+        dropped = " after dropping its alpha band" if source.alpha_dropped else ""
+        raise ModelError(
+            f"{source.path}: has {channels} channels{dropped} but the model {model.path} "
+            f"expects {model.spec.in_channels}"
+        )
+    for name, values in (("model.mean", config.model.mean), ("model.std", config.model.std)):
+        if values is not None and len(values) != channels:
+            raise ConfigError(f"{name} has {len(values)} values but the input has {channels} channels")
     georef = source.georeference
     if georef is not None and georef.transform is not None and not georef.north_up:
         raise SourceError(
             f"{source.path}: its GeoTIFF transform is rotated or sheared {georef.transform}; "
             "only north-up (or south-up) rasters are supported: warp it first, e.g. gdalwarp"
         )
-    setup_s = time.perf_counter() - started
-    levels = level_shapes(height, width)
-    return RunPlan(config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels)
 
 
 def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> RunResult:
