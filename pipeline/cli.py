@@ -99,6 +99,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--tta", type=click.Choice(["none", "flips"]), help="Average the 4 flips of each tile.  [default: none]")
 @click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]")
 @click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]")
+@click.option("--classes", help="Class names in channel order, e.g. background,stroma,tumour.")
+@click.option("--colors", help="Class colours, e.g. '#000000,#3CB44B,#E6194B'.")
 @click.option("--mean", help="Per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406.")
 @click.option("--std", help="Per-channel std after the mean, e.g. 0.229,0.224,0.225.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
@@ -124,6 +126,8 @@ def run(
         input__series=flags["series"],
         model__path=model,
         model__factory=flags["factory"],
+        model__class_names=None if flags["classes"] is None else tuple(flags["classes"].split(",")),
+        model__class_colors=None if flags["colors"] is None else tuple(flags["colors"].split(",")),
         model__mean=_floats(flags["mean"], "--mean"),
         model__std=_floats(flags["std"], "--std"),
         tiling__tile=flags["tile"],

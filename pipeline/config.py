@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -62,8 +63,17 @@ class ModelConfig:
     """Per-channel mean subtracted after scaling to [0, 1]; overrides the checkpoint's."""
     std: tuple[float, ...] | None = None
     """Per-channel standard deviation divided by after the mean; overrides the checkpoint's."""
+    class_names: tuple[str, ...] | None = None
+    """Names of the classes, in output channel order; overrides the checkpoint's."""
+    class_colors: tuple[str, ...] | None = None
+    """Colours of the classes as ``"#RRGGBB"``, in the same order; overrides the checkpoint's."""
     tta: Tta = "none"
     """Test-time augmentation: ``flips`` averages the predictions of the 4 flips of each tile."""
+
+    def __post_init__(self) -> None:
+        for color in self.class_colors or ():
+            if not re.fullmatch(r"#[0-9A-Fa-f]{6}", color):
+                raise ConfigError(f"Expected a colour like '#E6194B' in 'model.class_colors'. Got {color!r} instead.")
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ can never run code:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 
 REFERENCE_FCN = "reference_fcn"
 _PALETTE = [
@@ -107,6 +107,15 @@ class LoadedModel:
     spec: ModelSpec
     sha256: str
     path: str
+
+
+def with_classes(spec: ModelSpec, names: tuple[str, ...] | None, colors: tuple[str, ...] | None) -> ModelSpec:
+    """``spec`` with class names and ``"#RRGGBB"`` colours replaced where given (one per class)."""
+    for what, values in (("class_names", names), ("class_colors", colors)):
+        if values is not None and len(values) != spec.num_classes:
+            raise ConfigError(f"model.{what} has {len(values)} entries but the model has {spec.num_classes} classes")
+    rgb = None if colors is None else tuple((int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16)) for c in colors)
+    return replace(spec, class_names=names or spec.class_names, class_colors=rgb or spec.class_colors)
 
 
 def default_classes(num_classes: int) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:

@@ -29,7 +29,7 @@ from pipeline.metadata import (
     provenance,
     write_start,
 )
-from pipeline.model import LoadedModel, select_device, set_torch_threads
+from pipeline.model import LoadedModel, select_device, set_torch_threads, with_classes
 from pipeline.output import (
     LABEL_GROUP,
     LABELS,
@@ -129,6 +129,7 @@ def prepare(config: RunConfig) -> RunPlan:
     check_target(config.output.path, config.output.overwrite)
     source = open_source(config.input.path, config.input.series, config.input.level)
     model = load_model(config.model.path, config.model.factory)
+    model.spec = with_classes(model.spec, config.model.class_names, config.model.class_colors)
     _check_fit(config, source, model)
     device = select_device(config.compute.device)
     if config.compute.precision != "float32" and device.type != "cuda":

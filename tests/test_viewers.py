@@ -191,3 +191,21 @@ def test_gdal_internal_mask_gets_no_prediction(make_model: Callable[..., Path], 
         dst.write_mask(mask)
     labels = run(image, make_model(), tmp_path / "o.zarr")[LABELS][:]
     np.testing.assert_array_equal(labels == NODATA_LABEL, mask == 0)
+
+
+def test_class_names_and_colours_from_the_config(
+    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    image = make_tiff(random_image((30, 30, 3)), photometric="rgb")
+    flags = ["--classes", "background,stroma,tumour", "--colors", "#000000,#3CB44B,#E6194B"]
+    attrs = run(image, make_model(num_classes=3), tmp_path / "o.zarr", *flags).attrs
+    assert [c["label"] for c in attrs["omero"]["channels"]] == ["background", "stroma", "tumour"]
+    assert [c["color"] for c in attrs["omero"]["channels"]] == ["000000", "3CB44B", "E6194B"]
+    label = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["labels/argmax"].attrs["image-label"]
+    assert label["colors"][2] == {"label-value": 2, "rgba": [230, 25, 75, 255]}
+    assert label["properties"][1] == {"label-value": 1, "name": "stroma"}
+    bad = CliRunner().invoke(
+        cli,
+        ["run", str(image), "-m", str(make_model(num_classes=3)), "-o", str(tmp_path / "b.zarr"), "--classes", "a,b"],
+    )
+    assert bad.exit_code == 2 and "model.class_names has 2 entries but the model has 3 classes" in bad.stderr
