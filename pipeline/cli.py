@@ -84,7 +84,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--factory", help="package.module:function that builds the module of a state_dict.")
 @click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
               help="YAML config; repeat to layer them (later wins; flags win over all).")  # fmt: skip
-@click.option("--level", type=int, help="Pyramid level to read (0 = full resolution).  [default: 0]")
+@click.option("--level", type=int, help="Pyramid level read as it is (0 = full resolution).  [default: by --mpp/--gsd]")
+@click.option("--mpp", type=float, help="Read a slide at this many micrometres per pixel.  [default: the model's]")
+@click.option("--gsd", type=float, help="Read a raster at this many CRS units per pixel.  [default: the model's]")
 @click.option("--series", type=int, help="Image series of the file (see inspect).  [default: 0]")
 @click.option("--tile", type=int, help="Tile core in pixels = output chunk size.  [default: 512]")
 @click.option("--batch", type=int, help="Tiles per task / forward pass.  [default: 4]")
@@ -123,6 +125,8 @@ def run(
     overrides = _overrides(
         input__path=input_path,
         input__level=flags["level"],
+        input__mpp=flags["mpp"],
+        input__gsd=flags["gsd"],
         input__series=flags["series"],
         model__path=model,
         model__factory=flags["factory"],

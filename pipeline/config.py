@@ -44,12 +44,23 @@ class InputConfig:
     """The TIFF to read."""
     series: int = 0
     """Which image series of the file (``fcnpipe inspect`` lists them)."""
-    level: int = 0
-    """Pyramid level: 0 is full resolution."""
+    level: int | None = None
+    """Pyramid level read as it is (0 = full resolution). None: level 0, or the level the model's
+    resolution asks for."""
+    mpp: float | None = None
+    """Micrometres per pixel to read a slide at; None: the checkpoint's training resolution."""
+    gsd: float | None = None
+    """CRS units per pixel to read a raster at; None: the checkpoint's training resolution."""
 
     def __post_init__(self) -> None:
         _non_negative(self.series, "input.series")
-        _non_negative(self.level, "input.level")
+        if self.level is not None:
+            _non_negative(self.level, "input.level")
+        for key, value in (("input.mpp", self.mpp), ("input.gsd", self.gsd)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"Expected a positive number for {key!r}. Got {value} instead.")
+        if self.level is not None and (self.mpp is not None or self.gsd is not None):
+            raise ConfigError("Give input.level or input.mpp / input.gsd, not both: a level is read as it is")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import numpy as np
 from pipeline.checkpoint import load_model
 from pipeline.model import Predictor, select_device, set_torch_threads
 from pipeline.output import NODATA_LABEL, OutputRef, reduce_core, write_core
-from pipeline.source import SourceRef, read_masked
+from pipeline.resample import Resampling, read_resampled
+from pipeline.source import SourceRef
 from pipeline.tiling import Tile, batched, union_window
 
 
@@ -28,6 +29,10 @@ class Job:
     """Everything a task needs besides its tiles."""
 
     source: SourceRef
+    resampling: Resampling | None
+    """How the level read maps onto the network's grid (None: pixel for pixel)."""
+    source_shape: tuple[int, int]
+    """``(Y, X)`` of the level read."""
     output: OutputRef
     model_path: str
     model_sha256: str
@@ -109,7 +114,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     """
     predictor = predictor_for(job)
     uy0, _, ux0, _ = box = union_window(tiles)
-    raw, valid = read_masked(job.source, box)
+    raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
     pixels = normalize(raw, job.scale, job.mean, job.std)
     windows: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for tile in tiles:

@@ -290,7 +290,7 @@ def read_store_summary(store_path: str | os.PathLike[str]) -> tuple[Any, StoreSu
         return group, StoreSummary(
             input_path=str(record["input"]["path"]),
             series=int(run_input["series"]),
-            level=int(run_input["level"]),
+            level=int((record.get("spatial") or {}).get("level_read", run_input["level"] or 0)),
             class_names=tuple(str(c["name"]) for c in classes),
             class_colors=tuple((int(c["color"][0]), int(c["color"][1]), int(c["color"][2])) for c in classes),
             complete=record.get("complete") is True,

@@ -44,6 +44,7 @@ from pipeline.output import (
 from pipeline.predict import Job, adopt_model, build_reduce_tasks, build_tasks, compute_tasks
 from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
+from pipeline.resample import Grid, choose_grid
 from pipeline.source import SourceInfo, open_source
 from pipeline.tiling import Tile, halo_overhead, plan_tiles
 
@@ -66,6 +67,8 @@ class RunPlan:
     setup_s: float
     levels: list[tuple[int, int]]
     """``(Y, X)`` of each output pyramid level."""
+    grid: Grid
+    """The grid the network sees: the level read, resampled to the model's resolution if needed."""
 
     @property
     def ome_version(self) -> str:
@@ -73,12 +76,11 @@ class RunPlan:
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        _, height, width = self.source.shape
-        return (self.model.spec.num_classes, height, width)
+        return (self.model.spec.num_classes, *self.grid.shape)
 
     @property
     def megapixels(self) -> float:
-        _, height, width = self.source.shape
+        height, width = self.grid.shape
         return height * width / 1e6
 
     def describe(self) -> list[str]:
@@ -99,13 +101,17 @@ class RunPlan:
         ]
 
     def _spatial_line(self) -> str:
-        source = self.source
-        if source.mpp is not None:
-            return f"scale   {source.mpp:g} micrometres per pixel"
-        if source.crs is not None:
-            size = source.pixel_size or (float("nan"), float("nan"))
-            return f"scale   {source.crs}, {size[0]:g} x {size[1]:g} CRS units per pixel; OME scale in pixels"
-        return "scale   the input records no pixel size: the output's scale is in pixels"
+        grid = self.grid
+        resampled = "" if grid.resampling is None else f", resampled from level {grid.source.ref.level}"
+        note = "" if grid.note is None else f" ({grid.note})"
+        if grid.mpp is not None:
+            return f"scale   {grid.mpp:g} micrometres per pixel{resampled}{note}"
+        georef = grid.georeference
+        if georef is not None and georef.crs is not None:
+            size = georef.pixel_size or (float("nan"), float("nan"))
+            units = f"{size[0]:g} x {size[1]:g} CRS units per pixel"
+            return f"scale   {georef.crs}, {units}{resampled}; OME scale in pixels{note}"
+        return f"scale   the input records no pixel size: the output's scale is in pixels{note}"
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,16 @@ def prepare(config: RunConfig) -> RunPlan:
     if config.output.path is None:
         raise ConfigError("No output given: pass -o PATH (or output.path in the config)")
     check_target(config.output.path, config.output.overwrite)
-    source = open_source(config.input.path, config.input.series, config.input.level)
+    inp = config.input
+    opened = open_source(config.input.path, inp.series, inp.level or 0)
     model = load_model(config.model.path, config.model.factory)
     model.spec = with_classes(model.spec, config.model.class_names, config.model.class_colors)
+    explicit = inp.mpp is not None or inp.gsd is not None
+    grid = choose_grid(
+        opened, inp.level is not None, inp.mpp or (None if explicit else model.spec.mpp),
+        inp.gsd or (None if explicit else model.spec.gsd), explicit,
+    )  # fmt: skip
+    source = grid.source
     _check_fit(config, source, model)
     device = select_device(config.compute.device)
     if config.compute.precision != "float32" and device.type != "cuda":
@@ -141,11 +154,13 @@ def prepare(config: RunConfig) -> RunPlan:
     stride = measure_stride(model.module, model.spec.in_channels)
     radius = measure_receptive_radius(model.module, model.spec.in_channels, stride)
     halo = halo_for(radius, stride)
-    _, height, width = source.shape
+    height, width = grid.shape
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
     setup_s = time.perf_counter() - started
     levels = level_shapes(height, width)
-    return RunPlan(config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels)
+    return RunPlan(
+        config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels, grid
+    )
 
 
 def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> None:
@@ -189,12 +204,14 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         model={**spec.to_dict(), "receptive_radius": plan.radius, "stride": plan.stride},
         tile=cfg.tiling.tile,
         halo=plan.halo,
-        spatial=_spatial_record(plan.source),
+        spatial=_spatial_record(plan.grid),
     )
     write_start(out_path, record)
     norm = spec.normalization
     job = Job(
         source=plan.source.ref,
+        resampling=plan.grid.resampling,
+        source_shape=plan.source.shape[1:],
         output=OutputRef(out_path, cfg.output.dtype, token=uuid.uuid4().hex),
         model_path=os.path.abspath(plan.model.path),
         model_sha256=plan.model.sha256,
@@ -227,15 +244,15 @@ def write_viewer_metadata(path: str, plan: RunPlan) -> None:
     """OME-NGFF attributes for viewers, and the georeference for GIS on the level-0 arrays."""
     spec, version = plan.model.spec, plan.ome_version
     names, colors = list(spec.class_names), list(spec.class_colors)
-    levels, mpp, dtype = len(plan.levels), plan.source.mpp, plan.config.output.dtype
+    levels, mpp, dtype = len(plan.levels), plan.grid.mpp, plan.config.output.dtype
     name = os.path.basename(plan.source.path)
     update_attributes(path, "", ome_image(version, name, levels, names, colors, mpp, dtype))
     update_attributes(path, "labels", ome_labels_group(version, ["argmax"]))
     update_attributes(path, LABEL_GROUP, ome_label_image(version, levels, names, colors, mpp, NODATA_LABEL))
-    georef = plan.source.georeference
+    georef = plan.grid.georeference
     if georef is None or georef.transform is None:
         return
-    _, height, width = plan.source.shape
+    height, width = plan.grid.shape
     xs, ys = pixel_centres(georef.transform, height, width)
     for group, array, dims in (("", PROBABILITIES, ["c", "y", "x"]), (LABEL_GROUP, LABELS, ["y", "x"])):
         write_georeference_arrays(path, group, xs, ys, grid_mapping(georef.crs, georef.transform))
@@ -247,13 +264,16 @@ def write_viewer_metadata(path: str, plan: RunPlan) -> None:
         update_attributes(path, array, attributes)
 
 
-def _spatial_record(source: SourceInfo) -> dict[str, object]:
-    georef = source.georeference
+def _spatial_record(grid: Grid) -> dict[str, object]:
+    georef = grid.georeference
+    resampling = grid.resampling
     return {
-        "mpp": source.mpp,
+        "mpp": grid.mpp,
         "crs": None if georef is None else georef.crs,
         "transform": None if georef is None or georef.transform is None else list(georef.transform),
         "pixel_is_point": None if georef is None else georef.pixel_is_point,
+        "level_read": grid.source.ref.level,
+        "resampling": None if resampling is None else [resampling.factor_y, resampling.factor_x],
     }
 
 

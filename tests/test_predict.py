@@ -24,6 +24,8 @@ def _job(image: Path, model: Path, out: Path, tile: int) -> tuple[Job, list[obje
     create_store(str(out), loaded.spec.num_classes, [info.shape[1:]], tile, "float32", overwrite=False)
     job = Job(
         info.ref,
+        None,
+        info.shape[1:],
         OutputRef(str(out), "float32"),
         str(model),
         loaded.sha256,
