@@ -90,6 +90,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--series", type=int, help="Image series of the file (see inspect).  [default: 0]")
 @click.option("--tile", type=int, help="Tile core in pixels = output chunk size.  [default: 512]")
 @click.option("--batch", type=int, help="Tiles per task / forward pass.  [default: 4]")
+@click.option("--halo", type=int, help="Context read around each tile in pixels.  [default: the model's exact halo]")
+@click.option("--blend", type=click.Choice(["none", "gaussian", "cosine"]),
+              help="Below the exact halo: weighted mean of overlapping windows.  [default: none]")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
               help="Stored probabilities; uint8 holds round(p*255).  [default: float32]")  # fmt: skip
 @click.option("--format", "output_format", type=click.Choice(["ome-zarr-0.4", "ome-zarr-0.5"]),
@@ -136,6 +139,8 @@ def run(
         model__std=_floats(flags["std"], "--std"),
         tiling__tile=flags["tile"],
         tiling__batch=flags["batch"],
+        tiling__halo=flags["halo"],
+        tiling__blend=flags["blend"],
         output__path=output,
         output__dtype=flags["dtype"],
         output__format=flags["output_format"],

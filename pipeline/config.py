@@ -26,6 +26,7 @@ OutputFormat = Literal["ome-zarr-0.4", "ome-zarr-0.5"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["float32", "float16", "bfloat16"]
 Tta = Literal["none", "flips"]
+BlendMode = Literal["none", "gaussian", "cosine"]
 
 
 def _positive(value: int | None, key: str) -> None:
@@ -93,10 +94,21 @@ class TilingConfig:
     """Core size in pixels: one output chunk. The halo comes from the model, not from here."""
     batch: int = 4
     """Tiles per task; equal-sized tiles of a task share one forward pass."""
+    halo: int | None = None
+    """Pixels read around each core. None: the exact halo measured from the model; smaller is
+    faster but approximate (see ``blend``)."""
+    blend: BlendMode = "none"
+    """With a halo below the exact one: gaussian / cosine take a weighted mean of overlapping windows."""
 
     def __post_init__(self) -> None:
         _positive(self.tile, "tiling.tile")
         _positive(self.batch, "tiling.batch")
+        if self.halo is not None:
+            _non_negative(self.halo, "tiling.halo")
+        if self.blend != "none" and self.halo is None:
+            raise ConfigError(
+                f"tiling.blend {self.blend} needs tiling.halo: with the exact halo tiling is already exact"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.blend import Blend, check_blend, predict_blended
 from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import RunConfig
@@ -46,7 +47,7 @@ from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 from pipeline.resample import Grid, choose_grid
 from pipeline.source import SourceInfo, open_source
-from pipeline.tiling import Tile, halo_overhead, plan_tiles
+from pipeline.tiling import Tile, halo_overhead, plan_tiles, round_up
 
 
 @dataclass
@@ -69,6 +70,8 @@ class RunPlan:
     """``(Y, X)`` of each output pyramid level."""
     grid: Grid
     """The grid the network sees: the level read, resampled to the model's resolution if needed."""
+    blend: Blend | None = None
+    """Blending of windows read with a halo below the exact one; None: plain tiling."""
 
     @property
     def ome_version(self) -> str:
@@ -93,12 +96,19 @@ class RunPlan:
             f"model   {self.model.path} ({self.model.spec.architecture}, {self.model.spec.num_classes} classes, "
             f"receptive radius {self.radius} px, stride {self.stride})",
             f"tiles   {len(self.tiles)} of {cfg.tiling.tile} px + {self.halo} px halo "
-            f"({halo_overhead(self.tiles):.1%} extra reads), {cfg.tiling.batch} per task",
+            f"({halo_overhead(self.tiles):.1%} extra reads), {cfg.tiling.batch} per task" + self._approximation(),
             f"compute {self.device}, {self.workers} workers x {self.torch_threads} torch threads",
             f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels, "
             f"{cfg.output.format}, {len(self.levels)} levels",
             self._spatial_line(),
         ]
+
+    def _approximation(self) -> str:
+        exact = halo_for(self.radius, self.stride)
+        if self.halo >= exact:
+            return ""
+        blending = "no" if self.blend is None else self.blend.mode
+        return f"; below the exact {exact} px halo: approximate, {blending} blending"
 
     def _spatial_line(self) -> str:
         grid = self.grid
@@ -153,13 +163,18 @@ def prepare(config: RunConfig) -> RunPlan:
     workers, threads = thread_plan(available_cores(), config.compute.workers, config.compute.torch_threads, device.type)
     stride = measure_stride(model.module, model.spec.in_channels)
     radius = measure_receptive_radius(model.module, model.spec.in_channels, stride)
-    halo = halo_for(radius, stride)
+    exact_halo = halo_for(radius, stride)
+    halo, blend = exact_halo, None
+    if config.tiling.halo is not None:
+        halo = round_up(config.tiling.halo, stride)
+        if config.tiling.blend != "none" and halo < exact_halo:  # at or above it, plain tiling is exact
+            blend = check_blend(config.tiling.tile, halo, stride, config.tiling.blend)
     height, width = grid.shape
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
     setup_s = time.perf_counter() - started
     levels = level_shapes(height, width)
     return RunPlan(
-        config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels, grid
+        config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels, grid, blend
     )
 
 
@@ -228,7 +243,12 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
     set_torch_threads(plan.torch_threads)  # also for a model already adopted by an earlier run
     adopt_model(job, plan.model.module)  # threads share it; other processes load their own once
     compute_started = time.perf_counter()
-    compute_tasks(build_tasks(job, plan.tiles, cfg.tiling.batch), plan.workers, on_progress)
+    if plan.blend is None:
+        compute_tasks(build_tasks(job, plan.tiles, cfg.tiling.batch), plan.workers, on_progress)
+    else:
+        predict_blended(
+            job, plan.tiles, spec.num_classes, plan.grid.shape, plan.blend, cfg.tiling.batch, plan.workers, on_progress
+        )
     compute_s = time.perf_counter() - compute_started
     for level, (height, width) in enumerate(plan.levels[1:], start=1):
         tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
