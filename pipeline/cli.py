@@ -52,6 +52,7 @@ def cli(debug: bool) -> None:
     fcnpipe demo                                  make a synthetic slide, train, run, score
     fcnpipe inspect SLIDE.svs                     what is in a TIFF, before a long run
     fcnpipe inspect-model M.pt                    classes, receptive field, stride, halo
+    fcnpipe train IMAGES... --masks M... -o M.pt  train any FCN on labelled TIFFs
     fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr   probabilities + labels, OME-Zarr, preview PNG
     fcnpipe preview OUT.zarr                      the PNG again (input, classes over it, legend)
     fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (or --as ome-tiff for slide viewers)
@@ -247,9 +248,9 @@ def inspect(input_path: str) -> None:
 def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
     """The whole job on a synthetic slide: make it, train the reference FCN, run, score, preview.
 
-    Makes a tiled, JPEG-compressed, pyramidal slide-like TIFF with a ground-truth mask, trains
-    the reference FCN on a crop, runs the full pipeline on the whole slide, prints per-class IoU
-    against the ground truth and writes a PNG preview.
+    Makes a tiled, JPEG-compressed, pyramidal slide-like TIFF with a ground-truth mask, trains the
+    reference FCN on patches of it (the code of fcnpipe train), runs the full pipeline on the whole
+    slide, prints per-class IoU against the ground truth and writes a PNG preview.
     """
     from pipeline.demo import run_demo
 
@@ -268,6 +269,56 @@ def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
     click.echo(f"store    {result.store_path}")
     click.echo(f"preview  {result.preview_path}")
     click.echo(f"took     {time.perf_counter() - started:.0f} s")
+
+
+@cli.command()
+@click.argument("images", metavar="IMAGES...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--masks", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Mask of IMAGE (uint8 class indices); once per image, in the same order.")  # fmt: skip
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (MODEL.pt).")
+@click.option("--architecture", type=click.Choice(["reference_fcn", "fcn8s", "unet"]), default="reference_fcn",
+              show_default=True, help="Network to train.")  # fmt: skip
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs of training.")
+@click.option("--patches-per-epoch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Random training patches per epoch; validation follows each epoch.")  # fmt: skip
+@click.option("--patch", type=click.IntRange(min=3), default=128, show_default=True,
+              help="Patch side in pixels; a multiple of the network's stride (fcn8s 32, unet 8).")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per step.")
+@click.option("--classes", metavar="NAME,NAME,...",
+              help="Class names in label order.  [default: class_0, class_1, ... for the labels found]")  # fmt: skip
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True),
+              help="Micrometres per pixel of the images.  [default: as the first image says]")  # fmt: skip
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock budget; training stops after the step that spends it.")  # fmt: skip
+@click.option("--seed", default=0, show_default=True, help="Seed for the patches and the initial weights.")
+def train(
+    images: tuple[str, ...], masks: tuple[str, ...], output: str, architecture: str, epochs: int,
+    patches_per_epoch: int, patch: int, batch: int, classes: str | None, mpp: float | None,
+    seconds: float | None, seed: int,
+) -> None:  # fmt: skip
+    """Train a network on image / mask TIFF pairs and save an fcnpipe checkpoint.
+
+    \b
+    fcnpipe train a.tif b.tif --masks a_mask.tif --masks b_mask.tif -o model.pt --classes background,tumour
+
+    Reads random patches lazily (never a whole image), keeps the last 20% of each image's rows for
+    validation, prints the loss and the validation IoU per class after each epoch, and keeps the
+    weights of the best epoch.
+    """
+    from pipeline.train import train_from_tiffs
+
+    names = None if classes is None else tuple(name.strip() for name in classes.split(","))
+    if names is not None and (len(names) < 2 or not all(names)):
+        raise ConfigError(f"Expected at least 2 comma-separated class names for --classes. Got {classes!r} instead.")
+    result = train_from_tiffs(
+        list(images), list(masks), output, architecture=architecture, class_names=names, epochs=epochs,
+        patches_per_epoch=patches_per_epoch, patch=patch, batch=batch, mpp=mpp, seconds=seconds, seed=seed,
+        progress=True, log=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    click.echo(
+        f"wrote {result.path}: epoch {result.best_epoch} of {result.epochs}, "
+        f"val mIoU {result.best_mean_iou:.3f}, {result.seconds:.0f} s"
+    )
 
 
 @cli.command("inspect-model")

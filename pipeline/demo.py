@@ -2,12 +2,15 @@
 
 :func:`run_demo` writes into one folder: ``slide.tif`` (tiled JPEG pyramid), ``slide_mask.tif``
 (ground truth), ``model.pt`` (an fcnpipe checkpoint), ``prediction.zarr`` (the pipeline's output)
-and ``preview.png``. Scoring compares ``labels/argmax/0`` of the output with the ground truth one
-band of chunk rows at a time, so, like the run itself, it never holds a whole map.
+and ``preview.png``. Training goes through :func:`pipeline.train.train_from_tiffs`, the way a user
+trains on their own slides: random patches read lazily from the whole slide, the last rows kept
+for validation. Scoring compares ``labels/argmax/0`` of the output with the ground truth one band
+of chunk rows at a time, so, like the run itself, it never holds a whole map.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,19 +20,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config
-from pipeline.model import REFERENCE_FCN, ModelSpec
+from pipeline.errors import ConfigError
+from pipeline.model import REFERENCE_FCN
 from pipeline.output import LABELS
 from pipeline.preview import write_store_preview
 from pipeline.run import run_pipeline
+from pipeline.sampling import confusion, iou_per_class
 from pipeline.source import SourceRef, open_source, read_window
-from pipeline.synthetic import Box, SyntheticSlide, make_synthetic_slide
-from pipeline.train import train_reference_fcn
+from pipeline.synthetic import SyntheticSlide, make_synthetic_slide
+from pipeline.train import TrainResult, train_from_tiffs
 
-TRAIN_CROP = 1024
-"""Side of the square the network is trained on, in pixels."""
 HIDDEN = 64
+PATCH = 128
+"""Side of the training patches in pixels (smaller on slides under ``4 * PATCH``)."""
+BATCH = 8
+EPOCHS = 5
+VAL_FRACTION = 0.25
+PATCHES_PER_SECOND = 60.0
+"""Training throughput assumed when sizing epochs for a time budget, about that of two free CPU
+cores. On a slower or busier machine the budget ends training in an earlier epoch (the learning
+rate follows the clock, so the result is still a finished fit); on a faster one it ends early."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,8 @@ class DemoResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step: ``synthesize``, ``train``, ``predict``, ``score``, ``preview``."""
+    training: TrainResult | None = None
+    """Per-epoch losses and validation IoU of the training."""
 
 
 def run_demo(
@@ -59,8 +72,10 @@ def run_demo(
     """Synthesize a ``size x size`` slide in ``workdir``, train, run the pipeline, score, preview.
 
     ``progress`` shows tqdm bars for training and prediction (on a terminal only); ``log`` receives
-    one line as each step starts. ``train_steps`` caps training at that many steps (reproducible,
-    for tests) as well as ``train_seconds``. Files in ``workdir`` from an earlier demo are replaced.
+    one line as each step starts and each training epoch ends. ``train_steps`` fixes the amount of
+    training at that many steps of ``BATCH`` patches (reproducible, for tests; see
+    :func:`training_schedule`); ``train_seconds`` caps it in any case. Files in ``workdir`` from an
+    earlier demo are replaced.
     """
     say = log or (lambda _line: None)
     started = time.perf_counter()
@@ -75,9 +90,9 @@ def run_demo(
         slide = make_synthetic_slide(slide_path, mask_path, size=size, seed=seed)
         mask_ref = open_source(slide.mask_path).ref
     with _timer(timings, "train"):
-        box = choose_training_crop(mask_ref, size, min(TRAIN_CROP, size), len(slide.class_names))
-        say(f"training the reference FCN for {train_seconds:g} s on rows {box[0]}-{box[1]}, columns {box[2]}-{box[3]}")
-        train_checkpoint(slide, box, model_path, seed=seed, seconds=train_seconds, steps=train_steps, progress=progress)
+        budget = f"{train_steps} steps of {BATCH} patches" if train_steps is not None else f"{train_seconds:g} s"
+        say(f"training the reference FCN for {budget} on the whole slide (last {VAL_FRACTION:.0%} of rows: validation)")
+        training = train_model(slide, model_path, seed, train_seconds, train_steps, progress, say)
     say(f"running the pipeline on the whole slide into {store}")
     with _timer(timings, "predict"):
         store = predict_slide(slide.image_path, model_path, store, progress=progress)
@@ -97,40 +112,58 @@ def run_demo(
         mean_iou=float(np.nanmean(ious)) if not np.isnan(ious).all() else float("nan"),
         seconds=time.perf_counter() - started,
         timings=timings,
+        training=training,
     )
 
 
-def train_checkpoint(
+def train_model(
     slide: SyntheticSlide,
-    box: Box,
     model_path: str,
-    *,
     seed: int,
     seconds: float,
+    steps: int | None,
     progress: bool,
-    steps: int | None = None,
-) -> None:
-    """Train the reference FCN on ``box`` of ``slide`` and save it as an fcnpipe checkpoint.
+    log: Callable[[str], None],
+) -> TrainResult:
+    """Train the reference FCN on ``slide`` with :func:`~pipeline.train.train_from_tiffs`; save it.
 
-    The checkpoint names the classes, their colours and the slide's resolution, and keeps the
-    default normalisation (``value / 255``) that :func:`~pipeline.train.train_reference_fcn` used.
+    The checkpoint names the slide's classes, their colours and its resolution, and keeps the
+    default normalisation (``value / 255``) that training used.
     """
-    image = read_window(open_source(slide.image_path).ref, box)
-    labels = read_window(open_source(slide.mask_path).ref, box)[0]
-    classes = len(slide.class_names)
-    module = train_reference_fcn(
-        image, labels, classes, seconds=seconds, steps=steps, hidden=HIDDEN, seed=seed, progress=progress
-    )
-    spec = ModelSpec(
+    epochs, per_epoch = training_schedule(seconds, steps)
+    return train_from_tiffs(
+        [slide.image_path],
+        [slide.mask_path],
+        model_path,
         architecture=REFERENCE_FCN,
-        arguments={"in_channels": image.shape[0], "num_classes": classes, "hidden": HIDDEN},
-        in_channels=image.shape[0],
-        num_classes=classes,
+        arguments={"hidden": HIDDEN},
         class_names=slide.class_names,
         class_colors=slide.class_colors,
+        epochs=epochs,
+        patches_per_epoch=per_epoch,
+        patch=min(PATCH, slide.size // 4),
+        batch=BATCH,
+        val_fraction=VAL_FRACTION,
         mpp=slide.mpp,
+        seed=seed,
+        seconds=None if math.isinf(seconds) else seconds,
+        progress=progress,
+        log=log,
     )
-    save_checkpoint(model_path, module, spec)
+
+
+def training_schedule(seconds: float, steps: int | None) -> tuple[int, int]:
+    """``(epochs, patches per epoch)``: ``steps * BATCH`` patches if ``steps`` is given, else as many
+    as ``seconds`` allows at ``PATCHES_PER_SECOND``; in ``EPOCHS`` epochs (fewer if that is tiny).
+
+    >>> training_schedule(math.inf, 300), training_schedule(45.0, None)
+    ((5, 480), (5, 540))
+    """
+    if steps is None and math.isinf(seconds):
+        raise ConfigError("Expected a finite training time or a number of training steps. Got neither.")
+    total = steps * BATCH if steps is not None else max(BATCH, math.ceil(seconds * PATCHES_PER_SECOND))
+    epochs = max(1, min(EPOCHS, total // BATCH))
+    return epochs, math.ceil(total / epochs)
 
 
 def predict_slide(slide_path: str, model_path: str, store: str, *, progress: bool) -> str:
@@ -148,25 +181,6 @@ def predict_slide(slide_path: str, model_path: str, store: str, *, progress: boo
         return run_pipeline(config, on_progress=on_progress).output_path
 
 
-def choose_training_crop(mask: SourceRef, size: int, crop: int, num_classes: int) -> Box:
-    """The ``crop x crop`` box, among a 3 x 3 grid of candidates, whose rarest class is least rare.
-
-    Reads only the candidates' ground truth. Ties go to the earlier candidate, the centre first,
-    so a slide with tissue in the middle trains on the middle.
-    """
-    centre = (size - crop) // 2
-    starts = [centre, *sorted({(size - crop) // 4, 3 * (size - crop) // 4} - {centre})]
-    best, best_score = (0, crop, 0, crop), -1.0
-    for y0 in starts:
-        for x0 in starts:
-            box = (y0, y0 + crop, x0, x0 + crop)
-            counts = np.bincount(read_window(mask, box)[0].ravel(), minlength=num_classes)
-            score = float(counts[:num_classes].min()) / counts.sum()
-            if score > best_score:
-                best, best_score = box, score
-    return best
-
-
 def confusion_by_bands(predicted: zarr.Array, truth: SourceRef, num_classes: int) -> np.ndarray:
     """``(K, K)`` int64 counts, ``[p, t]`` = pixels predicted ``p`` whose true class is ``t``.
 
@@ -180,30 +194,6 @@ def confusion_by_bands(predicted: zarr.Array, truth: SourceRef, num_classes: int
         y1 = min(y0 + band, height)
         counts += confusion(np.asarray(predicted[y0:y1]), read_window(truth, (y0, y1, 0, width))[0], num_classes)
     return counts
-
-
-def confusion(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(K, K)`` counts of (predicted, true) class pairs; classes ``>= K`` are ignored.
-
-    >>> confusion(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3).tolist()
-    [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
-    """
-    p, t = predicted.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    keep = (p < num_classes) & (t < num_classes)
-    flat = np.bincount(p[keep] * num_classes + t[keep], minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
-
-
-def iou_per_class(counts: np.ndarray) -> np.ndarray:
-    """Intersection over union of each class from a confusion matrix; NaN where the union is empty.
-
-    >>> iou_per_class(np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]])).round(3).tolist()
-    [1.0, 0.5, 0.5]
-    """
-    intersection = np.diag(counts).astype(np.float64)
-    union = counts.sum(axis=0) + counts.sum(axis=1) - intersection
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, intersection / union, np.nan)
 
 
 @contextmanager

@@ -14,9 +14,10 @@ from pipeline.demo import run_demo
 
 
 def test_demo_learns_the_synthetic_classes(tmp_path: Path) -> None:
-    result = run_demo(str(tmp_path), size=1024, seed=1, progress=False, train_seconds=math.inf, train_steps=300)
+    result = run_demo(str(tmp_path), size=1024, seed=1, progress=False, train_seconds=math.inf, train_steps=50)
     assert set(result.ious) == {"background", "stroma", "nuclei"}
     assert result.mean_iou >= 0.9, result.ious
+    assert result.training is not None and [e.patches for e in result.training.history] == [80] * 5  # 50 x 8 patches
     store = zarr.open_group(result.store_path, mode="r")
     assert store.attrs["fcnpipe"]["complete"] is True
     assert store.attrs["fcnpipe"]["model"]["classes"][2]["name"] == "nuclei"
