@@ -69,9 +69,8 @@ import zarr
 
 from pipeline.errors import ConfigError, OutputError
 from pipeline.output import NODATA_LABEL, write_core
-from pipeline.predict import Job, compute_tasks, normalize, pad_to_stride, predictor_for
-from pipeline.resample import read_resampled
-from pipeline.tiling import Box, Tile, batched, parse_positive_int, union_window
+from pipeline.predict import Job, compute_tasks, predictor_for, read_windows
+from pipeline.tiling import Box, Tile, batched, parse_positive_int
 
 BLEND_MODES = ("none", "gaussian", "cosine")
 BLEND_GROUP = "_blend"
@@ -244,14 +243,7 @@ def blend_tiles(job: Job, tiles: Sequence[Tile], image_shape: tuple[int, int], b
     ``w`` is 0 where the source has no data. Returns the number of core pixels, for progress.
     """
     predictor = predictor_for(job)
-    uy0, _, ux0, _ = union = union_window(tiles)
-    raw, valid = read_resampled(job.source, union, job.resampling, job.source_shape)
-    pixels = normalize(raw, job.scale, job.mean, job.std)
-    windows: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
-    for t in tiles:
-        wy0, wy1, wx0, wx1 = t.window
-        window = pad_to_stride(pixels[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.stride)
-        windows.setdefault(window.shape[1:], []).append((t, window))
+    windows, valid, (uy0, ux0) = read_windows(job, tiles)
     arrays = _blend_arrays(job)
     for pairs in windows.values():
         probs = predictor(np.stack([window for _, window in pairs]))

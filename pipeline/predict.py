@@ -106,21 +106,31 @@ def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
     return np.pad(image, ((0, 0), (0, pad_y), (0, pad_x)))
 
 
-def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
-    """Read, predict, crop and write ``tiles``; return the number of output pixels written.
+Windows = dict[tuple[int, int], list[tuple[Tile, np.ndarray]]]
+"""Network inputs ``(C, Y, X)`` of tiles, grouped by shape so each group is one forward pass."""
 
-    The union of the windows is read once; windows are padded to a multiple of the stride, and
-    those of equal shape (all interior tiles) share one forward pass.
+
+def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray | None, tuple[int, int]]:
+    """The normalised, stride-padded windows of ``tiles``; where the source has data; the origin.
+
+    The union of the windows is read once (neighbouring windows share file tiles). The validity
+    mask covers the union, whose top-left corner is the returned origin ``(y, x)``.
     """
-    predictor = predictor_for(job)
     uy0, _, ux0, _ = box = union_window(tiles)
     raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
     pixels = normalize(raw, job.scale, job.mean, job.std)
-    windows: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
+    windows: Windows = {}
     for tile in tiles:
         wy0, wy1, wx0, wx1 = tile.window
         window = pad_to_stride(pixels[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.stride)
         windows.setdefault(window.shape[1:], []).append((tile, window))
+    return windows, valid, (uy0, ux0)
+
+
+def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
+    """Read, predict, crop and write ``tiles``; return the number of output pixels written."""
+    predictor = predictor_for(job)
+    windows, valid, (uy0, ux0) = read_windows(job, tiles)
     for pairs in windows.values():
         group = [tile for tile, _ in pairs]
         probs, labels = predictor.with_labels(np.stack([window for _, window in pairs]))

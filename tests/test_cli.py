@@ -59,13 +59,13 @@ def test_errors_are_one_line_without_traceback_and_debug_shows_it(tmp_path: Path
 
 def test_bad_config_key_names_file_and_key(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("tiling:\n  tile: 256\n  halo: 3\n")
+    config.write_text("tiling:\n  tile: 256\n  hallo: 3\n")
     image = make_tiff(random_image((8, 8, 3)), photometric="rgb")
     result = CliRunner().invoke(cli, ["run", str(image), "-c", str(config), "-m", "m.pt", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert (
         result.stderr.strip()
-        == f"fcnpipe: error: {config}: Unknown config key 'tiling.halo'. Known keys here: batch, tile."
+        == f"fcnpipe: error: {config}: Unknown config key 'tiling.hallo'. Known keys here: batch, blend, halo, tile."
     )
 
 
