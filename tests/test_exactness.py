@@ -155,3 +155,16 @@ def test_precision_other_than_float32_needs_cuda(make_tiff: Callable[..., Path],
     )
     with pytest.raises(ConfigError, match="float16 needs a CUDA device"):
         prepare(config)
+
+
+def test_inspect_model_prints_the_measured_tiling(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    result = CliRunner().invoke(cli, ["inspect-model", str(save(tmp_path, "torchscript-unet"))])
+    assert result.exit_code == 0, result.output
+    assert "architecture     torchscript" in result.stdout
+    assert "stride           8" in result.stdout
+    radius = int(result.stdout.split("receptive radius ")[1].split(" px")[0])
+    assert radius > 0 and f"halo             {-(-radius // 8) * 8} px" in result.stdout
