@@ -151,9 +151,22 @@ def reduce_core(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> 
     """
     y0, y1, x0, x1 = core
     above_probs, above_labels = _arrays(out, level - 1)
-    probabilities, label_map = _arrays(out, level)
     probs = np.asarray(above_probs[:, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
     labels = np.asarray(above_labels[2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+    return write_reduced(out, level, core, probs, labels)
+
+
+def write_reduced(
+    out: OutputRef, level: int, core: tuple[int, int, int, int], probs_above: np.ndarray, labels_above: np.ndarray
+) -> int:
+    """Write ``core`` of ``level`` from the region of the level above it covers, as stored there.
+
+    ``probs_above`` ``(C, <= 2 Y, <= 2 X)`` in the stored dtype and ``labels_above`` are the level
+    above's pixels ``[2 y0, 2 y1) x [2 x0, 2 x1)``. Returns the pixels written.
+    """
+    y0, y1, x0, x1 = core
+    probs, labels = probs_above, labels_above
+    probabilities, label_map = _arrays(out, level)
     try:
         probabilities[:, y0:y1, x0:x1] = mean_2x2(probs, out.dtype)[:, : y1 - y0, : x1 - x0]
         label_map[y0:y1, x0:x1] = subsample_2x2(labels)[: y1 - y0, : x1 - x0]

@@ -18,10 +18,10 @@ import numpy as np
 
 from pipeline.checkpoint import load_model
 from pipeline.model import Predictor, select_device, set_torch_threads
-from pipeline.output import NODATA_LABEL, OutputRef, reduce_core, write_core
+from pipeline.output import NODATA_LABEL, OutputRef, quantize, reduce_core, write_core, write_reduced
 from pipeline.resample import Resampling, read_resampled
 from pipeline.source import SourceRef
-from pipeline.tiling import Tile, batched, union_window
+from pipeline.tiling import Tile, batched, blocks_2x2, union_window
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,8 @@ class Job:
     """Input values are divided by this (the dtype's maximum by default)."""
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    level1: bool = False
+    """Tasks own 2 x 2 blocks of tiles and also write the pyramid level-1 chunk they make up."""
 
 
 _predictors: dict[tuple[object, ...], Predictor] = {}
@@ -131,6 +133,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     """Read, predict, crop and write ``tiles``; return the number of output pixels written."""
     predictor = predictor_for(job)
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
+    done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     for pairs in windows.values():
         group = [tile for tile, _ in pairs]
         probs, labels = predictor.with_labels(np.stack([window for _, window in pairs]))
@@ -143,13 +146,31 @@ def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
                 core_probs[:, empty] = 0.0
                 core_labels[empty] = NODATA_LABEL
             write_core(job.output, tile.core, core_probs, core_labels)
+            if job.level1:
+                done.append((tile, quantize(core_probs, job.output.dtype), core_labels))
+    if job.level1:
+        write_level1(job.output, done)
     return sum(t.core_pixels for t in tiles)
 
 
+def write_level1(out: OutputRef, block: Sequence[tuple[Tile, np.ndarray, np.ndarray]]) -> None:
+    """Level-1 chunk of a 2 x 2 block of level-0 cores, from their values as stored."""
+    y0, x0 = min(t.core[0] for t, _, _ in block), min(t.core[2] for t, _, _ in block)
+    y1, x1 = max(t.core[1] for t, _, _ in block), max(t.core[3] for t, _, _ in block)
+    probs = np.empty((block[0][1].shape[0], y1 - y0, x1 - x0), block[0][1].dtype)
+    labels = np.empty((y1 - y0, x1 - x0), np.uint8)
+    for tile, core_probs, core_labels in block:
+        cy0, cy1, cx0, cx1 = tile.core
+        probs[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = core_probs
+        labels[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = core_labels
+    write_reduced(out, 1, (y0 // 2, (y1 + 1) // 2, x0 // 2, (x1 + 1) // 2), probs, labels)
+
+
 def build_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
-    """One delayed task per group of at most ``batch`` neighbouring tiles of a row."""
+    """One delayed task per 2 x 2 block of tiles (``job.level1``), else per ``batch`` tiles of a row."""
     run = dask.delayed(process_tiles, pure=False)
-    return [run(job, group) for group in batched(tiles, batch)]
+    groups = blocks_2x2(tiles) if job.level1 else batched(tiles, batch)
+    return [run(job, group) for group in groups]
 
 
 def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch: int) -> list[Any]:

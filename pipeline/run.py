@@ -235,6 +235,7 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         stride=plan.stride,
         precision=cfg.compute.precision,
         tta=cfg.model.tta == "flips",
+        level1=len(plan.levels) > 1 and plan.blend is None,
         torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),
         mean=cfg.model.mean or norm.mean,
@@ -250,7 +251,8 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
             job, plan.tiles, spec.num_classes, plan.grid.shape, plan.blend, cfg.tiling.batch, plan.workers, on_progress
         )
     compute_s = time.perf_counter() - compute_started
-    for level, (height, width) in enumerate(plan.levels[1:], start=1):
+    first = 2 if job.level1 else 1  # level 1 was written by the level-0 tasks
+    for level, (height, width) in enumerate(plan.levels[first:], start=first):
         tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
         compute_tasks(build_reduce_tasks(job.output, level, tiles, cfg.tiling.batch), plan.workers)
     pyramid_s = time.perf_counter() - compute_started - compute_s

@@ -127,6 +127,21 @@ def batched(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
         yield group
 
 
+def blocks_2x2(tiles: Sequence[Tile]) -> Iterator[list[Tile]]:
+    """Groups of the (up to) 2 x 2 tiles under each chunk of the next coarser level, row-major.
+
+    A task that owns such a block holds everything one chunk of pyramid level 1 is made of, so it
+    can write that chunk too, instead of a second pass re-reading level 0.
+
+    >>> [[(t.row, t.col) for t in b] for b in blocks_2x2(plan_tiles(12, 8, 4, 1))]
+    [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1)]]
+    """
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for tile in tiles:
+        groups.setdefault((tile.row // 2, tile.col // 2), []).append(tile)
+    yield from (groups[key] for key in sorted(groups))
+
+
 def union_window(tiles: Sequence[Tile]) -> Box:
     """The smallest box holding every tile's window.
 
