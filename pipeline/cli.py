@@ -6,8 +6,11 @@ one line on stderr and a non-zero exit code; ``--debug`` shows the traceback ins
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -53,7 +56,9 @@ def cli(debug: bool) -> None:
     fcnpipe inspect SLIDE.svs                     what is in a TIFF, before a long run
     fcnpipe inspect-model M.pt                    classes, receptive field, stride, halo
     fcnpipe train IMAGES... --masks M... -o M.pt  train any FCN on labelled TIFFs
+    fcnpipe plan SLIDE.svs --model M.pt           chunks, skipped background, ETA, memory, disk
     fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr   probabilities + labels, OME-Zarr, preview PNG
+    fcnpipe batch scans/ --model M.pt -o OUTDIR   many inputs, manifest; rerun to resume
     fcnpipe preview OUT.zarr                      the PNG again (input, classes over it, legend)
     fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (or --as ome-tiff for slide viewers)
     """
@@ -78,53 +83,57 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return out
 
 
-@cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).")
-@click.option("-m", "--model", help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt).")
-@click.option("--factory", help="package.module:function that builds the module of a state_dict.")
-@click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
-              help="YAML config; repeat to layer them (later wins; flags win over all).")  # fmt: skip
-@click.option("--level", type=int, help="Pyramid level read as it is (0 = full resolution).  [default: by --mpp/--gsd]")
-@click.option("--mpp", type=float, help="Read a slide at this many micrometres per pixel.  [default: the model's]")
-@click.option("--gsd", type=float, help="Read a raster at this many CRS units per pixel.  [default: the model's]")
-@click.option("--series", type=int, help="Image series of the file (see inspect).  [default: 0]")
-@click.option("--tile", type=int, help="Tile core in pixels = output chunk size.  [default: 512]")
-@click.option("--batch", type=int, help="Tiles per task / forward pass.  [default: 4]")
-@click.option("--halo", type=int, help="Context read around each tile in pixels.  [default: the model's exact halo]")
-@click.option("--blend", type=click.Choice(["none", "gaussian", "cosine"]),
-              help="Below the exact halo: weighted mean of overlapping windows.  [default: none]")  # fmt: skip
-@click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
-              help="Stored probabilities; uint8 holds round(p*255).  [default: float32]")  # fmt: skip
-@click.option("--format", "output_format", type=click.Choice(["ome-zarr-0.4", "ome-zarr-0.5"]),
-              help="OME-Zarr 0.4 on Zarr v2 (QuPath, GDAL/QGIS, napari) or 0.5 on Zarr v3."
-                   "  [default: ome-zarr-0.4]")  # fmt: skip
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
-@click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Forward-pass arithmetic; half precision on CUDA only.  [default: float32]")  # fmt: skip
-@click.option("--tta", type=click.Choice(["none", "flips"]), help="Average the 4 flips of each tile.  [default: none]")
-@click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]")
-@click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]")
-@click.option("--classes", help="Class names in channel order, e.g. background,stroma,tumour.")
-@click.option("--colors", help="Class colours, e.g. '#000000,#3CB44B,#E6194B'.")
-@click.option("--mean", help="Per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="Per-channel std after the mean, e.g. 0.229,0.224,0.225.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
-@click.option("--preview/--no-preview", default=True, show_default=True,
-              help="Write OUT.preview.png beside the store: input, classes over it, legend.")  # fmt: skip
-def run(
-    input_path: str, output: str | None, model: str | None, configs: tuple[str, ...], preview: bool, **flags: Any
-) -> None:
-    """Predict class probabilities for every pixel of INPUT and write them to a Zarr store.
+_RUN_OPTIONS = [
+    click.option("-m", "--model", help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt)."),
+    click.option("--factory", help="package.module:function that builds the module of a state_dict."),
+    click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+                 help="YAML config; repeat to layer them (later wins; flags win over all)."),
+    click.option("--level", type=int,
+                 help="Pyramid level read as it is (0 = full resolution).  [default: by --mpp/--gsd]"),
+    click.option("--mpp", type=float, help="Read a slide at this many micrometres per pixel.  [default: the model's]"),
+    click.option("--gsd", type=float, help="Read a raster at this many CRS units per pixel.  [default: the model's]"),
+    click.option("--series", type=int, help="Image series of the file (see inspect).  [default: 0]"),
+    click.option("--mask", "mask_mode", metavar="auto|none|PATH",
+                 help="Chunks to compute: auto = tissue on slides, data (not nodata/alpha) on rasters; "
+                      "none = all; or a mask image (non-zero = compute).  [default: auto]"),
+    click.option("--mask-threshold", type=float,
+                 help="Tissue saturation threshold in [0, 1].  [default: Otsu's, kept in 0.04-0.15]"),
+    click.option("--tile", type=int, help="Tile core in pixels = output chunk size.  [default: 512]"),
+    click.option("--batch", type=int, help="Tiles per task / forward pass.  [default: 4]"),
+    click.option("--halo", type=int,
+                 help="Context read around each tile in pixels.  [default: the model's exact halo]"),
+    click.option("--blend", type=click.Choice(["none", "gaussian", "cosine"]),
+                 help="Below the exact halo: weighted mean of overlapping windows.  [default: none]"),
+    click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
+                 help="Stored probabilities; uint8 holds round(p*255).  [default: float32]"),
+    click.option("--format", "output_format", type=click.Choice(["ome-zarr-0.4", "ome-zarr-0.5"]),
+                 help="OME-Zarr 0.4 on Zarr v2 (QuPath, GDAL/QGIS, napari) or 0.5 on Zarr v3."
+                      "  [default: ome-zarr-0.4]"),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]"),
+    click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16"]),
+                 help="Forward-pass arithmetic; half precision on CUDA only.  [default: float32]"),
+    click.option("--tta", type=click.Choice(["none", "flips"]),
+                 help="Average the 4 flips of each tile.  [default: none]"),
+    click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]"),
+    click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]"),
+    click.option("--classes", help="Class names in channel order, e.g. background,stroma,tumour."),
+    click.option("--colors", help="Class colours, e.g. '#000000,#3CB44B,#E6194B'."),
+    click.option("--mean", help="Per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406."),
+    click.option("--std", help="Per-channel std after the mean, e.g. 0.229,0.224,0.225."),
+    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store."),
+]  # fmt: skip
+"""Options shared by run, plan and batch: declared once, like rasterio's ``rio/options.py``."""
 
-    The image is read lazily in tiles with a halo as wide as the network's receptive radius, so the
-    stitched map equals one whole-image forward pass, and memory does not grow with the image.
-    The store holds `0` (classes x Y x X probabilities) and `labels/argmax/0` (Y x X class index);
-    its `fcnpipe` attribute records the config, model hash and timings, and `complete: true` last.
-    """
+
+def _run_options(command: Any) -> Any:
+    for option in reversed(_RUN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _load(configs: tuple[str, ...], input_path: str | None, output: str | None, **flags: Any) -> Any:
+    """The run config from the YAML files and the flags of run / plan / batch."""
     from pipeline.config import load_config
-    from pipeline.run import execute, prepare
 
     overrides = _overrides(
         input__path=input_path,
@@ -132,12 +141,15 @@ def run(
         input__mpp=flags["mpp"],
         input__gsd=flags["gsd"],
         input__series=flags["series"],
-        model__path=model,
+        model__path=flags["model"],
         model__factory=flags["factory"],
         model__class_names=None if flags["classes"] is None else tuple(flags["classes"].split(",")),
         model__class_colors=None if flags["colors"] is None else tuple(flags["colors"].split(",")),
         model__mean=_floats(flags["mean"], "--mean"),
         model__std=_floats(flags["std"], "--std"),
+        model__tta=flags["tta"],
+        mask__mode=flags["mask_mode"],
+        mask__threshold=flags["mask_threshold"],
         tiling__tile=flags["tile"],
         tiling__batch=flags["batch"],
         tiling__halo=flags["halo"],
@@ -146,22 +158,63 @@ def run(
         output__dtype=flags["dtype"],
         output__format=flags["output_format"],
         output__overwrite=flags["overwrite"],
+        output__resume=flags.get("resume"),
         compute__device=flags["device"],
         compute__precision=flags["precision"],
-        model__tta=flags["tta"],
         compute__workers=flags["workers"],
         compute__torch_threads=flags["torch_threads"],
-        compute__progress=flags["progress"],
+        compute__progress=flags.get("progress"),
     )
-    config = load_config(configs, overrides)
+    return load_config(configs, overrides)
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).")
+@_run_options
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue an interrupted OUTPUT: compute only its missing chunks (same input, model, config).",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
+@click.option(
+    "--preview/--no-preview",
+    default=True,
+    show_default=True,
+    help="Write OUT.preview.png beside the store: input, classes over it, legend.",
+)
+@click.option("--log", "log_path", type=click.Path(dir_okay=False),
+              help="Log file, appended to.  [default: OUT.log beside the store]")  # fmt: skip
+def run(
+    input_path: str, output: str | None, configs: tuple[str, ...], preview: bool, log_path: str | None, **flags: Any
+) -> None:
+    """Predict class probabilities for every pixel of INPUT and write them to a Zarr store.
+
+    The image is read lazily in tiles with a halo as wide as the network's receptive radius, so the
+    stitched map equals one whole-image forward pass, and memory does not grow with the image.
+    The store holds `0` (classes x Y x X probabilities) and `labels/argmax/0` (Y x X class index);
+    its `fcnpipe` attribute records the config, model hash and timings, and `complete: true` last.
+
+    \b
+    Before computing it prints the plan: chunks, how many have no tissue / data (skipped, see
+    --mask), the halo's extra reads, and an ETA, peak memory and size on disk measured on a
+    sample of the image. A run that is killed leaves a store that --resume completes.
+    """
+    from pipeline.estimate import estimate
+    from pipeline.run import execute, prepare
+
+    config = _load(configs, input_path, output, **flags)
     plan = prepare(config)
-    for line in plan.describe():
-        click.echo(line, err=True)
-    with _progress_bar(plan.megapixels, config.compute.progress) as bar:
-        result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
-    rate = result.megapixels / result.seconds if result.seconds else float("inf")
-    click.echo(f"wrote {result.output_path}: {result.shape} in {result.seconds:.1f} s ({rate:.2f} Mpx/s)", err=True)
-    if preview:
+    assert config.output.path is not None
+    with _log_to(log_path or default_log_path(config.output.path)):
+        _show_plan(plan, estimate(plan).describe() if plan.tiles_to_compute else [])
+        with _progress_bar(plan.megapixels_to_compute, config.compute.progress) as bar:
+            result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
+        for line in _summary(result):
+            _say(line)
+    if preview and result.status == "done":
         from pipeline.preview import default_preview_path, write_store_preview
 
         try:
@@ -170,6 +223,152 @@ def run(
             click.echo(f"fcnpipe: warning: no preview written: {err}", err=True)
         else:
             click.echo(f"preview {png}", err=True)
+
+
+@cli.command("plan")
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", help="Zarr store a run would write (checked, not written).")
+@_run_options
+@click.option("--resume", is_flag=True, default=None, help="Plan the rest of an interrupted OUTPUT.")
+def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], **flags: Any) -> None:
+    """Show what `fcnpipe run` would do with the same arguments, without writing anything.
+
+    Prints the chunks, how many are skipped for lack of tissue or data, the halo's extra reads,
+    and, from one task's worth of tiles computed on this machine, the ETA, the peak memory and
+    the output's size on disk.
+    """
+    from pipeline.estimate import estimate
+    from pipeline.run import prepare
+
+    config = _load(configs, input_path, output or "(not written).zarr", **flags)
+    plan = prepare(config)
+    for line in [*plan.describe(), *(estimate(plan).describe() if plan.tiles_to_compute else [])]:
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    "outdir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the stores (INPUT name + .zarr), manifest.json/.csv and fcnpipe-batch.log.",
+)
+@_run_options
+@click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
+@click.option("--preview/--no-preview", default=True, show_default=True, help="A PNG beside each store.")
+def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], preview: bool, **flags: Any) -> None:
+    """Run many inputs, one store each in OUTDIR, with a manifest of what happened to each.
+
+    \b
+    INPUTS are files, folders (their TIFFs), glob patterns ('scans/**/*.svs') or @list.txt
+    (one path per line). Run it again after a crash, a kill or a power cut: complete stores
+    are skipped, interrupted ones resumed chunk by chunk (--overwrite starts all again).
+    One bad input never stops the others; the exit code is 1 if any input failed.
+    """
+    from pipeline.batch import expand_inputs, run_batch
+
+    config = _load(configs, None, None, **flags)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ConfigError(f"No input files found in {' '.join(inputs)}")
+    os.makedirs(outdir, exist_ok=True)
+    started = time.perf_counter()
+    with _log_to(os.path.join(outdir, "fcnpipe-batch.log")), _progress_bar(0.0, config.compute.progress) as bar:
+
+        def on_plan(item: Any, plan: Any) -> None:
+            bar.total = round((bar.total or 0) + plan.megapixels_to_compute, 2)
+            bar.refresh()
+            bar.clear()
+            _show_plan(plan, [])
+
+        def on_item(item: Any) -> None:
+            bar.clear()
+            line = f"{item.status:<7} {item.input}" + (f": {item.reason}" if item.reason else "")
+            if item.status == "done":
+                line += f" ({item.megapixels:.0f} Mpx in {item.seconds:.0f} s)"
+                if preview:
+                    _preview_quietly(item.output)
+            _say(line)
+
+        items = run_batch(config, paths, outdir, on_plan, lambda pixels: bar.update(pixels / 1e6), on_item)
+        elapsed = time.perf_counter() - started
+        counts = {status: sum(item.status == status for item in items) for status in ("done", "skipped", "failed")}
+        megapixels = sum(item.megapixels for item in items if item.status == "done")
+        chunks = sum(item.chunks for item in items if item.status == "done")
+        masked = sum(item.chunks_skipped for item in items if item.status == "done")
+        bar.close()
+        _say(
+            f"batch   {len(items)} inputs: {counts['done']} done, {counts['skipped']} already complete, "
+            f"{counts['failed']} failed; {megapixels:.0f} Mpx in {elapsed:.0f} s; "
+            f"{masked / max(1, chunks):.0%} of chunks skipped as background"
+        )
+        _say(f"manifest {os.path.join(outdir, 'manifest.json')}")
+    if counts["failed"]:
+        sys.exit(1)
+
+
+def default_log_path(store: str) -> str:
+    """``OUT.log`` beside the store ``OUT.zarr``."""
+    path = os.path.abspath(store).rstrip(os.sep)
+    return (path[: -len(".zarr")] if path.endswith(".zarr") else path) + ".log"
+
+
+def _show_plan(plan: Any, extra: list[str]) -> None:
+    for line in [*plan.describe(), *extra]:
+        _say(line)
+
+
+def _say(line: str) -> None:
+    """A line for the person at the terminal (stderr) and for the log file."""
+    import logging
+
+    click.echo(line, err=True)
+    logging.getLogger("fcnpipe").info(line)
+
+
+def _summary(result: Any) -> list[str]:
+    if result.status != "done":
+        return [f"{result.output_path}: {result.status}, nothing to do"]
+    rate = result.megapixels / result.seconds if result.seconds else float("inf")
+    return [
+        f"wrote {result.output_path}: {result.shape} in {result.seconds:.1f} s ({rate:.2f} Mpx/s)",
+        f"chunks {result.tiles_computed} computed, {result.tiles_masked} skipped without foreground "
+        f"({result.skipped_fraction:.0%}), {result.tiles_resumed} from earlier runs; "
+        f"peak memory {result.peak_rss_mib:.0f} MiB",
+    ]
+
+
+def _preview_quietly(store: str) -> None:
+    from pipeline.preview import default_preview_path, write_store_preview
+
+    try:
+        write_store_preview(store, default_preview_path(store))
+    except FcnpipeError as err:
+        click.echo(f"fcnpipe: warning: no preview for {store}: {err}", err=True)
+
+
+@contextlib.contextmanager
+def _log_to(path: str) -> Iterator[None]:
+    """Append the ``fcnpipe`` logger's records to ``path`` while the block runs."""
+    import logging
+
+    logger = logging.getLogger("fcnpipe")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot write the log file ({err.strerror or err})") from err
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _progress_bar(total_mpx: float, enabled: bool) -> Any:

@@ -121,6 +121,29 @@ class OutputConfig:
     """Replace an existing store. Without it an existing output is never touched."""
     format: OutputFormat = "ome-zarr-0.4"
     """OME-NGFF 0.4 on Zarr format 2 (QuPath, GDAL < 3.11, napari) or 0.5 on Zarr format 3."""
+    resume: bool = False
+    """Continue an interrupted store: compute only the chunks it lacks, after checking that the
+    input, the model and the config are those it was started with. A complete store is left as it is."""
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("Give output.resume or output.overwrite, not both: one keeps the store, one replaces it")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    mode: str = "auto"
+    """Which chunks to compute. ``auto``: for a slide, tissue found on a low-resolution level;
+    for a raster, its no-data value or alpha band. ``none``: every chunk. Otherwise the path of a
+    mask image (TIFF or PNG, any size, non-zero = compute)."""
+    threshold: float | None = None
+    """Saturation above which a pixel is tissue, in [0, 1]. None: Otsu's threshold, kept in [0.04, 0.15]."""
+
+    def __post_init__(self) -> None:
+        if not self.mode:
+            raise ConfigError("Expected auto, none or a mask image path for 'mask.mode'. Got '' instead.")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ConfigError(f"Expected a number in [0, 1] for 'mask.threshold'. Got {self.threshold} instead.")
 
 
 @dataclass(frozen=True)
@@ -147,6 +170,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -108,6 +108,18 @@ def create_store(
         raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
 
 
+def encoded_size(probs: np.ndarray, labels: np.ndarray, dtype: str) -> int:
+    """Bytes one chunk of ``probs`` (float32, quantised to ``dtype``) and ``labels`` take on disk."""
+    compressors = (
+        numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
+        numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE),
+    )
+    return sum(
+        len(codec.encode(np.ascontiguousarray(values)))
+        for codec, values in zip(compressors, (quantize(probs, dtype), labels), strict=True)
+    )
+
+
 def quantize(probs: np.ndarray, dtype: str) -> np.ndarray:
     """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 255)`` as uint8."""
     if dtype == "uint8":
@@ -142,6 +154,21 @@ def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarra
         label_map[y0:y1, x0:x1] = labels
     except OSError as err:
         raise OutputError(f"{out.path}: cannot write chunk at rows {y0}-{y1}, columns {x0}-{x1} ({err})") from err
+
+
+def chunk_files(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> list[str]:
+    """Paths of the probability and label chunk files that hold ``core`` of ``level``.
+
+    Used to flush a task's chunks to disk before it is recorded as finished (:mod:`pipeline.resume`).
+    """
+    y0, _, x0, _ = core
+    paths = []
+    for array in _arrays(out, level):
+        cy, cx = array.chunks[-2:]
+        coords = (y0 // cy, x0 // cx) if array.ndim == 2 else (0, y0 // cy, x0 // cx)
+        key = array.metadata.encode_chunk_key(coords)
+        paths.append(os.path.join(out.path, *array.path.split("/"), *key.split("/")))
+    return paths
 
 
 def reduce_core(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> int:

@@ -9,7 +9,7 @@ numbers, so nothing proportional to the image ever lives in the graph or in the 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,19 @@ import dask
 import numpy as np
 
 from pipeline.checkpoint import load_model
+from pipeline.errors import FcnpipeError
 from pipeline.model import Predictor, select_device, set_torch_threads
-from pipeline.output import NODATA_LABEL, OutputRef, quantize, reduce_core, write_core, write_reduced
+from pipeline.output import (
+    NODATA_LABEL,
+    OutputRef,
+    chunk_files,
+    quantize,
+    reduce_core,
+    write_core,
+    write_reduced,
+)
 from pipeline.resample import Resampling, read_resampled
+from pipeline.resume import mark_done, task_id
 from pipeline.source import SourceRef
 from pipeline.tiling import Tile, batched, blocks_2x2, union_window
 
@@ -129,11 +139,16 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
     return windows, valid, (uy0, ux0)
 
 
-def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
-    """Read, predict, crop and write ``tiles``; return the number of output pixels written."""
+def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> int:
+    """Read, predict, crop and write ``tiles``; return the number of output pixels written.
+
+    ``block``: with ``job.level1``, the whole 2 x 2 block the tiles belong to (a masked tile of it is
+    left at the fill value). ``name``: record the task as finished once its chunks are on disk.
+    """
     predictor = predictor_for(job)
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+    written: list[str] = []
     for pairs in windows.values():
         group = [tile for tile, _ in pairs]
         probs, labels = predictor.with_labels(np.stack([window for _, window in pairs]))
@@ -146,31 +161,87 @@ def process_tiles(job: Job, tiles: Sequence[Tile]) -> int:
                 core_probs[:, empty] = 0.0
                 core_labels[empty] = NODATA_LABEL
             write_core(job.output, tile.core, core_probs, core_labels)
+            if name is not None:
+                written += chunk_files(job.output, 0, tile.core)
             if job.level1:
                 done.append((tile, quantize(core_probs, job.output.dtype), core_labels))
     if job.level1:
-        write_level1(job.output, done)
+        core = write_level1(job.output, block or tiles, done)
+        if name is not None:
+            written += chunk_files(job.output, 1, core)
+    if name is not None:
+        mark_done(job.output.path, name, written)
     return sum(t.core_pixels for t in tiles)
 
 
-def write_level1(out: OutputRef, block: Sequence[tuple[Tile, np.ndarray, np.ndarray]]) -> None:
-    """Level-1 chunk of a 2 x 2 block of level-0 cores, from their values as stored."""
-    y0, x0 = min(t.core[0] for t, _, _ in block), min(t.core[2] for t, _, _ in block)
-    y1, x1 = max(t.core[1] for t, _, _ in block), max(t.core[3] for t, _, _ in block)
-    probs = np.empty((block[0][1].shape[0], y1 - y0, x1 - x0), block[0][1].dtype)
-    labels = np.empty((y1 - y0, x1 - x0), np.uint8)
-    for tile, core_probs, core_labels in block:
+def write_level1(
+    out: OutputRef, block: Sequence[Tile], done: Sequence[tuple[Tile, np.ndarray, np.ndarray]]
+) -> tuple[int, int, int, int]:
+    """Write the level-1 chunk of a 2 x 2 ``block`` of level-0 cores from the values stored for
+    the tiles in ``done``; the others hold the fill value. Returns the level-1 core written."""
+    y0, x0 = min(t.core[0] for t in block), min(t.core[2] for t in block)
+    y1, x1 = max(t.core[1] for t in block), max(t.core[3] for t in block)
+    probs = np.zeros((done[0][1].shape[0], y1 - y0, x1 - x0), done[0][1].dtype)
+    labels = np.full((y1 - y0, x1 - x0), NODATA_LABEL, np.uint8)
+    for tile, core_probs, core_labels in done:
         cy0, cy1, cx0, cx1 = tile.core
         probs[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = core_probs
         labels[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = core_labels
-    write_reduced(out, 1, (y0 // 2, (y1 + 1) // 2, x0 // 2, (x1 + 1) // 2), probs, labels)
+    core = (y0 // 2, (y1 + 1) // 2, x0 // 2, (x1 + 1) // 2)
+    write_reduced(out, 1, core, probs, labels)
+    return core
 
 
-def build_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
-    """One delayed task per 2 x 2 block of tiles (``job.level1``), else per ``batch`` tiles of a row."""
-    run = dask.delayed(process_tiles, pure=False)
+def build_tasks(
+    job: Job,
+    tiles: Sequence[Tile],
+    batch: int,
+    keep: Callable[[Tile], bool] | None = None,
+    done: Collection[str] = (),
+    guarded: bool = False,
+) -> list[Any]:
+    """One delayed task per 2 x 2 block of tiles (``job.level1``), else per ``batch`` tiles of a row.
+
+    Tiles for which ``keep`` is false are not computed (their chunks keep the fill value); a task
+    whose name (:func:`pipeline.resume.task_id`) is in ``done`` finished in an earlier run.
+    ``guarded``: a failing task returns a :class:`TaskFailure` instead of raising (see there).
+    """
+    run = dask.delayed(process_guarded if guarded else process_tiles, pure=False)
     groups = blocks_2x2(tiles) if job.level1 else batched(tiles, batch)
-    return [run(job, group) for group in groups]
+    tasks = []
+    for group in groups:
+        name = task_id(group)
+        kept = group if keep is None else [tile for tile in group if keep(tile)]
+        if name not in done and kept:
+            tasks.append(run(job, kept, group if job.level1 else (), name))
+    return tasks
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """What a guarded task returns instead of raising: one store's failure must not stop the
+    tasks of the other stores computed with it (``fcnpipe batch``)."""
+
+    token: str
+    """The :attr:`OutputRef.token` of the store whose task failed."""
+    message: str
+    """The one-line error; empty for a task abandoned because an earlier one of its store failed."""
+
+
+_failed: set[str] = set()
+"""Tokens of the stores a task failed for in this process: their other tasks are not started."""
+
+
+def process_guarded(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> Any:
+    """:func:`process_tiles`, returning a :class:`TaskFailure` instead of raising."""
+    if job.output.token in _failed:
+        return TaskFailure(job.output.token, "")
+    try:
+        return process_tiles(job, tiles, block, name)
+    except Exception as err:  # reported per store by the caller, in one line
+        _failed.add(job.output.token)
+        text = str(err) if isinstance(err, FcnpipeError) else f"{type(err).__name__}: {err}"
+        return TaskFailure(job.output.token, " ".join(text.split()))
 
 
 def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch: int) -> list[Any]:
@@ -188,6 +259,11 @@ def compute_tasks(tasks: Sequence[Any], workers: int, on_done: Callable[[int], N
 
     Returns the total number of pixels written.
     """
+    return sum(result for result in compute_results(tasks, workers, on_done) if isinstance(result, int))
+
+
+def compute_results(tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None) -> list[Any]:
+    """Run ``tasks`` on the local threaded scheduler; return what each returned, in order."""
     from dask.callbacks import Callback
 
     class _Progress(Callback):  # type: ignore[misc]
@@ -197,4 +273,4 @@ def compute_tasks(tasks: Sequence[Any], workers: int, on_done: Callable[[int], N
 
     with _Progress():
         results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-    return int(sum(results))
+    return list(results)

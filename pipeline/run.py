@@ -7,6 +7,8 @@ to the user; :func:`execute` does the long part. :func:`run_pipeline` is both.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 import uuid
@@ -18,7 +20,10 @@ from pipeline.blend import Blend, check_blend, predict_blended
 from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, ModelError, SourceError
+from pipeline.errors import ConfigError, ModelError, OutputError, SourceError
+from pipeline.estimate import peak_rss_mib
+from pipeline.lock import store_lock
+from pipeline.mask import ChunkMask, foreground_mask
 from pipeline.metadata import (
     crs_attribute,
     grid_mapping,
@@ -28,6 +33,7 @@ from pipeline.metadata import (
     ome_labels_group,
     pixel_centres,
     provenance,
+    read_record,
     write_start,
 )
 from pipeline.model import LoadedModel, select_device, set_torch_threads, with_classes
@@ -39,6 +45,7 @@ from pipeline.output import (
     OutputRef,
     check_target,
     create_store,
+    is_store,
     update_attributes,
     write_georeference_arrays,
 )
@@ -46,8 +53,33 @@ from pipeline.predict import Job, adopt_model, build_reduce_tasks, build_tasks, 
 from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 from pipeline.resample import Grid, choose_grid
+from pipeline.resume import (
+    clear_state,
+    differences,
+    done_tasks,
+    read_state,
+    remove_partial_files,
+    task_id,
+    write_state,
+)
 from pipeline.source import SourceInfo, open_source
-from pipeline.tiling import Tile, halo_overhead, plan_tiles, round_up
+from pipeline.tiling import Tile, batched, blocks_2x2, halo_overhead, plan_tiles, round_up
+
+log = logging.getLogger("fcnpipe")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What ``--resume`` found at the output path."""
+
+    done: frozenset[str]
+    """Tasks finished by earlier runs."""
+    complete: bool = False
+    """The store is already complete: nothing to do."""
+    restart: bool = False
+    """The store was interrupted before its first task: it is created again."""
+    record: dict[str, Any] | None = None
+    """The store's ``fcnpipe`` attribute, kept (with its start time) for the completion mark."""
 
 
 @dataclass
@@ -72,6 +104,50 @@ class RunPlan:
     """The grid the network sees: the level read, resampled to the model's resolution if needed."""
     blend: Blend | None = None
     """Blending of windows read with a halo below the exact one; None: plain tiling."""
+    mask: ChunkMask | None = None
+    """Which chunks have foreground; None: all of them."""
+    fingerprint: dict[str, Any] | None = None
+    """What the output's bytes depend on, stored in the output and compared by ``--resume``."""
+    resume: Resume | None = None
+    """Set when resuming an existing store; None: a new store."""
+    notes: tuple[str, ...] = ()
+
+    def kept(self, tile: Tile) -> bool:
+        return self.mask is None or self.mask.kept(tile.row, tile.col)
+
+    @property
+    def tiles_masked(self) -> int:
+        return sum(not self.kept(tile) for tile in self.tiles)
+
+    def pending(self) -> list[Tile]:
+        """The tiles this run computes: those with foreground, less those an earlier run finished.
+
+        Blended windows overlap, so a resumed blended run computes every tile again.
+        """
+        if self.resume is not None and self.resume.complete:
+            return []
+        done = self.resume.done if self.resume is not None and self.blend is None else frozenset()
+        return [tile for group in self.groups() if task_id(group) not in done for tile in group if self.kept(tile)]
+
+    @property
+    def tiles_to_compute(self) -> int:
+        return len(self.pending())
+
+    @property
+    def tiles_done(self) -> int:
+        """Tiles (with foreground) finished by the earlier runs of a resumed store."""
+        if self.resume is not None and self.resume.complete:
+            return len(self.tiles) - self.tiles_masked
+        return len(self.tiles) - self.tiles_masked - self.tiles_to_compute
+
+    @property
+    def level1(self) -> bool:
+        """Level-0 tasks also write the level-1 chunk of their 2 x 2 block."""
+        return len(self.levels) > 1 and self.blend is None
+
+    def groups(self) -> list[list[Tile]]:
+        """The tiles of each task, as :func:`pipeline.predict.build_tasks` groups them."""
+        return list(blocks_2x2(self.tiles) if self.level1 else batched(self.tiles, self.config.tiling.batch))
 
     @property
     def ome_version(self) -> str:
@@ -85,6 +161,10 @@ class RunPlan:
     def megapixels(self) -> float:
         height, width = self.grid.shape
         return height * width / 1e6
+
+    @property
+    def megapixels_to_compute(self) -> float:
+        return sum(tile.core_pixels for tile in self.pending()) / 1e6
 
     def describe(self) -> list[str]:
         """The plan as lines a person reads before a long run."""
@@ -101,7 +181,27 @@ class RunPlan:
             f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels, "
             f"{cfg.output.format}, {len(self.levels)} levels",
             self._spatial_line(),
+            self._mask_line(),
+            *([] if self.resume is None else [self._resume_line()]),
+            *self.notes,
         ]
+
+    def _mask_line(self) -> str:
+        if self.mask is None:
+            return f"mask    none: all {len(self.tiles)} chunks computed"
+        skipped = self.tiles_masked
+        return (
+            f"mask    {self.mask.method}: {skipped} of {len(self.tiles)} chunks have no foreground and are "
+            f"skipped ({skipped / max(1, len(self.tiles)):.0%})"
+        )
+
+    def _resume_line(self) -> str:
+        assert self.resume is not None
+        if self.resume.complete:
+            return "resume  the store is already complete: nothing to do"
+        if self.resume.restart:
+            return "resume  the store was interrupted before its first chunk: starting it again"
+        return f"resume  {self.tiles_done} chunks were written by earlier runs; {self.tiles_to_compute} to compute"
 
     def _approximation(self) -> str:
         exact = halo_for(self.radius, self.stride)
@@ -131,6 +231,19 @@ class RunResult:
     megapixels: float
     seconds: float
     record: dict[str, Any]
+    status: str = "done"
+    """``done``, or ``already complete`` (a resumed store with nothing left to do)."""
+    tiles: int = 0
+    tiles_computed: int = 0
+    tiles_masked: int = 0
+    """Chunks without foreground, not computed."""
+    tiles_resumed: int = 0
+    """Chunks written by earlier, interrupted runs."""
+    peak_rss_mib: float = 0.0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.tiles_masked / self.tiles if self.tiles else 0.0
 
 
 def prepare(config: RunConfig) -> RunPlan:
@@ -142,7 +255,8 @@ def prepare(config: RunConfig) -> RunPlan:
         raise ConfigError("No model given: pass --model PATH (or model.path in the config)")
     if config.output.path is None:
         raise ConfigError("No output given: pass -o PATH (or output.path in the config)")
-    check_target(config.output.path, config.output.overwrite)
+    if not config.output.resume:
+        check_target(config.output.path, config.output.overwrite)
     inp = config.input
     opened = open_source(config.input.path, inp.series, inp.level or 0)
     model = load_model(config.model.path, config.model.factory)
@@ -171,11 +285,77 @@ def prepare(config: RunConfig) -> RunPlan:
             blend = check_blend(config.tiling.tile, halo, stride, config.tiling.blend)
     height, width = grid.shape
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
-    setup_s = time.perf_counter() - started
+    mask = foreground_mask(config.mask.mode, source, grid.shape, config.tiling.tile, config.mask.threshold)
     levels = level_shapes(height, width)
+    fingerprint = _fingerprint(config, source, model.sha256, str(device))
+    resume: Resume | None = None
+    notes: list[str] = []
+    if config.output.resume:
+        resume = check_resume(config.output.path, fingerprint)
+        threads, notes = _resumed_threads(config.output.path, threads, notes)
+    setup_s = time.perf_counter() - started
     return RunPlan(
-        config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels, grid, blend
-    )
+        config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels, grid, blend,
+        mask, fingerprint, resume, tuple(notes),
+    )  # fmt: skip
+
+
+def _fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str, device: str) -> dict[str, Any]:
+    """What the output's bytes depend on: the input file, the model and the keys of the config that
+    change a pixel (not the output path, the workers or the progress bar). Plain JSON values."""
+    c = config.to_dict()
+    value = {
+        "input": {
+            "name": os.path.basename(source.path),
+            "size_bytes": source.file_size,
+            **{key: c["input"][key] for key in ("series", "level", "mpp", "gsd")},
+        },
+        "model": {"sha256": model_sha256, **{k: v for k, v in c["model"].items() if k not in ("path", "factory")}},
+        "tiling": c["tiling"],
+        "output": {key: c["output"][key] for key in ("dtype", "format")},
+        "mask": c["mask"],
+        "compute": {"device": device, "precision": c["compute"]["precision"]},
+    }
+    loaded: dict[str, Any] = json.loads(json.dumps(value))
+    return loaded
+
+
+def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
+    """What ``--resume`` finds at ``path``; None if there is nothing there (a new store is made).
+
+    Refuses a store made from another input, model or config, saying what differs, and anything
+    that is not an fcnpipe output.
+    """
+    if not os.path.lexists(path):
+        return None
+    if not is_store(path):
+        raise OutputError(f"{path}: exists and is not a Zarr store; cannot resume it")
+    record = read_record(path)
+    if record is not None and record.get("complete"):
+        return Resume(frozenset(), complete=True, record=record)
+    state = read_state(path)
+    if state is None:
+        if record is None:
+            raise OutputError(f"{path}: is not an fcnpipe output (no fcnpipe record); pass --overwrite to replace it")
+        return Resume(frozenset(), restart=True)
+    changed = differences(state.get("fingerprint", {}), fingerprint)
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(
+            f"{path}: cannot resume: it was started with a different input, model or config ({shown}); "
+            "rerun with the same ones, or pass --overwrite instead of --resume to start again"
+        )
+    return Resume(frozenset(done_tasks(path)), record=record)
+
+
+def _resumed_threads(path: str, threads: int, notes: list[str]) -> tuple[int, list[str]]:
+    """The torch threads of the interrupted run: the same count gives the same bytes."""
+    state = read_state(path) or {}
+    before = state.get("torch_threads")
+    if isinstance(before, int) and before != threads:
+        notes.append(f"threads {before} torch threads per forward pass, as in the interrupted run (same bytes)")
+        return before, notes
+    return threads, notes
 
 
 def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> None:
@@ -199,15 +379,118 @@ def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> Non
 
 
 def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> RunResult:
-    """Create the store, run every task, build the pyramid, mark complete; ``on_progress(pixels)``."""
-    cfg = plan.config
-    assert cfg.output.path is not None  # checked by prepare()
-    out_path = os.path.abspath(cfg.output.path)
-    started = time.perf_counter()
-    spec = plan.model.spec
+    """Create (or resume) the store, run every task, build the pyramid, mark complete.
+
+    ``on_progress(pixels)`` follows the level-0 tasks. The store is locked against a second writer
+    for the whole run.
+    """
+    with Writing(plan) as writing:
+        if writing.result is not None:
+            return writing.result
+        writing.compute(on_progress)
+        return writing.finish()
+
+
+class Writing:
+    """A run between its start and its completion mark; a context manager holding the store's lock.
+
+    Entering locks the store and creates it, or checks it again under the lock and resumes it;
+    :attr:`result` is already set if there is nothing to do. Then the level-0 tasks run, either
+    through :meth:`compute` or, for a batch that computes several stores' tasks together, through
+    :meth:`tasks`; :meth:`finish` makes the pyramid and marks the store complete.
+    """
+
+    def __init__(self, plan: RunPlan) -> None:
+        assert plan.config.output.path is not None  # checked by prepare()
+        self.plan = plan
+        self.path = os.path.abspath(plan.config.output.path)
+        self.result: RunResult | None = None
+        self.record: dict[str, Any] = {}
+        self.job = make_job(plan, self.path, uuid.uuid4().hex)
+        self._lock = store_lock(self.path)
+        self._started = 0.0
+        self._compute_s = 0.0
+        self._locked = False
+
+    def __enter__(self) -> Writing:
+        self._started = time.perf_counter()
+        self._lock.__enter__()
+        self._locked = True
+        try:
+            self._open()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Release the lock; the store stays as it is (complete, or for ``--resume``). Idempotent."""
+        if self._locked:
+            self._locked = False
+            self._lock.__exit__(None, None, None)
+
+    def _open(self) -> None:
+        plan = self.plan
+        if plan.config.output.resume:
+            assert plan.fingerprint is not None
+            plan.resume = check_resume(self.path, plan.fingerprint)
+        resume = plan.resume
+        if resume is not None and resume.complete:
+            log.info("%s: already complete", self.path)
+            self.result = _result(plan, self.path, 0.0, resume.record or {}, "already complete")
+        elif resume is None or resume.restart:
+            self.record = _create(plan, self.path)
+        else:
+            removed = remove_partial_files(self.path)
+            log.info("%s: resuming, %d tasks done, %d partial files removed", self.path, len(resume.done), removed)
+            self.record = {**(resume.record or {}), "resumed": int((resume.record or {}).get("resumed", 0)) + 1}
+        set_torch_threads(plan.torch_threads)  # also for a model already adopted by an earlier run
+        adopt_model(self.job, plan.model.module)  # threads share it; other processes load their own once
+
+    def tasks(self, guarded: bool = False) -> list[Any]:
+        """The delayed level-0 tasks left to run (plain tiling only; see :meth:`compute`)."""
+        plan = self.plan
+        done = plan.resume.done if plan.resume is not None else frozenset()
+        return build_tasks(self.job, plan.tiles, plan.config.tiling.batch, plan.kept, done, guarded=guarded)
+
+    def compute(self, on_progress: Callable[[int], None] | None = None) -> None:
+        """Run the level-0 tasks left on this machine's threads (or the active Dask client)."""
+        plan = self.plan
+        started = time.perf_counter()
+        if plan.blend is None:
+            compute_tasks(self.tasks(), plan.workers, on_progress)
+        else:  # blended tiles overlap: a resumed blended run computes every tile again
+            kept = [tile for tile in plan.tiles if plan.kept(tile)]
+            predict_blended(
+                self.job, kept, plan.model.spec.num_classes, plan.grid.shape, plan.blend, plan.config.tiling.batch,
+                plan.workers, on_progress,
+            )  # fmt: skip
+        self._compute_s += time.perf_counter() - started
+
+    def finish(self, compute_s: float | None = None) -> RunResult:
+        """Make pyramid levels 2, 3, ... (level 1 came with level 0) and mark the store complete."""
+        plan, cfg = self.plan, self.plan.config
+        started = time.perf_counter()
+        first = 2 if self.job.level1 else 1
+        for level, (height, width) in enumerate(plan.levels[first:], start=first):
+            tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
+            compute_tasks(build_reduce_tasks(self.job.output, level, tiles, cfg.tiling.batch), plan.workers)
+        pyramid_s = time.perf_counter() - started
+        total_s = plan.setup_s + time.perf_counter() - self._started
+        compute = self._compute_s if compute_s is None else compute_s
+        timings = {"setup": plan.setup_s, "compute": compute, "pyramid": pyramid_s, "total": total_s}
+        final = mark_complete(self.path, self.record, {k: round(v, 3) for k, v in timings.items()})
+        clear_state(self.path)
+        log.info("%s: complete in %.1f s", self.path, total_s)
+        return _result(plan, self.path, total_s, final, "done")
+
+
+def _create(plan: RunPlan, out_path: str) -> dict[str, Any]:
+    """A new store: arrays, viewer metadata, the start record, then the resume state."""
+    cfg, spec = plan.config, plan.model.spec
     create_store(
-        out_path, spec.num_classes, plan.levels, cfg.tiling.tile, cfg.output.dtype, cfg.output.overwrite,
-        zarr_format=2 if plan.ome_version == "0.4" else 3,
+        out_path, spec.num_classes, plan.levels, cfg.tiling.tile, cfg.output.dtype,
+        cfg.output.overwrite or plan.resume is not None, zarr_format=2 if plan.ome_version == "0.4" else 3,
     )  # fmt: skip
     write_viewer_metadata(out_path, plan)
     record = provenance(
@@ -221,13 +504,22 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         halo=plan.halo,
         spatial=_spatial_record(plan.grid),
     )
+    record["torch_threads"] = plan.torch_threads
+    record["mask"] = None if plan.mask is None else {"method": plan.mask.method, "chunks_skipped": plan.tiles_masked}
     write_start(out_path, record)
+    write_state(out_path, {"fingerprint": plan.fingerprint, "torch_threads": plan.torch_threads})
+    return record
+
+
+def make_job(plan: RunPlan, out_path: str, token: str) -> Job:
+    """What every task of ``plan`` needs besides its tiles; ``token`` names this run's store."""
+    cfg, spec = plan.config, plan.model.spec
     norm = spec.normalization
-    job = Job(
+    return Job(
         source=plan.source.ref,
         resampling=plan.grid.resampling,
         source_shape=plan.source.shape[1:],
-        output=OutputRef(out_path, cfg.output.dtype, token=uuid.uuid4().hex),
+        output=OutputRef(out_path, cfg.output.dtype, token=token),
         model_path=os.path.abspath(plan.model.path),
         model_sha256=plan.model.sha256,
         model_factory=cfg.model.factory,
@@ -235,31 +527,20 @@ def execute(plan: RunPlan, on_progress: Callable[[int], None] | None = None) -> 
         stride=plan.stride,
         precision=cfg.compute.precision,
         tta=cfg.model.tta == "flips",
-        level1=len(plan.levels) > 1 and plan.blend is None,
+        level1=plan.level1,
         torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),
         mean=cfg.model.mean or norm.mean,
         std=cfg.model.std or norm.std,
     )
-    set_torch_threads(plan.torch_threads)  # also for a model already adopted by an earlier run
-    adopt_model(job, plan.model.module)  # threads share it; other processes load their own once
-    compute_started = time.perf_counter()
-    if plan.blend is None:
-        compute_tasks(build_tasks(job, plan.tiles, cfg.tiling.batch), plan.workers, on_progress)
-    else:
-        predict_blended(
-            job, plan.tiles, spec.num_classes, plan.grid.shape, plan.blend, cfg.tiling.batch, plan.workers, on_progress
-        )
-    compute_s = time.perf_counter() - compute_started
-    first = 2 if job.level1 else 1  # level 1 was written by the level-0 tasks
-    for level, (height, width) in enumerate(plan.levels[first:], start=first):
-        tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
-        compute_tasks(build_reduce_tasks(job.output, level, tiles, cfg.tiling.batch), plan.workers)
-    pyramid_s = time.perf_counter() - compute_started - compute_s
-    total_s = plan.setup_s + time.perf_counter() - started
-    timings = {"setup": plan.setup_s, "compute": compute_s, "pyramid": pyramid_s, "total": total_s}
-    final = mark_complete(out_path, record, {k: round(v, 3) for k, v in timings.items()})
-    return RunResult(out_path, plan.output_shape, plan.megapixels, total_s, final)
+
+
+def _result(plan: RunPlan, out_path: str, seconds: float, record: dict[str, Any], status: str) -> RunResult:
+    return RunResult(
+        out_path, plan.output_shape, plan.megapixels, seconds, record, status=status,
+        tiles=len(plan.tiles), tiles_computed=plan.tiles_to_compute, tiles_masked=plan.tiles_masked,
+        tiles_resumed=plan.tiles_done, peak_rss_mib=peak_rss_mib(),
+    )  # fmt: skip
 
 
 def write_viewer_metadata(path: str, plan: RunPlan) -> None:

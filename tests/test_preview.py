@@ -209,7 +209,7 @@ def test_store_preview_of_the_svs_reads_only_a_small_level(
     thumbnail = source_thumbnail(open_source(image), max_size=400)
     _, h, w = thumbnail.shape
     assert (h, w) == (371, 278) and png.shape[1] >= 2 * w + 8
-    assert (level2 != 255).all()
+    assert 0.5 < (level2 != 255).mean() < 1  # tissue; the glass around it is not computed (--mask auto)
     assert np.array_equal(png[:h, w + 8 : 2 * w + 8], blend(thumbnail, level2[::2, ::2], class_colors(store)))
     assert all(has_square(png[h:], color) for color in class_colors(store))
 

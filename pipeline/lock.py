@@ -1,0 +1,62 @@
+"""One writer per output store: an advisory lock held for the whole run.
+
+The lock is ``flock`` on a file beside the store (``OUT.zarr.lock``), not inside it, because
+``--overwrite`` deletes the store. The kernel releases it when the process ends in any way,
+SIGKILL included, so a killed run never leaves a stale lock behind; the file is removed when the
+run ends. Another process that opened the file before it was removed would lock a deleted file,
+so after locking, the lock is checked to still be the file at that path, and retried if not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.errors import OutputError
+
+
+def lock_path(store: str) -> str:
+    return os.path.abspath(store).rstrip(os.sep) + ".lock"
+
+
+@contextmanager
+def store_lock(store: str) -> Iterator[None]:
+    """Hold the lock of ``store`` while the block runs; refuse if another process holds it."""
+    path = lock_path(store)
+    fd = _acquire(store, path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # closing releases the lock
+
+
+def _acquire(store: str, path: str) -> int:
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"{store}: cannot create the lock file {path} ({err.strerror or err})") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(
+                f"{store}: another fcnpipe process (pid {holder}) is writing to it; "
+                f"wait for it to finish, or stop it first (lock: {path})"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)  # the holder removed the file between our open and our lock: try again
+    raise OutputError(f"{store}: could not take the lock {path}")

@@ -1,0 +1,130 @@
+"""Resume an interrupted run chunk by chunk: what was finished, and whether it may be continued.
+
+A store being written holds a hidden folder ``.fcnpipe/`` beside its arrays:
+
+* ``run.json``: the run's fingerprint (what the bytes depend on: input, model, the config's
+  relevant keys, the device and torch threads), written atomically before any chunk;
+* ``done/<task>``: one empty file per finished task, created only after every chunk the task
+  wrote is on disk (written by zarr through a rename, then fsynced), so a marker never stands
+  for a chunk that a kill, even SIGKILL or a power cut, could have lost.
+
+``--resume`` compares the fingerprint, skips the tasks that have a marker and runs the rest; the
+coarser pyramid levels (a sixteenth of the pixels) are always made again from level 1. The tasks
+are deterministic (fixed tiling, fixed torch threads), so the result is byte-identical to an
+uninterrupted run. The folder is removed when the store is marked complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pipeline.errors import OutputError
+from pipeline.tiling import Tile
+
+STATE_DIR = ".fcnpipe"
+_STATE = "run.json"
+_DONE = "done"
+
+
+def task_id(group: Sequence[Tile]) -> str:
+    """The name of a task: the row and column of its first tile, stable across runs of one plan.
+
+    >>> task_id([Tile(row=2, col=0, core=(1024, 1536, 0, 512), window=(1023, 1537, 0, 513))])
+    'r2c0'
+    """
+    return f"r{group[0].row}c{group[0].col}"
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_state(store: str, state: dict[str, Any]) -> None:
+    """Write the fingerprint atomically (temporary file, fsync, rename) and clear old markers."""
+    folder = os.path.join(store, STATE_DIR)
+    os.makedirs(os.path.join(folder, _DONE), exist_ok=True)
+    temporary = os.path.join(folder, f"{_STATE}.partial")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(state, file, indent=1, sort_keys=True)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, os.path.join(folder, _STATE))
+    _fsync_path(folder, directory=True)
+
+
+def read_state(store: str) -> dict[str, Any] | None:
+    """The fingerprint of an unfinished store, or None if it has none (or it cannot be read)."""
+    try:
+        with open(os.path.join(store, STATE_DIR, _STATE), encoding="utf-8") as file:
+            value = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def mark_done(store: str, task: str, written: Iterable[str]) -> None:
+    """Record ``task`` as finished, once the chunk files in ``written`` are flushed to disk."""
+    try:
+        for path in written:
+            if os.path.exists(path):  # zarr stores no file for a chunk that is all fill value
+                _fsync_path(path)
+        folder = os.path.join(store, STATE_DIR, _DONE)
+        os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, task)
+        os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o644))
+    except OSError as err:
+        raise OutputError(f"{store}: cannot record finished task {task} ({err.strerror or err})") from err
+
+
+def done_tasks(store: str) -> set[str]:
+    """Names of the tasks that finished in earlier, interrupted runs of ``store``."""
+    try:
+        return set(os.listdir(os.path.join(store, STATE_DIR, _DONE)))
+    except FileNotFoundError:
+        return set()
+
+
+def clear_state(store: str) -> None:
+    """Remove ``.fcnpipe/``: the store is complete and holds only what viewers expect."""
+    shutil.rmtree(os.path.join(store, STATE_DIR), ignore_errors=True)
+
+
+def remove_partial_files(store: str) -> int:
+    """Delete the temporary ``*.partial`` files a killed zarr write leaves behind; return how many."""
+    removed = 0
+    for folder, _, files in os.walk(store):
+        for name in files:
+            if name.endswith(".partial"):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
+def differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two fingerprints, as ``key: before -> now`` lines.
+
+    >>> differences({"model": {"sha256": "ab"}, "tile": 512}, {"model": {"sha256": "cd"}, "tile": 512})
+    ['model.sha256: ab -> cd']
+    """
+    lines = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines.extend(differences(old, new, f"{name}."))
+        elif old != new:
+            lines.append(f"{name}: {_short(old)} -> {_short(new)}")
+    return lines
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
