@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FcnpipeError
-from pipeline.predict import TaskFailure, compute_results
+from pipeline.predict import TaskFailure, TaskStats, compute_results, stage_seconds
 from pipeline.run import RunPlan, Writing, prepare
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".bif", ".scn", ".qptiff", ".gtiff")
@@ -239,7 +239,9 @@ def _run_wave(
                 failures.setdefault(result.token, result.message)
         total_pixels = sum(w.plan.megapixels_to_compute for w in writings) or 1.0
         for (item, _, started), writing in zip(wave, writings, strict=True):
-            failure = failures.get(writing.job.output.token)
+            token = writing.job.output.token
+            writing.stages = stage_seconds([r for r in results if isinstance(r, TaskStats) and r.token == token])
+            failure = failures.get(token)
             if failure is not None:
                 _fail(item, failure, started)
             else:

@@ -302,7 +302,7 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
         bar.close()
         _say(
             f"batch   {len(items)} inputs: {counts['done']} done, {counts['skipped']} already complete, "
-            f"{counts['failed']} failed; {megapixels:.0f} Mpx in {elapsed:.0f} s; "
+            f"{counts['failed']} failed; {megapixels:.1f} Mpx in {elapsed:.0f} s; "
             f"{masked / max(1, chunks):.0%} of chunks skipped as background"
         )
         _say(f"manifest {os.path.join(outdir, 'manifest.json')}")

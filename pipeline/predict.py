@@ -9,6 +9,7 @@ numbers, so nothing proportional to the image ever lives in the graph or in the 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -139,19 +140,49 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
     return windows, valid, (uy0, ux0)
 
 
-def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> int:
-    """Read, predict, crop and write ``tiles``; return the number of output pixels written.
+@dataclass(frozen=True, slots=True)
+class TaskStats:
+    """What a level-0 task returns: pixels written, and where its time went (seconds)."""
+
+    token: str
+    """The :attr:`OutputRef.token` of the store written."""
+    pixels: int
+    read_s: float
+    """Reading, decoding, resampling and normalising the windows."""
+    predict_s: float
+    """The network, softmax and argmax."""
+    write_s: float
+    """Cropping, quantising, compressing and writing the chunks (pyramid level 1 included)."""
+
+
+def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
+    """``{"read", "predict", "write"}`` seconds summed over the :class:`TaskStats` in ``results``."""
+    stats = [r for r in results if isinstance(r, TaskStats)]
+    return {
+        "read": sum(s.read_s for s in stats),
+        "predict": sum(s.predict_s for s in stats),
+        "write": sum(s.write_s for s in stats),
+    }
+
+
+def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> TaskStats:
+    """Read, predict, crop and write ``tiles``; return the pixels written and the time per stage.
 
     ``block``: with ``job.level1``, the whole 2 x 2 block the tiles belong to (a masked tile of it is
     left at the fill value). ``name``: record the task as finished once its chunks are on disk.
     """
     predictor = predictor_for(job)
+    task_started = started = time.perf_counter()
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
+    read_s = time.perf_counter() - started
+    predict_s = 0.0
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     written: list[str] = []
     for pairs in windows.values():
         group = [tile for tile, _ in pairs]
+        started = time.perf_counter()
         probs, labels = predictor.with_labels(np.stack([window for _, window in pairs]))
+        predict_s += time.perf_counter() - started
         for tile, prob, label in zip(group, probs, labels, strict=True):
             cy0, cy1, cx0, cx1 = tile.crop
             core_probs, core_labels = prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1]
@@ -171,7 +202,9 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
             written += chunk_files(job.output, 1, core)
     if name is not None:
         mark_done(job.output.path, name, written)
-    return sum(t.core_pixels for t in tiles)
+    total_s = time.perf_counter() - task_started
+    pixels = sum(t.core_pixels for t in tiles)
+    return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s)
 
 
 def write_level1(
@@ -259,7 +292,14 @@ def compute_tasks(tasks: Sequence[Any], workers: int, on_done: Callable[[int], N
 
     Returns the total number of pixels written.
     """
-    return sum(result for result in compute_results(tasks, workers, on_done) if isinstance(result, int))
+    return sum(pixels_of(result) for result in compute_results(tasks, workers, on_done))
+
+
+def pixels_of(result: Any) -> int:
+    """Pixels a task wrote: its int result, or its :class:`TaskStats`'s (0 for a failure)."""
+    if isinstance(result, TaskStats):
+        return result.pixels
+    return result if isinstance(result, int) else 0
 
 
 def compute_results(tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None) -> list[Any]:
@@ -268,8 +308,8 @@ def compute_results(tasks: Sequence[Any], workers: int, on_done: Callable[[int],
 
     class _Progress(Callback):  # type: ignore[misc]
         def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            if on_done is not None and isinstance(result, int):
-                on_done(result)
+            if on_done is not None and pixels_of(result):
+                on_done(pixels_of(result))
 
     with _Progress():
         results = dask.compute(*tasks, scheduler="threads", num_workers=workers)

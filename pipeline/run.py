@@ -49,7 +49,15 @@ from pipeline.output import (
     update_attributes,
     write_georeference_arrays,
 )
-from pipeline.predict import Job, adopt_model, build_reduce_tasks, build_tasks, compute_tasks
+from pipeline.predict import (
+    Job,
+    adopt_model,
+    build_reduce_tasks,
+    build_tasks,
+    compute_results,
+    compute_tasks,
+    stage_seconds,
+)
 from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 from pipeline.resample import Grid, choose_grid
@@ -411,6 +419,8 @@ class Writing:
         self._started = 0.0
         self._compute_s = 0.0
         self._locked = False
+        self.stages: dict[str, float] = {}
+        """Seconds per stage summed over the level-0 tasks (see :class:`pipeline.predict.TaskStats`)."""
 
     def __enter__(self) -> Writing:
         self._started = time.perf_counter()
@@ -458,7 +468,7 @@ class Writing:
         plan = self.plan
         started = time.perf_counter()
         if plan.blend is None:
-            compute_tasks(self.tasks(), plan.workers, on_progress)
+            self.stages = stage_seconds(compute_results(self.tasks(), plan.workers, on_progress))
         else:  # blended tiles overlap: a resumed blended run computes every tile again
             kept = [tile for tile in plan.tiles if plan.kept(tile)]
             predict_blended(
@@ -478,8 +488,11 @@ class Writing:
         pyramid_s = time.perf_counter() - started
         total_s = plan.setup_s + time.perf_counter() - self._started
         compute = self._compute_s if compute_s is None else compute_s
-        timings = {"setup": plan.setup_s, "compute": compute, "pyramid": pyramid_s, "total": total_s}
-        final = mark_complete(self.path, self.record, {k: round(v, 3) for k, v in timings.items()})
+        timings: dict[str, Any] = {"setup": plan.setup_s, "compute": compute, "pyramid": pyramid_s, "total": total_s}
+        timings = {k: round(v, 3) for k, v in timings.items()}
+        if self.stages:
+            timings["stages"] = {k: round(v, 3) for k, v in self.stages.items()}
+        final = mark_complete(self.path, self.record, timings)
         clear_state(self.path)
         log.info("%s: complete in %.1f s", self.path, total_s)
         return _result(plan, self.path, total_s, final, "done")

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import rasterio
 import tifffile
+import zarr
 from PIL import Image
 from rasterio.transform import Affine
 
 from pipeline import mask as mask_module
+from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.mask import (
     ChunkMask,
@@ -25,6 +27,8 @@ from pipeline.mask import (
     saturation,
     tissue_pixels,
 )
+from pipeline.output import NODATA_LABEL
+from pipeline.run import execute, prepare
 from pipeline.source import SourceInfo, open_source, read_masked
 from pipeline.tiling import grid_shape
 from tests.conftest import random_image
@@ -426,3 +430,48 @@ def test_bad_user_masks_name_the_file(tmp_path: Path, source: SourceInfo) -> Non
     Image.fromarray(np.ones((100, 150), np.uint8)).save(tmp_path / "wide.png")
     with pytest.raises(ConfigError, match=r"mask is 100 x 150 px but the image grid is 100 x 100 px"):
         foreground_mask(str(tmp_path / "wide.png"), source, (100, 100), 32)
+
+
+# --- a masked run -----------------------------------------------------------------------------------------------
+
+
+def test_masked_run_computes_only_tissue_chunks_and_matches_the_unmasked_run(
+    slide: tuple[Path, np.ndarray], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    path, tissue = slide
+    model = make_model()
+    stores, results = {}, {}
+    for mode in ("auto", "none"):
+        stores[mode] = tmp_path / f"{mode}.zarr"
+        config = load_config(
+            overrides={
+                "input": {"path": str(path)},
+                "model": {"path": str(model)},
+                "output": {"path": str(stores[mode])},
+                "mask": {"mode": mode},
+                "tiling": {"tile": 256},
+                "compute": {"workers": 2, "torch_threads": 1},
+            }
+        )
+        results[mode] = execute(prepare(config))
+    expected = chunks_with(tissue, 256)
+    masked, full = results["auto"], results["none"]
+    assert expected.mean() < 0.3  # the slide is more than 70% glass
+    assert masked.tiles_computed == expected.sum() and masked.tiles_masked == (~expected).sum()
+    assert full.tiles_computed == expected.size and full.tiles_masked == 0
+    assert masked.tiles_computed < full.tiles_computed / 2  # less than half the model work
+    print(
+        f"masked run: {masked.tiles_computed} of {full.tiles_computed} chunks, {masked.seconds:.2f} s vs {full.seconds:.2f} s"
+    )
+    a, b = zarr.open_group(stores["auto"], mode="r"), zarr.open_group(stores["none"], mode="r")
+    for row, col in np.ndindex(*expected.shape):
+        window = (slice(row * 256, (row + 1) * 256), slice(col * 256, (col + 1) * 256))
+        probs, labels = a["0"][(slice(None), *window)], a["labels/argmax/0"][window]
+        if expected[row, col]:
+            assert probs.tobytes() == b["0"][(slice(None), *window)].tobytes()
+            assert labels.tobytes() == b["labels/argmax/0"][window].tobytes()
+        else:  # not computed, not stored: the fill values stand for it
+            assert (probs == 0).all() and (labels == NODATA_LABEL).all()
+            assert not (stores["auto"] / "0" / "0" / str(row) / str(col)).exists()
+    assert (stores["none"] / "0" / "0" / "0" / "0").exists()
+    assert masked.record["mask"]["chunks_skipped"] == (~expected).sum()

@@ -1,0 +1,46 @@
+"""fcnpipe plan: the estimates it prints are close to what the run then does, and it writes nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import load_config
+from pipeline.estimate import estimate
+from pipeline.run import execute, prepare
+from pipeline.synthetic import make_synthetic_slide
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_plan_prints_chunks_mask_eta_memory_and_size_and_writes_nothing(
+    make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    slide = make_synthetic_slide(tmp_path / "slide.tif", tmp_path / "mask.tif", size=2048, seed=1)
+    model = make_model()
+    store = tmp_path / "out.zarr"
+    args = [str(slide.image_path), "-m", str(model), "-o", str(store), "--tile", "256"]
+    result = CliRunner().invoke(cli, ["plan", *args])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert lines["tiles"].startswith("tiles   64 of 256 px + 1 px halo")
+    assert "tissue: saturation" in lines["mask"] and "chunks have no foreground and are skipped" in lines["mask"]
+    assert "ms per tile" in lines["measure"]
+    assert "ETA" in lines["expect"] and "peak memory" in lines["expect"] and "on disk" in lines["expect"]
+    assert not store.exists() and not os.path.exists(str(store) + ".lock")
+
+    config = load_config(overrides={"input": {"path": str(slide.image_path)}, "model": {"path": str(model)},
+                                    "output": {"path": str(store)}, "tiling": {"tile": 256}})  # fmt: skip
+    plan = prepare(config)
+    expected = estimate(plan)
+    result_run = execute(plan)
+    actual = disk_bytes(store)
+    assert 0.67 < expected.output_bytes / actual < 1.5, (expected.output_bytes, actual)
+    assert expected.forward_s > 0 and expected.read_s > 0 and expected.encode_s > 0
+    assert result_run.tiles_computed == plan.tiles_to_compute == 64 - plan.tiles_masked
