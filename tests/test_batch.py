@@ -84,7 +84,8 @@ def test_a_batch_store_equals_the_store_of_a_single_run(
 ) -> None:
     model = make_model()
     outdir = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["batch", str(inputs["a"]), str(inputs["b"]), "-m", str(model), "-o", str(outdir), *FIXED])  # fmt: skip
+    args = ["batch", str(inputs["a"]), str(inputs["b"]), "-m", str(model), "-o", str(outdir), *FIXED]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     for name in ("a", "b"):
         single = tmp_path / f"{name}.zarr"

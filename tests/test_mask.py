@@ -461,7 +461,7 @@ def test_masked_run_computes_only_tissue_chunks_and_matches_the_unmasked_run(
     assert full.tiles_computed == expected.size and full.tiles_masked == 0
     assert masked.tiles_computed < full.tiles_computed / 2  # less than half the model work
     print(
-        f"masked run: {masked.tiles_computed} of {full.tiles_computed} chunks, {masked.seconds:.2f} s vs {full.seconds:.2f} s"
+        f"masked: {masked.tiles_computed} of {full.tiles_computed} chunks, {masked.seconds:.2f} s / {full.seconds:.2f} s"
     )
     a, b = zarr.open_group(stores["auto"], mode="r"), zarr.open_group(stores["none"], mode="r")
     for row, col in np.ndindex(*expected.shape):
