@@ -11,9 +11,10 @@ with their default widths, seeded weights, at one tile size (default: the pipeli
    batch 1 against the default batch (both through :class:`pipeline.model.Predictor`, channels-last),
    then contiguous (the module called directly under ``torch.inference_mode``, softmax included)
    against channels-last (the Predictor), each pair in A B B A order so linear drift cancels;
-3. runs ``python -m pipeline run IMAGE -m CKPT -o OUT.zarr --overwrite --no-progress --no-preview``
-   as a subprocess on a synthetic ``size x size`` RGB JPEG-tiled TIFF (``benchmarks/throughput.py``
-   makes it, cached in ``--work``) between the two pairs, and reads the store's ``fcnpipe.timings_s``;
+3. runs ``python -m pipeline run IMAGE --model CKPT -o OUT.zarr --overwrite --no-progress --no-preview
+   --mask none`` as a subprocess (``_common.run_cli``, which also measures its peak RSS) on a synthetic
+   ``size x size`` RGB JPEG-tiled TIFF (``_common.make_inputs``, cached in ``--work``) between the two
+   pairs, and reads the store's ``fcnpipe.timings_s``;
 4. prints one table and writes it, with every measurement, as JSON to ``--out``.
 
 Run on demand (not in CI)::
@@ -25,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -39,33 +36,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
-from throughput import make_inputs  # the synthetic-TIFF maker beside this file (the script's folder is on sys.path)
+from _common import environment, geometry, make_inputs, run_cli, write_checkpoint
 from torch import nn
 
-from pipeline import __version__
-from pipeline.checkpoint import architectures, load_model, save_checkpoint
+from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import TilingConfig
-from pipeline.model import ModelSpec, Predictor, default_classes, set_torch_threads
-from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
+from pipeline.model import Predictor, set_torch_threads
 
 ARCHITECTURES = ("reference_fcn", "fcn8s", "unet")
 Forward = Callable[[np.ndarray], np.ndarray]
-
-
-def write_checkpoint(work: str, name: str) -> tuple[str, dict[str, int]]:
-    """An fcnpipe checkpoint of architecture ``name``: 3 in, 3 classes, other arguments at their defaults."""
-    cls = architectures()[name]
-    arguments = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
-    arguments |= {"in_channels": 3, "num_classes": 3}
-    torch.manual_seed(0)
-    module = cls(**arguments)
-    names, colors = default_classes(3)
-    path = os.path.join(work, f"{name}_3x3.pt")
-    save_checkpoint(path + ".part", module, ModelSpec(name, arguments, 3, 3, names, colors))
-    os.replace(path + ".part", path)
-    return path, arguments
 
 
 def contiguous(module: nn.Module) -> Forward:
@@ -117,31 +97,11 @@ def ab(variants: dict[str, tuple[Forward, list[np.ndarray]]], tile: int, seconds
     return {name: float(np.mean(s)) for name, s in speeds.items()}
 
 
-def run_cli(image: str, model: str, store: str, tile: int, log: str) -> dict[str, Any]:
-    """One ``fcnpipe run`` subprocess: its wall time and the store's ``fcnpipe.timings_s``."""
-    cli = [sys.executable, "-m", "pipeline", "run", image, "-m", model, "-o", store, "--tile", str(tile),
-           "--overwrite", "--no-progress", "--no-preview"]  # fmt: skip
-    started = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.run(cli, stdout=fh, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - started
-    if rc != 0:
-        with open(log) as fh:
-            raise RuntimeError(f"fcnpipe run failed (exit {rc}):\n{fh.read()[-3000:]}")
-    record = zarr.open_group(store, mode="r").attrs["fcnpipe"]
-    if not record.get("complete"):
-        raise RuntimeError(f"{store}: not marked complete")
-    shutil.rmtree(store)
-    return {"wall_s": wall, "timings_s": dict(record["timings_s"])}
-
-
 def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: tuple[int, int]) -> dict[str, Any]:
     """Every measurement of one architecture (see the module doc)."""
     checkpoint, arguments = write_checkpoint(args.work, name)
     module = load_model(checkpoint).module
-    stride = measure_stride(module, 3)
-    radius = measure_receptive_radius(module, 3, stride)
-    halo = halo_for(radius, stride)
+    stride, radius, halo = geometry(module)
     window = args.tile + 2 * halo
     batch = TilingConfig().batch
     workers, _ = plan
@@ -166,6 +126,7 @@ def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: t
         "architecture": name, "arguments": arguments, "stride": stride, "radius": radius, "halo": halo,
         "window": window, "batch": batch, "model_mpx_per_s": model, "model_drift": drift,
         "e2e_s": e2e["wall_s"], "timings_s": e2e["timings_s"], "e2e_mpx_per_s": e2e_rate, "ratio": e2e_rate / model,
+        "peak_rss_mib": e2e["maxrss_kib"] / 1024,
         **{f"{k}_mpx_per_s": v for k, v in (batching | layout).items()},
         "batching_gain": batching["batch_n"] / batching["batch_1"],
         "channels_last_gain": layout["channels_last"] / layout["contiguous"],
@@ -203,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
              for r in rows]  # fmt: skip
     print("\n".join([*lines, "", *gains]))
     result = {
-        "fcnpipe_version": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "machine": platform.machine(), "cores": cores, "workers": workers, "torch_threads": threads,
+        **environment(), "cores": cores, "workers": workers, "torch_threads": threads,
         "size": args.size, "tile": args.tile, "batch": TilingConfig().batch, "seconds": args.seconds,
         "rows": rows, "table": lines,
     }  # fmt: skip

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pipeline.cluster import THREADS, Engine
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FcnpipeError
 from pipeline.predict import TaskFailure, TaskStats, compute_results, stage_seconds
@@ -139,11 +140,13 @@ def run_batch(
     on_plan: Callable[[BatchItem, RunPlan], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_item: Callable[[BatchItem], None] | None = None,
+    engine: Engine = THREADS,
 ) -> list[BatchItem]:
     """Run ``config`` on every input, one store each in ``outdir``; return the manifest's items.
 
     ``on_plan(item, plan)`` shows each input's plan before it runs, ``on_progress(pixels)`` follows
-    the level-0 tasks of every input, ``on_item(item)`` reports each input as it ends.
+    the level-0 tasks of every input, ``on_item(item)`` reports each input as it ends. ``engine``
+    runs the tasks (:func:`pipeline.cluster.open_engine`).
     """
     try:
         os.makedirs(outdir, exist_ok=True)
@@ -166,7 +169,7 @@ def run_batch(
             started = time.perf_counter()
             item_config = _for_input(config, item)
             try:
-                plan = prepare(item_config)
+                plan = prepare(item_config, engine)
                 item.megapixels = plan.megapixels
                 item.chunks, item.chunks_skipped = len(plan.tiles), plan.tiles_masked
                 if on_plan is not None:
@@ -231,7 +234,8 @@ def _run_wave(
     try:
         tasks = [task for writing in writings for task in writing.tasks(guarded=True)]
         compute_started = time.perf_counter()
-        results = compute_results(tasks, writings[0].plan.workers, on_progress)
+        plan = writings[0].plan
+        results = compute_results(tasks, plan.workers, on_progress, plan.engine, plan.gpu)
         compute_s = time.perf_counter() - compute_started
         failures: dict[str, str] = {}
         for result in results:

@@ -67,6 +67,7 @@ import dask
 import numpy as np
 import zarr
 
+from pipeline.cluster import Engine
 from pipeline.errors import ConfigError, OutputError
 from pipeline.output import NODATA_LABEL, write_core
 from pipeline.predict import Job, compute_tasks, predictor_for, read_windows
@@ -316,6 +317,7 @@ def predict_blended(
     batch: int,
     workers: int,
     on_progress: Callable[[int], None] | None = None,
+    engine: Engine | None = None,
 ) -> int:
     """Both phases on ``tiles`` (planned with ``halo=blend.halo``), then the temporary arrays removed.
 
@@ -324,7 +326,7 @@ def predict_blended(
     """
     create_blend_arrays(job.output.path, classes, image_shape, blend)
     try:
-        compute_tasks(build_blend_tasks(job, tiles, image_shape, blend, batch), workers, on_progress)
-        return compute_tasks(build_merge_tasks(job, tiles, batch), workers)
+        compute_tasks(build_blend_tasks(job, tiles, image_shape, blend, batch), workers, on_progress, engine)
+        return compute_tasks(build_merge_tasks(job, tiles, batch), workers, None, engine)
     finally:
         remove_blend_arrays(job.output.path)

@@ -114,7 +114,12 @@ _RUN_OPTIONS = [
                  help="Forward-pass arithmetic; half precision on CUDA only.  [default: float32]"),
     click.option("--tta", type=click.Choice(["none", "flips"]),
                  help="Average the 4 flips of each tile.  [default: none]"),
-    click.option("--workers", type=int, help="Tasks at once.  [default: from the cores]"),
+    click.option("--scheduler", metavar="threads|processes|tcp://HOST:PORT|slurm|pbs|sge",
+                 help="Where tasks run: this process's threads; a local Dask cluster of --workers processes; "
+                      "a running Dask scheduler; or batch jobs started for the run (see configs/cluster.yaml)."
+                      "  [default: threads]"),
+    click.option("--workers", type=int,
+                 help="Tasks at once (threads), or worker processes (--scheduler processes).  [default: by cores]"),
     click.option("--torch-threads", type=int, help="Threads per forward pass.  [default: cores / workers]"),
     click.option("--classes", help="Class names in channel order, e.g. background,stroma,tumour."),
     click.option("--colors", help="Class colours, e.g. '#000000,#3CB44B,#E6194B'."),
@@ -162,6 +167,7 @@ def _load(configs: tuple[str, ...], input_path: str | None, output: str | None, 
         compute__device=flags["device"],
         compute__precision=flags["precision"],
         compute__workers=flags["workers"],
+        compute__scheduler=flags["scheduler"],
         compute__torch_threads=flags["torch_threads"],
         compute__progress=flags.get("progress"),
     )
@@ -202,13 +208,17 @@ def run(
     --mask), the halo's extra reads, and an ETA, peak memory and size on disk measured on a
     sample of the image. A run that is killed leaves a store that --resume completes.
     """
+    from pipeline.cluster import open_engine
     from pipeline.estimate import estimate
     from pipeline.run import execute, prepare
 
     config = _load(configs, input_path, output, **flags)
-    plan = prepare(config)
     assert config.output.path is not None
-    with _log_to(log_path or default_log_path(config.output.path)):
+    with (
+        _log_to(log_path or default_log_path(config.output.path)),
+        open_engine(config.compute, config.cluster) as engine,
+    ):
+        plan = prepare(config, engine)
         _show_plan(plan, estimate(plan).describe() if plan.tiles_to_compute else [])
         with _progress_bar(plan.megapixels_to_compute, config.compute.progress) as bar:
             result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
@@ -269,6 +279,7 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
     One bad input never stops the others; the exit code is 1 if any input failed.
     """
     from pipeline.batch import expand_inputs, run_batch
+    from pipeline.cluster import open_engine
 
     config = _load(configs, None, None, **flags)
     paths = expand_inputs(inputs)
@@ -276,7 +287,11 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
         raise ConfigError(f"No input files found in {' '.join(inputs)}")
     os.makedirs(outdir, exist_ok=True)
     started = time.perf_counter()
-    with _log_to(os.path.join(outdir, "fcnpipe-batch.log")), _progress_bar(0.0, config.compute.progress) as bar:
+    with (
+        _log_to(os.path.join(outdir, "fcnpipe-batch.log")),
+        open_engine(config.compute, config.cluster) as engine,
+        _progress_bar(0.0, config.compute.progress) as bar,
+    ):
 
         def on_plan(item: Any, plan: Any) -> None:
             bar.total = round((bar.total or 0) + plan.megapixels_to_compute, 2)
@@ -293,7 +308,7 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
                     _preview_quietly(item.output)
             _say(line)
 
-        items = run_batch(config, paths, outdir, on_plan, lambda pixels: bar.update(pixels / 1e6), on_item)
+        items = run_batch(config, paths, outdir, on_plan, lambda pixels: bar.update(pixels / 1e6), on_item, engine)
         elapsed = time.perf_counter() - started
         counts = {status: sum(item.status == status for item in items) for status in ("done", "skipped", "failed")}
         megapixels = sum(item.megapixels for item in items if item.status == "done")

@@ -158,10 +158,75 @@ class ComputeConfig:
     """Intra-op threads of each forward pass. None: cores divided by workers."""
     progress: bool = True
     """Show a progress bar (only ever on a terminal)."""
+    scheduler: str = "threads"
+    """Where tasks run: ``threads`` (this process, no set-up), ``processes`` (a local Dask cluster of
+    ``workers`` processes), ``tcp://host:port`` (an existing Dask scheduler), or ``slurm`` / ``pbs``
+    / ``sge`` (a cluster of batch jobs started for the run by dask-jobqueue, see ``cluster``), or
+    ``local-jobs`` (the same job script run as local processes: a cluster config tried on one machine)."""
 
     def __post_init__(self) -> None:
         _positive(self.workers, "compute.workers")
         _positive(self.torch_threads, "compute.torch_threads")
+        if self.scheduler not in SCHEDULERS and "://" not in self.scheduler:
+            raise ConfigError(
+                f"Expected one of {', '.join(SCHEDULERS)} or an address like tcp://host:8786 for "
+                f"'compute.scheduler'. Got {self.scheduler!r} instead."
+            )
+
+
+SCHEDULERS = ("threads", "processes", "slurm", "pbs", "sge", "local-jobs")
+JOB_QUEUES = ("slurm", "pbs", "sge", "local-jobs")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The batch jobs dask-jobqueue submits for ``compute.scheduler: slurm | pbs | sge``.
+
+    Each job runs ``processes`` Dask worker processes on ``cores`` cores; the run scales between
+    ``minimum_jobs`` and ``maximum_jobs`` jobs with the work left (adaptive).
+    """
+
+    queue: str | None = None
+    """Partition (SLURM) or queue (PBS, SGE)."""
+    account: str | None = None
+    """Account / project to charge."""
+    cores: int = 8
+    """Cores per job."""
+    memory: str = "32GB"
+    """Memory per job."""
+    processes: int = 1
+    """Dask worker processes per job; each gets cores / processes threads, one task per thread."""
+    walltime: str = "12:00:00"
+    gpus: int = 0
+    """GPUs per job: 0 or 1. With 1, each job is one worker declaring the resource GPU=1, so that a
+    GPU runs one task (one model) at a time; set compute.device: cuda."""
+    minimum_jobs: int = 0
+    maximum_jobs: int = 4
+    job_extra_directives: tuple[str, ...] = ()
+    """Extra scheduler lines, e.g. ["--constraint=skylake"] (SLURM) or ["-l select=1:ngpus=1"] (PBS)."""
+    job_script_prologue: tuple[str, ...] = ()
+    """Shell lines run before the worker starts, e.g. ["module load cuda", "source ~/fcnpipe/.venv/bin/activate"]."""
+    local_directory: str | None = None
+    """Worker scratch space on the node, e.g. $TMPDIR."""
+    log_directory: str | None = None
+    """Where the jobs' stdout / stderr go."""
+    interface: str | None = None
+    """Network interface the workers and scheduler talk over, e.g. ib0."""
+
+    def __post_init__(self) -> None:
+        for key in ("cores", "processes", "maximum_jobs"):
+            _positive(getattr(self, key), f"cluster.{key}")
+        _non_negative(self.minimum_jobs, "cluster.minimum_jobs")
+        if self.minimum_jobs > self.maximum_jobs:
+            raise ConfigError(
+                f"cluster.minimum_jobs ({self.minimum_jobs}) is above cluster.maximum_jobs ({self.maximum_jobs})"
+            )
+        if self.gpus not in (0, 1):
+            raise ConfigError(
+                f"Expected 0 or 1 for 'cluster.gpus'. Got {self.gpus} instead: ask for more jobs, one GPU each"
+            )
+        if self.processes > self.cores:
+            raise ConfigError(f"cluster.processes ({self.processes}) is above cluster.cores ({self.cores})")
 
 
 @dataclass(frozen=True)
@@ -172,6 +237,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as YAML or JSON would hold it."""
@@ -242,9 +308,11 @@ def parse(cls: type[Any], data: Any, where: str) -> Any:
         key = f"{where}.{unknown[0]}" if where else str(unknown[0])
         raise ConfigError(f"Unknown config key {key!r}. Known keys here: {', '.join(sorted(names))}.")
     values = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name in names & set(data):
         key = f"{where}.{name}" if where else name
-        values[name] = _value(hints[name], data[name], key)
+        empty = data[name] == [] and defaults[name] == ()  # an empty list where that is the default
+        values[name] = () if empty else _value(hints[name], data[name], key)
     return cls(**values)
 
 
@@ -264,7 +332,8 @@ def _value(hint: Any, value: Any, key: str) -> Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(f"Expected a list of numbers for {key!r}. Got {value!r} instead.")
+            kind = "strings" if args[0] is str else "numbers"
+            raise ConfigError(f"Expected a list of {kind} for {key!r}. Got {value!r} instead.")
         return tuple(_value(args[0], v, key) for v in value)
     if hint is bool:
         if not isinstance(value, bool):

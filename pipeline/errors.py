@@ -31,3 +31,7 @@ class ModelError(FcnpipeError):
 
 class OutputError(FcnpipeError):
     """The output store exists, cannot be written, or is incomplete."""
+
+
+class ClusterError(FcnpipeError):
+    """The Dask scheduler cannot be reached, or was lost during a run."""

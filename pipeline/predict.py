@@ -18,6 +18,7 @@ import dask
 import numpy as np
 
 from pipeline.checkpoint import load_model
+from pipeline.cluster import THREADS, Engine
 from pipeline.errors import FcnpipeError
 from pipeline.model import Predictor, select_device, set_torch_threads
 from pipeline.output import (
@@ -287,12 +288,11 @@ def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch:
     return [run(group) for group in batched(tiles, batch)]
 
 
-def compute_tasks(tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None) -> int:
-    """Run ``tasks`` on the local threaded scheduler; ``on_done(pixels)`` after each one.
-
-    Returns the total number of pixels written.
-    """
-    return sum(pixels_of(result) for result in compute_results(tasks, workers, on_done))
+def compute_tasks(
+    tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None, engine: Engine | None = None
+) -> int:
+    """:func:`compute_results`, returning the total number of pixels written."""
+    return sum(pixels_of(result) for result in compute_results(tasks, workers, on_done, engine))
 
 
 def pixels_of(result: Any) -> int:
@@ -302,15 +302,18 @@ def pixels_of(result: Any) -> int:
     return result if isinstance(result, int) else 0
 
 
-def compute_results(tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None) -> list[Any]:
-    """Run ``tasks`` on the local threaded scheduler; return what each returned, in order."""
-    from dask.callbacks import Callback
+def compute_results(
+    tasks: Sequence[Any],
+    workers: int,
+    on_done: Callable[[int], None] | None = None,
+    engine: Engine | None = None,
+    gpu: bool = False,
+) -> list[Any]:
+    """Run ``tasks`` with ``engine`` (default: ``workers`` threads here); ``on_done(pixels)`` after
+    each; return what each returned, in order. ``gpu``: each task needs the worker resource GPU=1."""
 
-    class _Progress(Callback):  # type: ignore[misc]
-        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            if on_done is not None and pixels_of(result):
-                on_done(pixels_of(result))
+    def done(result: Any) -> None:
+        if on_done is not None and pixels_of(result):
+            on_done(pixels_of(result))
 
-    with _Progress():
-        results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-    return list(results)
+    return (engine or THREADS).run(tasks, workers, done, gpu)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.blend import Blend, check_blend, predict_blended
 from pipeline.checkpoint import load_model
-from pipeline.cluster import available_cores, thread_plan
+from pipeline.cluster import THREADS, Engine
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, ModelError, OutputError, SourceError
 from pipeline.estimate import peak_rss_mib
@@ -51,7 +51,6 @@ from pipeline.output import (
 )
 from pipeline.predict import (
     Job,
-    adopt_model,
     build_reduce_tasks,
     build_tasks,
     compute_results,
@@ -119,6 +118,13 @@ class RunPlan:
     resume: Resume | None = None
     """Set when resuming an existing store; None: a new store."""
     notes: tuple[str, ...] = ()
+    engine: Engine = THREADS
+    """Where the tasks run (:func:`pipeline.cluster.open_engine`)."""
+
+    @property
+    def gpu(self) -> bool:
+        """Tasks need a GPU worker (the Dask resource GPU=1) on a Dask cluster."""
+        return self.engine.distributed and self.device.startswith("cuda")
 
     def kept(self, tile: Tile) -> bool:
         return self.mask is None or self.mask.kept(tile.row, tile.col)
@@ -185,7 +191,7 @@ class RunPlan:
             f"receptive radius {self.radius} px, stride {self.stride})",
             f"tiles   {len(self.tiles)} of {cfg.tiling.tile} px + {self.halo} px halo "
             f"({halo_overhead(self.tiles):.1%} extra reads), {cfg.tiling.batch} per task" + self._approximation(),
-            f"compute {self.device}, {self.workers} workers x {self.torch_threads} torch threads",
+            f"compute {self.device}, {self.engine.describe(self.workers, self.torch_threads)}",
             f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels, "
             f"{cfg.output.format}, {len(self.levels)} levels",
             self._spatial_line(),
@@ -254,8 +260,12 @@ class RunResult:
         return self.tiles_masked / self.tiles if self.tiles else 0.0
 
 
-def prepare(config: RunConfig) -> RunPlan:
-    """Open, load, check and plan; fail here, in seconds, on anything a run would fail on later."""
+def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
+    """Open, load, check and plan; fail here, in seconds, on anything a run would fail on later.
+
+    ``engine`` is where the tasks will run: on a Dask cluster the device is chosen by each worker
+    (``auto``) or must exist there (``cuda``), not here.
+    """
     started = time.perf_counter()
     if config.input.path is None:
         raise ConfigError("No input given: pass an INPUT path (or input.path in the config)")
@@ -276,13 +286,14 @@ def prepare(config: RunConfig) -> RunPlan:
     )  # fmt: skip
     source = grid.source
     _check_fit(config, source, model)
-    device = select_device(config.compute.device)
-    if config.compute.precision != "float32" and device.type != "cuda":
+    device = config.compute.device if engine.distributed else str(select_device(config.compute.device))
+    device_type = device.split(":")[0] if device != "auto" else "cpu"
+    if config.compute.precision != "float32" and device_type != "cuda":
         raise ConfigError(
-            f"compute.precision {config.compute.precision} needs a CUDA device, but this run uses {device.type}: "
+            f"compute.precision {config.compute.precision} needs a CUDA device, but this run uses {device}: "
             "half precision on a CPU is many times slower; use float32"
         )
-    workers, threads = thread_plan(available_cores(), config.compute.workers, config.compute.torch_threads, device.type)
+    workers, threads = engine.plan_threads(config.compute.workers, config.compute.torch_threads, device_type)
     stride = measure_stride(model.module, model.spec.in_channels)
     radius = measure_receptive_radius(model.module, model.spec.in_channels, stride)
     exact_halo = halo_for(radius, stride)
@@ -295,7 +306,7 @@ def prepare(config: RunConfig) -> RunPlan:
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
     mask = foreground_mask(config.mask.mode, source, grid.shape, config.tiling.tile, config.mask.threshold)
     levels = level_shapes(height, width)
-    fingerprint = _fingerprint(config, source, model.sha256, str(device))
+    fingerprint = _fingerprint(config, source, model.sha256)
     resume: Resume | None = None
     notes: list[str] = []
     if config.output.resume:
@@ -303,12 +314,12 @@ def prepare(config: RunConfig) -> RunPlan:
         threads, notes = _resumed_threads(config.output.path, threads, notes)
     setup_s = time.perf_counter() - started
     return RunPlan(
-        config, source, model, halo, radius, stride, tiles, workers, threads, str(device), setup_s, levels, grid, blend,
-        mask, fingerprint, resume, tuple(notes),
+        config, source, model, halo, radius, stride, tiles, workers, threads, device, setup_s, levels, grid, blend,
+        mask, fingerprint, resume, tuple(notes), engine,
     )  # fmt: skip
 
 
-def _fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str, device: str) -> dict[str, Any]:
+def _fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str) -> dict[str, Any]:
     """What the output's bytes depend on: the input file, the model and the keys of the config that
     change a pixel (not the output path, the workers or the progress bar). Plain JSON values."""
     c = config.to_dict()
@@ -322,7 +333,7 @@ def _fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str, devic
         "tiling": c["tiling"],
         "output": {key: c["output"][key] for key in ("dtype", "format")},
         "mask": c["mask"],
-        "compute": {"device": device, "precision": c["compute"]["precision"]},
+        "compute": {key: c["compute"][key] for key in ("device", "precision")},  # as asked: "auto" stays "auto"
     }
     loaded: dict[str, Any] = json.loads(json.dumps(value))
     return loaded
@@ -455,7 +466,7 @@ class Writing:
             log.info("%s: resuming, %d tasks done, %d partial files removed", self.path, len(resume.done), removed)
             self.record = {**(resume.record or {}), "resumed": int((resume.record or {}).get("resumed", 0)) + 1}
         set_torch_threads(plan.torch_threads)  # also for a model already adopted by an earlier run
-        adopt_model(self.job, plan.model.module)  # threads share it; other processes load their own once
+        plan.engine.share_model(self.job, plan.model.module)  # threads share it; Dask workers get it once
 
     def tasks(self, guarded: bool = False) -> list[Any]:
         """The delayed level-0 tasks left to run (plain tiling only; see :meth:`compute`)."""
@@ -468,12 +479,13 @@ class Writing:
         plan = self.plan
         started = time.perf_counter()
         if plan.blend is None:
-            self.stages = stage_seconds(compute_results(self.tasks(), plan.workers, on_progress))
+            results = compute_results(self.tasks(), plan.workers, on_progress, plan.engine, plan.gpu)
+            self.stages = stage_seconds(results)
         else:  # blended tiles overlap: a resumed blended run computes every tile again
             kept = [tile for tile in plan.tiles if plan.kept(tile)]
             predict_blended(
                 self.job, kept, plan.model.spec.num_classes, plan.grid.shape, plan.blend, plan.config.tiling.batch,
-                plan.workers, on_progress,
+                plan.workers, on_progress, plan.engine,
             )  # fmt: skip
         self._compute_s += time.perf_counter() - started
 
@@ -484,7 +496,9 @@ class Writing:
         first = 2 if self.job.level1 else 1
         for level, (height, width) in enumerate(plan.levels[first:], start=first):
             tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
-            compute_tasks(build_reduce_tasks(self.job.output, level, tiles, cfg.tiling.batch), plan.workers)
+            compute_tasks(
+                build_reduce_tasks(self.job.output, level, tiles, cfg.tiling.batch), plan.workers, None, plan.engine
+            )
         pyramid_s = time.perf_counter() - started
         total_s = plan.setup_s + time.perf_counter() - self._started
         compute = self._compute_s if compute_s is None else compute_s
@@ -492,6 +506,8 @@ class Writing:
         timings = {k: round(v, 3) for k, v in timings.items()}
         if self.stages:
             timings["stages"] = {k: round(v, 3) for k, v in self.stages.items()}
+        if plan.engine.distributed:  # a worker that died mid-write left zarr's temporary file behind
+            remove_partial_files(self.path)
         final = mark_complete(self.path, self.record, timings)
         clear_state(self.path)
         log.info("%s: complete in %.1f s", self.path, total_s)

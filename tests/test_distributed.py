@@ -1,0 +1,173 @@
+"""Dask distributed over loopback: a real scheduler and real workers give the local run's bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cluster import job_queue_cluster
+from pipeline.config import load_config
+from pipeline.model import ReferenceFCN
+from pipeline.resume import STATE_DIR
+from pipeline.synthetic import make_synthetic_slide
+from tests.test_resume import FIXED, assert_same_bytes, fcnpipe
+
+
+class Cluster:
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, stopped at the end."""
+
+    def __init__(self, folder: Path, workers: int) -> None:
+        self.file = folder / "scheduler.json"
+        self.scheduler = self._start("dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard")
+        deadline = time.monotonic() + 60
+        while not self.file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.address = json.loads(self.file.read_text())["address"]
+        self.workers = [
+            self._start("dask_worker", "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", "--no-dashboard")
+            for _ in range(workers)
+        ]
+        self.wait_for(workers)
+
+    def _start(self, program: str, *args: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", f"distributed.cli.{program}", "--scheduler-file", str(self.file), *args]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_for(self, workers: int) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout="30s") as client:
+            client.wait_for_workers(workers, timeout=60)
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.scheduler]:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A 4096^2 synthetic slide, a reference FCN, and the store of a local (threads) run of them."""
+    folder = tmp_path_factory.mktemp("distributed")
+    image = folder / "slide.tif"
+    make_synthetic_slide(image, folder / "mask.tif", size=4096, seed=5)
+    torch.manual_seed(0)
+    model = folder / "model.pt"
+    torch.save(ReferenceFCN(3, 3, 16).state_dict(), model)
+    local = folder / "local.zarr"
+    done = fcnpipe("run", image, "-m", model, "-o", local, *FIXED)
+    assert done.returncode == 0, done.stderr
+    return image, model, local
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path, workers=2)
+    yield running
+    running.stop()
+
+
+def test_run_and_batch_on_a_scheduler_give_the_local_bytes(
+    slide: tuple[Path, Path, Path], cluster: Cluster, tmp_path: Path
+) -> None:
+    image, model, local = slide
+    store = tmp_path / "remote.zarr"
+    done = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address)
+    assert done.returncode == 0, done.stderr
+    assert f"Dask {cluster.address}: 2 workers, 2 threads x 1 torch threads" in done.stderr
+    assert_same_bytes(local, store)
+    outdir = tmp_path / "batch"
+    batch = fcnpipe("batch", image, "-m", model, "-o", outdir, *FIXED, "--scheduler", cluster.address)
+    assert batch.returncode == 0, batch.stderr
+    assert_same_bytes(local, outdir / "slide.zarr")
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_bytes_are_the_same(
+    slide: tuple[Path, Path, Path], cluster: Cluster, tmp_path: Path
+) -> None:
+    image, model, local = slide
+    store = tmp_path / "remote.zarr"
+    args = ["run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address]
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    markers = store / STATE_DIR / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not markers.exists() or len(os.listdir(markers)) < 5):
+        time.sleep(0.02)
+    finished_before = len(os.listdir(markers))
+    cluster.workers[0].send_signal(signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert cluster.workers[0].wait() == -signal.SIGKILL
+    total = sum(1 for line in stderr.splitlines() if line.startswith("chunks"))
+    assert total == 1 and finished_before < 64  # killed while tasks were left
+    assert_same_bytes(local, store)
+    assert not list(store.rglob("*.partial"))
+
+
+def test_job_scripts_for_slurm_and_pbs_come_from_the_config(tmp_path: Path) -> None:
+    config = load_config(
+        overrides={
+            "cluster": {
+                "queue": "gpu", "account": "pathology", "cores": 8, "memory": "64GB", "walltime": "10:00:00",
+                "gpus": 1, "job_script_prologue": ["module load cuda/12", "source ~/fcnpipe/.venv/bin/activate"],
+                "job_extra_directives": ["--constraint=a100"], "log_directory": str(tmp_path / "logs"),
+            }
+        }
+    )  # fmt: skip
+    with job_queue_cluster("slurm", config.cluster) as slurm:
+        script = slurm.job_script()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A pathology", "#SBATCH --cpus-per-task=8", "#SBATCH -t 10:00:00",
+                 "#SBATCH --gres=gpu:1", "#SBATCH --constraint=a100", "module load cuda/12",
+                 "source ~/fcnpipe/.venv/bin/activate"):  # fmt: skip
+        assert line in script, line
+    assert "--nthreads 8" in script and "--resources GPU=1" in script and "--mem=60G" in script
+    assert script.index("module load cuda/12") < script.index("distributed.cli.dask_worker")
+    cpu = load_config(overrides={"cluster": {"queue": "workq", "cores": 16, "processes": 4, "memory": "64GB"}})
+    with job_queue_cluster("pbs", cpu.cluster) as pbs:
+        script = pbs.job_script()
+    assert "#PBS -q workq" in script and "#PBS -l select=1:ncpus=16:mem=60GB" in script
+    assert "--nthreads 4" in script and "--nworkers 4" in script and "GPU" not in script
+
+
+def test_the_job_queue_path_runs_with_local_jobs(slide: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The job script, adaptive scaling and the model plugin, with the jobs run as local processes."""
+    image, model, local = slide
+    config = tmp_path / "jobs.yaml"
+    config.write_text("compute:\n  scheduler: local-jobs\ncluster:\n  cores: 1\n  memory: 2GB\n  maximum_jobs: 2\n")
+    store = tmp_path / "jobs.zarr"
+    done = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "-c", config)
+    assert done.returncode == 0, done.stderr
+    assert "Dask local-jobs" in done.stderr
+    assert_same_bytes(local, store)
+
+
+def test_a_lost_scheduler_leaves_a_store_that_resume_completes(
+    slide: tuple[Path, Path, Path], cluster: Cluster, tmp_path: Path
+) -> None:
+    image, model, local = slide
+    store = tmp_path / "remote.zarr"
+    args = ["run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address]
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    markers = store / STATE_DIR / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not markers.exists() or len(os.listdir(markers)) < 5):
+        time.sleep(0.02)
+    cluster.scheduler.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    _, stderr = run.communicate(timeout=300)
+    print(f"the run ended {time.monotonic() - started:.1f} s after the scheduler was killed")
+    assert run.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("fcnpipe:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    resumed = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_bytes(local, store)

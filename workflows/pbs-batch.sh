@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+#PBS -N fcnpipe
+#PBS -l select=1:ncpus=2:mem=8gb
+#PBS -l walltime=14:00:00
+#PBS -j oe
+# The overnight batch on a PBS cluster: as slurm-batch.sh, with compute.scheduler pbs.
+#
+#   qsub -v SCANS=/data/scans,MODEL=models/tumour.pt,OUT=/data/maps workflows/pbs-batch.sh
+set -euo pipefail
+cd "${PBS_O_WORKDIR:-.}"
+source ~/fcnpipe/.venv/bin/activate
+exec fcnpipe batch "$SCANS" -m "$MODEL" -o "$OUT" -c configs/pathology.yaml -c configs/cluster.yaml \
+  --scheduler pbs --no-progress
