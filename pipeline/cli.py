@@ -105,7 +105,7 @@ _RUN_OPTIONS = [
     click.option("--blend", type=click.Choice(["none", "gaussian", "cosine"]),
                  help="Below the exact halo: weighted mean of overlapping windows.  [default: none]"),
     click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
-                 help="Stored probabilities; uint8 holds round(p*255).  [default: float32]"),
+                 help="Stored probabilities; uint8 holds round(p*255).  [default: uint8]"),
     click.option("--format", "output_format", type=click.Choice(["ome-zarr-0.4", "ome-zarr-0.5"]),
                  help="OME-Zarr 0.4 on Zarr v2 (QuPath, GDAL/QGIS, napari) or 0.5 on Zarr v3."
                       "  [default: ome-zarr-0.4]"),

@@ -115,8 +115,9 @@ class TilingConfig:
 class OutputConfig:
     path: str | None = None
     """The Zarr store to write."""
-    dtype: OutputDtype = "float32"
-    """Stored probabilities: float32, float16, or uint8 holding round(p * 255)."""
+    dtype: OutputDtype = "uint8"
+    """Stored probabilities: uint8 holding round(p * 255) (steps of 0.004, a quarter of the bytes to
+    compress and write), float16, or float32 for the network's values as they are."""
     overwrite: bool = False
     """Replace an existing store. Without it an existing output is never touched."""
     format: OutputFormat = "ome-zarr-0.4"

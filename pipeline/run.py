@@ -7,6 +7,7 @@ to the user; :func:`execute` does the long part. :func:`run_pipeline` is both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -545,7 +546,7 @@ def make_job(plan: RunPlan, out_path: str, token: str) -> Job:
     cfg, spec = plan.config, plan.model.spec
     norm = spec.normalization
     return Job(
-        source=plan.source.ref,
+        source=dataclasses.replace(plan.source.ref, cache_tiles=True),  # tasks read in tile order
         resampling=plan.grid.resampling,
         source_shape=plan.source.shape[1:],
         output=OutputRef(out_path, cfg.output.dtype, token=token),

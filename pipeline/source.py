@@ -51,6 +51,9 @@ class SourceRef:
     """GDAL_NODATA: a pixel whose every kept channel equals it holds no data."""
     mask_series: int | None = None
     """Series holding a GDAL internal mask (PhotometricInterpretation MASK) of this level's size."""
+    cache_tiles: bool = False
+    """Keep recently decoded file tiles (:data:`TILE_CACHE`): for reads in tile order, where
+    neighbouring windows share the tiles under their halo; not for random patches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,16 +282,74 @@ _OPEN_LIMIT = 8
 _local = threading.local()
 
 
+class _TileCache:
+    """Decoded file tiles, shared by the threads of a process, least recently used dropped first.
+
+    A task's window (a 2 x 2 block of cores and its halo) touches a ring of file tiles for the
+    halo's pixel or two; the next task along the row needs half of them again. Keeping the last
+    few dozen decoded tiles halves the JPEG decoding of a slide, for memory that does not depend
+    on the image's size.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: OrderedDict[tuple[object, ...], Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> Any:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[object, ...], value: Any, size: int) -> None:
+        with self.lock:
+            if key in self.items or size > self.max_bytes:
+                return
+            self.items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self.items.popitem(last=False)
+                self.bytes -= dropped
+
+
+TILE_CACHE = _TileCache(max_bytes=32 * 2**20)
+
+
+class _DecodedTiles(zarr.storage.WrapperStore):  # type: ignore[misc]
+    """tifffile's Zarr store (which returns *decoded* tiles) with :data:`TILE_CACHE` in front."""
+
+    def __init__(self, store: Any, name: tuple[object, ...]) -> None:
+        super().__init__(store)
+        self.name = name
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        cached = TILE_CACHE.get((*self.name, key))
+        if cached is not None:
+            return cached[0]
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None:
+            TILE_CACHE.put((*self.name, key), value, len(value))
+        return value
+
+
 def _open_level(ref: SourceRef) -> Any:
     """This thread's zarr view of ``ref``'s level, opened once and kept (a few files per thread)."""
-    cache: OrderedDict[tuple[str, int, int], Any] | None = getattr(_local, "cache", None)
+    cache: OrderedDict[tuple[str, int, int, bool], Any] | None = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = OrderedDict()
-    key = (ref.path, ref.series, ref.level)
+    key = (ref.path, ref.series, ref.level, ref.cache_tiles)
     if key in cache:
         cache.move_to_end(key)
         return cache[key][1]
     store = tifffile.imread(ref.path, aszarr=True, series=ref.series, level=ref.level)
+    if ref.cache_tiles:
+        stat = os.stat(ref.path)  # a file rewritten at the same path must not meet its old tiles
+        store = _DecodedTiles(store, (*key, stat.st_mtime_ns, stat.st_size))
     array = zarr.open_array(store, mode="r")
     cache[key] = (store, array)
     while len(cache) > _OPEN_LIMIT:

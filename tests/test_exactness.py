@@ -64,7 +64,7 @@ def run(image: Path, model: Path, out: Path, tile: int, **compute: object) -> za
             "input": {"path": str(image)},
             "model": {"path": str(model), **({"tta": "flips"} if compute.pop("tta", False) else {})},
             "tiling": {"tile": tile, "batch": 2},
-            "output": {"path": str(out)},
+            "output": {"path": str(out), "dtype": "float32"},
             "compute": {"progress": False, **compute},
         }
     )
@@ -104,7 +104,7 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
         overrides={
             "input": {"path": str(image)},
             "model": {"path": str(save(tmp_path, "unet"))},
-            "output": {"path": str(tmp_path / "o.zarr")},
+            "output": {"path": str(tmp_path / "o.zarr"), "dtype": "float32"},
         }
     )
     plan = prepare(config)
@@ -122,7 +122,7 @@ def test_tile_not_multiple_of_stride_is_refused(make_tiff: Callable[..., Path], 
             "input": {"path": str(image)},
             "model": {"path": str(save(tmp_path, "fcn8s"))},
             "tiling": {"tile": 50},
-            "output": {"path": str(tmp_path / "o.zarr")},
+            "output": {"path": str(tmp_path / "o.zarr"), "dtype": "float32"},
         }
     )
     with pytest.raises(ConfigError, match="not a multiple of the network's stride 32; use 64"):
@@ -150,7 +150,7 @@ def test_precision_other_than_float32_needs_cuda(make_tiff: Callable[..., Path],
             "input": {"path": str(image)},
             "model": {"path": str(save(tmp_path, "reference"))},
             "compute": {"precision": "float16"},
-            "output": {"path": str(tmp_path / "o.zarr")},
+            "output": {"path": str(tmp_path / "o.zarr"), "dtype": "float32"},
         }
     )
     with pytest.raises(ConfigError, match="float16 needs a CUDA device"):

@@ -35,14 +35,15 @@ def run_store(real_data: Path, model: Path, out: Path, name: str, *flags: str) -
 @pytest.fixture
 def rgb_store(real_data: Path, make_model: Callable[..., Path], tmp_path: Path) -> Path:
     """Store of the Landsat GeoTIFF (718 x 791, EPSG:32618, nodata collar), float32, one level."""
-    return run_store(real_data, make_model(in_channels=3, num_classes=3), tmp_path / "rgb.zarr", "RGB.byte.tif")
+    model = make_model(in_channels=3, num_classes=3)
+    return run_store(real_data, model, tmp_path / "rgb.zarr", "RGB.byte.tif", "--dtype", "float32")
 
 
 @pytest.fixture
 def svs_store(real_data: Path, make_model: Callable[..., Path], tmp_path: Path) -> Path:
     """Store of the Aperio slide (2967 x 2220, 0.499 µm/px), float32, three levels."""
     model = make_model(in_channels=3, num_classes=3)
-    return run_store(real_data, model, tmp_path / "svs.zarr", "CMU-1-Small-Region.svs")
+    return run_store(real_data, model, tmp_path / "svs.zarr", "CMU-1-Small-Region.svs", "--dtype", "float32")
 
 
 def expected(stored: np.ndarray, dtype: str) -> np.ndarray:

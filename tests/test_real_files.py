@@ -38,7 +38,9 @@ def test_readable_file_runs_end_to_end(
 ) -> None:  # fmt: skip
     out = tmp_path / "out.zarr"
     model = make_model(in_channels=channels, num_classes=3)
-    result = CliRunner().invoke(cli, ["run", str(real_data / name), "-m", str(model), "-o", str(out), *flags])
+    result = CliRunner().invoke(
+        cli, ["run", str(real_data / name), "-m", str(model), "-o", str(out), "--dtype", "float32", *flags]
+    )
     assert result.exit_code == 0, result.output
     store = zarr.open_group(str(out), mode="r")
     probs = store[PROBABILITIES]

@@ -64,7 +64,7 @@ def _checkpoint(tmp_path: Path, mpp: float | None = None, gsd: float | None = No
 
 
 def _run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, ["run", *args, "--no-preview"])
+    result = CliRunner().invoke(cli, ["run", *args, "--no-preview", "--dtype", "float32"])
     return result.exit_code, result.stderr
 
 

@@ -147,9 +147,9 @@ def test_resume_refuses_another_model_or_config(slide: tuple[Path, Path], tmp_pa
     refused = fcnpipe("run", image, "-m", other, "-o", store, *FIXED, "--resume")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "cannot resume" in refused.stderr and "model.sha256" in refused.stderr
-    retiled = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume", "--tile", "256", "--dtype", "uint8")
+    retiled = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume", "--tile", "256", "--dtype", "float32")
     assert retiled.returncode == 2
-    assert "tiling.tile: 128 -> 256" in retiled.stderr and "output.dtype: float32 -> uint8" in retiled.stderr
+    assert "tiling.tile: 128 -> 256" in retiled.stderr and "output.dtype: uint8 -> float32" in retiled.stderr
     plain = fcnpipe("run", image, "-m", model, "-o", store, *FIXED)
     assert plain.returncode != 0 and "already exists; pass --overwrite" in plain.stderr
     assert not completed(store)

@@ -32,7 +32,7 @@ def run(image_path: Path, model_path: Path, out: Path, **sections: dict[str, obj
         "input": {"path": str(image_path)},
         "model": {"path": str(model_path)},
         **sections,
-        "output": {"path": str(out), **sections.get("output", {})},
+        "output": {"path": str(out), "dtype": "float32", **sections.get("output", {})},
         "compute": {"progress": False, **sections.get("compute", {})},
     }
     run_pipeline(load_config(overrides=overrides))

@@ -19,7 +19,9 @@ from tests.conftest import random_image
 
 
 def run(image: Path, model: Path, out: Path, *flags: str) -> zarr.Group:
-    result = CliRunner().invoke(cli, ["run", str(image), "-m", str(model), "-o", str(out), *flags])
+    result = CliRunner().invoke(
+        cli, ["run", str(image), "-m", str(model), "-o", str(out), "--dtype", "float32", *flags]
+    )
     assert result.exit_code == 0, result.output
     return zarr.open_group(str(out), mode="r")
 
@@ -164,7 +166,9 @@ def test_pixel_is_area_and_point_keep_gdal_transform(
 
 def test_rotated_geotiff_is_refused_clearly(make_model: Callable[..., Path], tmp_path: Path) -> None:
     image = _geotiff(tmp_path / "rotated.tif", Affine(2.0, 0.5, 1000.0, 0.5, -2.0, 5000.0))
-    result = CliRunner().invoke(cli, ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr")])
+    result = CliRunner().invoke(
+        cli, ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr"), "--dtype", "float32"]
+    )
     assert result.exit_code == 1
     assert "rotated or sheared" in result.stderr and str(image) in result.stderr
 
@@ -173,7 +177,9 @@ def test_input_without_resolution_is_in_pixels_and_says_so(
     make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     image = make_tiff(random_image((30, 30, 3)), photometric="rgb")
-    result = CliRunner().invoke(cli, ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr")])
+    result = CliRunner().invoke(
+        cli, ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr"), "--dtype", "float32"]
+    )
     assert result.exit_code == 0
     assert result.stderr.count("records no pixel size") == 1
     axes = zarr.open_group(str(tmp_path / "o.zarr"), mode="r").attrs["multiscales"][0]["axes"]
