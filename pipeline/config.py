@@ -93,7 +93,10 @@ class TilingConfig:
     tile: int = 512
     """Core size in pixels: one output chunk. The halo comes from the model, not from here."""
     batch: int = 4
-    """Tiles per task; equal-sized tiles of a task share one forward pass."""
+    """Tiles per task in a row (blended tiling, pyramid levels); plain tasks are 2 x 2 blocks."""
+    forward_batch: int | None = None
+    """Tiles per forward pass. None: 1 on the CPU (batching measured no faster there, and each
+    tile's activations add to the peak memory), 4 on a GPU."""
     halo: int | None = None
     """Pixels read around each core. None: the exact halo measured from the model; smaller is
     faster but approximate (see ``blend``)."""
@@ -103,6 +106,7 @@ class TilingConfig:
     def __post_init__(self) -> None:
         _positive(self.tile, "tiling.tile")
         _positive(self.batch, "tiling.batch")
+        _positive(self.forward_batch, "tiling.forward_batch")
         if self.halo is not None:
             _non_negative(self.halo, "tiling.halo")
         if self.blend != "none" and self.halo is None:

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.model import Predictor, select_device, set_torch_threads
 from pipeline.output import encoded_size
 from pipeline.predict import read_windows
+from pipeline.tiling import Tile
 
 if TYPE_CHECKING:
     from pipeline.run import RunPlan
@@ -101,13 +102,13 @@ def estimate(plan: RunPlan) -> Estimate:
     )
 
 
-def _sample(plan: RunPlan) -> list:  # type: ignore[type-arg]
+def _sample(plan: RunPlan) -> list[Tile]:
     """The foreground tiles of the task nearest the image centre (any task if none has foreground)."""
     height, width = plan.grid.shape
     groups = [[tile for tile in group if plan.kept(tile)] for group in plan.groups()]
     groups = [group for group in groups if group] or plan.groups()
 
-    def distance(group: list) -> float:  # type: ignore[type-arg]
+    def distance(group: list[Tile]) -> float:
         y0, y1, x0, x1 = group[0].core
         return float(((y0 + y1) / 2 - height / 2) ** 2 + ((x0 + x1) / 2 - width / 2) ** 2)
 

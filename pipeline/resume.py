@@ -2,11 +2,12 @@
 
 A store being written holds a hidden folder ``.fcnpipe/`` beside its arrays:
 
-* ``run.json``: the run's fingerprint (what the bytes depend on: input, model, the config's
-  relevant keys, the device and torch threads), written atomically before any chunk;
+* ``run.json``: the run's fingerprint (what the bytes depend on: the input file, the model, the
+  config's keys that change a pixel; :func:`fingerprint`) and its torch threads, written
+  atomically before any chunk;
 * ``done/<task>``: one empty file per finished task, created only after every chunk the task
-  wrote is on disk (written by zarr through a rename, then fsynced), so a marker never stands
-  for a chunk that a kill, even SIGKILL or a power cut, could have lost.
+  wrote is on disk (each written to a temporary file renamed over the chunk, then fsynced), so a
+  marker never stands for a chunk that a kill, even SIGKILL or a power cut, could have lost.
 
 ``--resume`` compares the fingerprint, skips the tasks that have a marker and runs the rest; the
 coarser pyramid levels (a sixteenth of the pixels) are always made again from level 1. The tasks
@@ -20,9 +21,14 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import OutputError
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, OutputError
+from pipeline.metadata import read_record
+from pipeline.output import is_store
+from pipeline.source import SourceInfo
 from pipeline.tiling import Tile
 
 STATE_DIR = ".fcnpipe"
@@ -128,3 +134,75 @@ def differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -
 def _short(value: object) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What ``--resume`` found at the output path."""
+
+    done: frozenset[str]
+    """Tasks finished by earlier runs."""
+    complete: bool = False
+    """The store is already complete: nothing to do."""
+    restart: bool = False
+    """The store was interrupted before its first task: it is created again."""
+    record: dict[str, Any] | None = None
+    """The store's ``fcnpipe`` attribute, kept (with its start time) for the completion mark."""
+
+
+def fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str) -> dict[str, Any]:
+    """What the output's bytes depend on: the input file, the model and the keys of the config that
+    change a pixel (not the output path, the workers or the progress bar). Plain JSON values."""
+    c = config.to_dict()
+    value = {
+        "input": {
+            "name": os.path.basename(source.path),
+            "size_bytes": source.file_size,
+            **{key: c["input"][key] for key in ("series", "level", "mpp", "gsd")},
+        },
+        "model": {"sha256": model_sha256, **{k: v for k, v in c["model"].items() if k not in ("path", "factory")}},
+        "tiling": c["tiling"],
+        "output": {key: c["output"][key] for key in ("dtype", "format")},
+        "mask": c["mask"],
+        "compute": {key: c["compute"][key] for key in ("device", "precision")},  # as asked: "auto" stays "auto"
+    }
+    loaded: dict[str, Any] = json.loads(json.dumps(value))
+    return loaded
+
+
+def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
+    """What ``--resume`` finds at ``path``; None if there is nothing there (a new store is made).
+
+    Refuses a store made from another input, model or config, saying what differs, and anything
+    that is not an fcnpipe output.
+    """
+    if not os.path.lexists(path):
+        return None
+    if not is_store(path):
+        raise OutputError(f"{path}: exists and is not a Zarr store; cannot resume it")
+    record = read_record(path)
+    if record is not None and record.get("complete"):
+        return Resume(frozenset(), complete=True, record=record)
+    state = read_state(path)
+    if state is None:
+        if record is None:
+            raise OutputError(f"{path}: is not an fcnpipe output (no fcnpipe record); pass --overwrite to replace it")
+        return Resume(frozenset(), restart=True)
+    changed = differences(state.get("fingerprint", {}), fingerprint)
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(
+            f"{path}: cannot resume: it was started with a different input, model or config ({shown}); "
+            "rerun with the same ones, or pass --overwrite instead of --resume to start again"
+        )
+    return Resume(frozenset(done_tasks(path)), record=record)
+
+
+def resumed_threads(path: str, threads: int, notes: list[str]) -> tuple[int, list[str]]:
+    """The torch threads of the interrupted run: the same count gives the same bytes."""
+    state = read_state(path) or {}
+    before = state.get("torch_threads")
+    if isinstance(before, int) and before != threads:
+        notes.append(f"threads {before} torch threads per forward pass, as in the interrupted run (same bytes)")
+        return before, notes
+    return threads, notes

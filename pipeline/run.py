@@ -8,7 +8,6 @@ to the user; :func:`execute` does the long part. :func:`run_pipeline` is both.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from pipeline.blend import Blend, check_blend, predict_blended
 from pipeline.checkpoint import load_model
 from pipeline.cluster import THREADS, Engine
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, ModelError, OutputError, SourceError
+from pipeline.errors import ConfigError, ModelError, SourceError
 from pipeline.estimate import peak_rss_mib
 from pipeline.lock import store_lock
 from pipeline.mask import ChunkMask, foreground_mask
@@ -34,7 +33,6 @@ from pipeline.metadata import (
     ome_labels_group,
     pixel_centres,
     provenance,
-    read_record,
     write_start,
 )
 from pipeline.model import LoadedModel, select_device, set_torch_threads, with_classes
@@ -46,7 +44,6 @@ from pipeline.output import (
     OutputRef,
     check_target,
     create_store,
-    is_store,
     update_attributes,
     write_georeference_arrays,
 )
@@ -62,11 +59,12 @@ from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 from pipeline.resample import Grid, choose_grid
 from pipeline.resume import (
+    Resume,
+    check_resume,
     clear_state,
-    differences,
-    done_tasks,
-    read_state,
+    fingerprint,
     remove_partial_files,
+    resumed_threads,
     task_id,
     write_state,
 )
@@ -74,20 +72,6 @@ from pipeline.source import SourceInfo, open_source
 from pipeline.tiling import Tile, batched, blocks_2x2, halo_overhead, plan_tiles, round_up
 
 log = logging.getLogger("fcnpipe")
-
-
-@dataclass(frozen=True)
-class Resume:
-    """What ``--resume`` found at the output path."""
-
-    done: frozenset[str]
-    """Tasks finished by earlier runs."""
-    complete: bool = False
-    """The store is already complete: nothing to do."""
-    restart: bool = False
-    """The store was interrupted before its first task: it is created again."""
-    record: dict[str, Any] | None = None
-    """The store's ``fcnpipe`` attribute, kept (with its start time) for the completion mark."""
 
 
 @dataclass
@@ -121,6 +105,11 @@ class RunPlan:
     notes: tuple[str, ...] = ()
     engine: Engine = THREADS
     """Where the tasks run (:func:`pipeline.cluster.open_engine`)."""
+
+    @property
+    def forward_batch(self) -> int:
+        """Tiles per forward pass: as configured, else 1 on a CPU and 4 on a GPU."""
+        return self.config.tiling.forward_batch or (1 if self.device in ("cpu", "auto") else 4)
 
     @property
     def gpu(self) -> bool:
@@ -191,7 +180,8 @@ class RunPlan:
             f"model   {self.model.path} ({self.model.spec.architecture}, {self.model.spec.num_classes} classes, "
             f"receptive radius {self.radius} px, stride {self.stride})",
             f"tiles   {len(self.tiles)} of {cfg.tiling.tile} px + {self.halo} px halo "
-            f"({halo_overhead(self.tiles):.1%} extra reads), {cfg.tiling.batch} per task" + self._approximation(),
+            f"({halo_overhead(self.tiles):.1%} extra reads), {self.forward_batch} per forward pass"
+            + self._approximation(),
             f"compute {self.device}, {self.engine.describe(self.workers, self.torch_threads)}",
             f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels, "
             f"{cfg.output.format}, {len(self.levels)} levels",
@@ -307,75 +297,17 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
     mask = foreground_mask(config.mask.mode, source, grid.shape, config.tiling.tile, config.mask.threshold)
     levels = level_shapes(height, width)
-    fingerprint = _fingerprint(config, source, model.sha256)
+    prints = fingerprint(config, source, model.sha256)
     resume: Resume | None = None
     notes: list[str] = []
     if config.output.resume:
-        resume = check_resume(config.output.path, fingerprint)
-        threads, notes = _resumed_threads(config.output.path, threads, notes)
+        resume = check_resume(config.output.path, prints)
+        threads, notes = resumed_threads(config.output.path, threads, notes)
     setup_s = time.perf_counter() - started
     return RunPlan(
         config, source, model, halo, radius, stride, tiles, workers, threads, device, setup_s, levels, grid, blend,
-        mask, fingerprint, resume, tuple(notes), engine,
+        mask, prints, resume, tuple(notes), engine,
     )  # fmt: skip
-
-
-def _fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str) -> dict[str, Any]:
-    """What the output's bytes depend on: the input file, the model and the keys of the config that
-    change a pixel (not the output path, the workers or the progress bar). Plain JSON values."""
-    c = config.to_dict()
-    value = {
-        "input": {
-            "name": os.path.basename(source.path),
-            "size_bytes": source.file_size,
-            **{key: c["input"][key] for key in ("series", "level", "mpp", "gsd")},
-        },
-        "model": {"sha256": model_sha256, **{k: v for k, v in c["model"].items() if k not in ("path", "factory")}},
-        "tiling": c["tiling"],
-        "output": {key: c["output"][key] for key in ("dtype", "format")},
-        "mask": c["mask"],
-        "compute": {key: c["compute"][key] for key in ("device", "precision")},  # as asked: "auto" stays "auto"
-    }
-    loaded: dict[str, Any] = json.loads(json.dumps(value))
-    return loaded
-
-
-def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
-    """What ``--resume`` finds at ``path``; None if there is nothing there (a new store is made).
-
-    Refuses a store made from another input, model or config, saying what differs, and anything
-    that is not an fcnpipe output.
-    """
-    if not os.path.lexists(path):
-        return None
-    if not is_store(path):
-        raise OutputError(f"{path}: exists and is not a Zarr store; cannot resume it")
-    record = read_record(path)
-    if record is not None and record.get("complete"):
-        return Resume(frozenset(), complete=True, record=record)
-    state = read_state(path)
-    if state is None:
-        if record is None:
-            raise OutputError(f"{path}: is not an fcnpipe output (no fcnpipe record); pass --overwrite to replace it")
-        return Resume(frozenset(), restart=True)
-    changed = differences(state.get("fingerprint", {}), fingerprint)
-    if changed:
-        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
-        raise ConfigError(
-            f"{path}: cannot resume: it was started with a different input, model or config ({shown}); "
-            "rerun with the same ones, or pass --overwrite instead of --resume to start again"
-        )
-    return Resume(frozenset(done_tasks(path)), record=record)
-
-
-def _resumed_threads(path: str, threads: int, notes: list[str]) -> tuple[int, list[str]]:
-    """The torch threads of the interrupted run: the same count gives the same bytes."""
-    state = read_state(path) or {}
-    before = state.get("torch_threads")
-    if isinstance(before, int) and before != threads:
-        notes.append(f"threads {before} torch threads per forward pass, as in the interrupted run (same bytes)")
-        return before, notes
-    return threads, notes
 
 
 def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> None:
@@ -558,6 +490,7 @@ def make_job(plan: RunPlan, out_path: str, token: str) -> Job:
         precision=cfg.compute.precision,
         tta=cfg.model.tta == "flips",
         level1=plan.level1,
+        forward_batch=plan.forward_batch,
         torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),
         mean=cfg.model.mean or norm.mean,

@@ -64,8 +64,8 @@ def test_bad_config_key_names_file_and_key(make_tiff: Callable[..., Path], tmp_p
     result = CliRunner().invoke(cli, ["run", str(image), "-c", str(config), "-m", "m.pt", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert (
-        result.stderr.strip()
-        == f"fcnpipe: error: {config}: Unknown config key 'tiling.hallo'. Known keys here: batch, blend, halo, tile."
+        result.stderr.strip() == f"fcnpipe: error: {config}: Unknown config key 'tiling.hallo'. "
+        "Known keys here: batch, blend, forward_batch, halo, tile."
     )
 
 
