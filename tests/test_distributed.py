@@ -91,18 +91,23 @@ def test_run_and_batch_on_a_scheduler_give_the_local_bytes(
     assert_same_bytes(local, outdir / "slide.zarr")
 
 
-def test_a_worker_killed_mid_run_is_replaced_and_the_bytes_are_the_same(
-    slide: tuple[Path, Path, Path], cluster: Cluster, tmp_path: Path
-) -> None:
-    image, model, local = slide
-    store = tmp_path / "remote.zarr"
-    args = ["run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address]
+def start_run(image: Path, model: Path, store: Path, address: str) -> tuple[subprocess.Popen[str], int]:
+    """``fcnpipe run`` on ``address`` in the background, once it has finished 5 tasks; and how many."""
+    args = ["run", image, "-m", model, "-o", store, *FIXED, "--scheduler", address]
     run = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], stderr=subprocess.PIPE, text=True)
     markers = store / STATE_DIR / "done"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not markers.exists() or len(os.listdir(markers)) < 5):
         time.sleep(0.02)
-    finished_before = len(os.listdir(markers))
+    return run, len(os.listdir(markers))
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_bytes_are_the_same(
+    slide: tuple[Path, Path, Path], cluster: Cluster, tmp_path: Path
+) -> None:
+    image, model, local = slide
+    store = tmp_path / "remote.zarr"
+    run, finished_before = start_run(image, model, store, cluster.address)
     cluster.workers[0].send_signal(signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
@@ -155,12 +160,7 @@ def test_a_lost_scheduler_leaves_a_store_that_resume_completes(
 ) -> None:
     image, model, local = slide
     store = tmp_path / "remote.zarr"
-    args = ["run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address]
-    run = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], stderr=subprocess.PIPE, text=True)
-    markers = store / STATE_DIR / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not markers.exists() or len(os.listdir(markers)) < 5):
-        time.sleep(0.02)
+    run, _ = start_run(image, model, store, cluster.address)
     cluster.scheduler.send_signal(signal.SIGKILL)
     started = time.monotonic()
     _, stderr = run.communicate(timeout=300)
