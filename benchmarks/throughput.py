@@ -8,7 +8,7 @@ For each architecture (``--archs``, default the reference FCN and the U-Net) and
    network: ``ReferenceFCN(3, 3)`` as a state_dict, or an fcnpipe checkpoint (``save_checkpoint``) of
    another architecture at its default arguments, seed 0; all cached in the work folder;
 2. times the network alone on in-memory random batches of the run's shape (tile + 2 x halo, the
-   default batch), with the same workers x torch threads as the run (``thread_plan``), the workers
+   run's tiles per forward pass: 1 on a CPU), with the same workers x torch threads as the run (``thread_plan``), the workers
    calling one shared :class:`pipeline.model.Predictor` concurrently from threads;
 3. runs the real CLI as a subprocess (``python -m pipeline run IMAGE --model M -o OUT.zarr``) under a
    small helper process that reports the child's wall time and peak RSS
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(set(args.sizes))
     cores = available_cores()
     workers, threads = thread_plan(cores, None, None, "cpu")
-    s = Settings(args.work, out_dir, args.tile, TilingConfig().batch, cores, workers, threads, args.model_mpx,
+    forward_batch = TilingConfig().forward_batch or 1  # the run's tiles per forward pass on a CPU
+    s = Settings(args.work, out_dir, args.tile, forward_batch, cores, workers, threads, args.model_mpx,
                  args.model_seconds, monai_limit(args.monai_max_size, sizes), args.keep)  # fmt: skip
     print(f"{cores} cores: fcnpipe {workers} workers x {threads} torch threads, MONAI {cores} torch threads; "
           f"tile {s.tile}, batch {s.batch}; MONAI up to N={s.monai_max}", file=sys.stderr, flush=True)  # fmt: skip
