@@ -8,8 +8,9 @@ For each architecture (``--archs``, default the reference FCN and the U-Net) and
    network: ``ReferenceFCN(3, 3)`` as a state_dict, or an fcnpipe checkpoint (``save_checkpoint``) of
    another architecture at its default arguments, seed 0; all cached in the work folder;
 2. times the network alone on in-memory random batches of the run's shape (tile + 2 x halo, the
-   run's tiles per forward pass: 1 on a CPU), with the same workers x torch threads as the run (``thread_plan``), the workers
-   calling one shared :class:`pipeline.model.Predictor` concurrently from threads;
+   run's tiles per forward pass: 1 on a CPU), with the same workers x torch threads as the run
+   (``thread_plan``), the workers calling one shared :class:`pipeline.model.Predictor` concurrently
+   from threads;
 3. runs the real CLI as a subprocess (``python -m pipeline run IMAGE --model M -o OUT.zarr``) under a
    small helper process that reports the child's wall time and peak RSS
    (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, exact, per measurement), and reads the store's
