@@ -249,14 +249,44 @@ def build_tasks(
     ``guarded``: a failing task returns a :class:`TaskFailure` instead of raising (see there).
     """
     run = dask.delayed(process_guarded if guarded else process_tiles, pure=False)
-    groups = blocks_2x2(tiles) if job.level1 else batched(tiles, batch)
-    tasks = []
+    groups = band_order(list(blocks_2x2(tiles))) if job.level1 else list(batched(tiles, batch))
+    todo = []
     for group in groups:
         name = task_id(group)
         kept = group if keep is None else [tile for tile in group if keep(tile)]
         if name not in done and kept:
-            tasks.append(run(job, kept, group if job.level1 else (), name))
-    return tasks
+            todo.append((group, kept, name))
+    # Dask runs independent tasks in reverse order of their keys (random ones by default): name
+    # them so that they run in the order of ``groups``.
+    return [
+        run(job, kept, group if job.level1 else (), name, dask_key_name=f"fcnpipe-{job.output.token}-{rank:09d}")
+        for rank, (group, kept, name) in zip(range(len(todo) - 1, -1, -1), todo, strict=True)
+    ]
+
+
+BAND = 4
+"""Rows of 2 x 2 blocks per band in :func:`band_order`."""
+
+
+def band_order(blocks: Sequence[list[Tile]]) -> list[list[Tile]]:
+    """Blocks in bands of :data:`BAND` block rows, each band column by column.
+
+    Neighbouring windows share the file tiles under their halo. In this order the tiles a task
+    needs were mostly decoded by the tasks just before it, above or to its left, and are still in
+    the small decoded-tile cache (:data:`pipeline.source.TILE_CACHE`); row by row, the tiles
+    shared with the row above were decoded a whole image width ago.
+
+    >>> from pipeline.tiling import plan_tiles
+    >>> blocks = list(blocks_2x2(plan_tiles(16, 8, 2, 1)))  # 4 block rows, 2 block columns
+    >>> [(b[0].row // 2, b[0].col // 2) for b in band_order(blocks)][:5]
+    [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1)]
+    """
+
+    def place(block: list[Tile]) -> tuple[int, int, int]:
+        row, col = block[0].row // 2, block[0].col // 2
+        return (row // BAND, col, row)
+
+    return sorted(blocks, key=place)
 
 
 @dataclass(frozen=True, slots=True)
