@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.cluster import THREADS, Engine
 from pipeline.config import RunConfig
@@ -163,8 +164,8 @@ def run_batch(
     pending = list(items)
     while pending:
         wave: list[tuple[BatchItem, Writing, float]] = []
-        tasks_in_wave = 0
-        while pending and (not wave or tasks_in_wave < TASKS_PER_WORKER * wave[0][1].plan.workers):
+        tasks: list[Any] = []
+        while pending and (not wave or len(tasks) < TASKS_PER_WORKER * wave[0][1].plan.workers):
             item = pending.pop(0)
             started = time.perf_counter()
             item_config = _for_input(config, item)
@@ -191,9 +192,9 @@ def run_batch(
                 report(item)
                 continue
             wave.append((item, writing, started))
-            tasks_in_wave += len(writing.tasks())
+            tasks += writing.tasks(guarded=True)
         if wave:
-            _run_wave(wave, on_progress, report)
+            _run_wave(wave, tasks, on_progress, report)
     return items
 
 
@@ -226,13 +227,13 @@ def _run_alone(item: BatchItem, writing: Writing, started: float, on_progress: C
 
 def _run_wave(
     wave: Sequence[tuple[BatchItem, Writing, float]],
+    tasks: Sequence[Any],
     on_progress: Callable[[int], None] | None,
     report: Callable[[BatchItem], None],
 ) -> None:
-    """Compute the level-0 tasks of every store of ``wave`` together, then finish each store."""
+    """Compute ``tasks``, the level-0 tasks of every store of ``wave``, together; then finish each store."""
     writings = [writing for _, writing, _ in wave]
     try:
-        tasks = [task for writing in writings for task in writing.tasks(guarded=True)]
         compute_started = time.perf_counter()
         plan = writings[0].plan
         results = compute_results(tasks, plan.workers, on_progress, plan.engine, plan.gpu)

@@ -227,13 +227,8 @@ def run(
         for line in _summary(result):
             _say(line)
     if preview and result.status == "done":
-        from pipeline.preview import default_preview_path, write_store_preview
-
-        try:
-            png = write_store_preview(result.output_path, default_preview_path(result.output_path))
-        except FcnpipeError as err:  # the store is complete; a missing picture must not fail the run
-            click.echo(f"fcnpipe: warning: no preview written: {err}", err=True)
-        else:
+        png = _preview_quietly(result.output_path)
+        if png is not None:
             click.echo(f"preview {png}", err=True)
 
 
@@ -329,8 +324,9 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
 
 def default_log_path(store: str) -> str:
     """``OUT.log`` beside the store ``OUT.zarr``."""
-    path = os.path.abspath(store).rstrip(os.sep)
-    return (path[: -len(".zarr")] if path.endswith(".zarr") else path) + ".log"
+    from pipeline.output import beside
+
+    return beside(os.path.abspath(store), ".log")
 
 
 def _show_plan(plan: Any, extra: list[str]) -> None:
@@ -358,13 +354,15 @@ def _summary(result: Any) -> list[str]:
     ]
 
 
-def _preview_quietly(store: str) -> None:
+def _preview_quietly(store: str) -> str | None:
+    """The preview PNG of a complete store, or a warning: a missing picture must not fail a run."""
     from pipeline.preview import default_preview_path, write_store_preview
 
     try:
-        write_store_preview(store, default_preview_path(store))
+        return write_store_preview(store, default_preview_path(store))
     except FcnpipeError as err:
-        click.echo(f"fcnpipe: warning: no preview for {store}: {err}", err=True)
+        click.echo(f"fcnpipe: warning: no preview written for {store}: {err}", err=True)
+        return None
 
 
 @contextlib.contextmanager

@@ -48,6 +48,16 @@ class OutputRef:
     """Unique per created store: handles cached for an earlier store at the same path are not reused."""
 
 
+def beside(store: str | os.PathLike[str], suffix: str) -> str:
+    """A file beside ``store``, named after it: ``.zarr`` replaced by ``suffix`` (preview, log).
+
+    >>> beside("/data/slide1.zarr/", ".preview.png"), beside("out", ".log")
+    ('/data/slide1.preview.png', 'out.log')
+    """
+    path = os.path.normpath(os.fspath(store))
+    return (path[:-5] if path.lower().endswith(".zarr") else path) + suffix
+
+
 def is_store(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", "zarr.json"))
 
@@ -155,14 +165,15 @@ def _arrays(out: OutputRef, level: int) -> tuple[Any, Any]:
 
 def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray) -> None:
     """Write one level-0 tile core: ``probs`` ``(C, y1 - y0, x1 - x0)`` float32, ``labels`` their argmax."""
-    _write_chunks(out, 0, core, quantize(probs, out.dtype), labels)
+    write_stored(out, 0, core, quantize(probs, out.dtype), labels)
 
 
-def _write_chunks(
+def write_stored(
     out: OutputRef, level: int, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray
 ) -> None:
-    """Write the one chunk of each array of ``level`` that ``core`` is, as files, without zarr's
-    array machinery: a zarr ``__setitem__`` cost 2-3 ms per chunk, several times the encoding."""
+    """Write the one chunk of each array of ``level`` that ``core`` is: ``probs`` already as stored
+    (:func:`quantize`), and ``labels``. As files, without zarr's array machinery: a zarr
+    ``__setitem__`` cost 2-3 ms per chunk, several times the encoding."""
     y0, y1, x0, x1 = core
     try:
         for array, values in zip(_arrays(out, level), (probs, labels), strict=True):
@@ -238,7 +249,7 @@ def write_reduced(
     """
     y0, y1, x0, x1 = core
     probs = mean_2x2(probs_above, out.dtype)[:, : y1 - y0, : x1 - x0]
-    _write_chunks(out, level, core, probs, subsample_2x2(labels_above)[: y1 - y0, : x1 - x0])
+    write_stored(out, level, core, probs, subsample_2x2(labels_above)[: y1 - y0, : x1 - x0])
     return (y1 - y0) * (x1 - x0)
 
 

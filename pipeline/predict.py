@@ -27,8 +27,8 @@ from pipeline.output import (
     chunk_files,
     quantize,
     reduce_core,
-    write_core,
     write_reduced,
+    write_stored,
 )
 from pipeline.resample import Resampling, read_resampled
 from pipeline.resume import mark_done, task_id
@@ -137,15 +137,17 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
     uy0, _, ux0, _ = box = union_window(tiles)
     raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
     pixels = normalize(raw, job.scale, job.mean, job.std)
-    windows: Windows = {}
+    by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for tile in tiles:
         wy0, wy1, wx0, wx1 = tile.window
         window = pad_to_stride(pixels[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.stride)
-        height, width = window.shape[1:]
-        index = 0
-        while len(windows.get((height, width, index), ())) >= job.forward_batch:
-            index += 1
-        windows.setdefault((height, width, index), []).append((tile, window))
+        by_shape.setdefault(window.shape[1:], []).append((tile, window))
+    size = job.forward_batch
+    windows: Windows = {
+        (height, width, i // size): pairs[i : i + size]
+        for (height, width), pairs in by_shape.items()
+        for i in range(0, len(pairs), size)
+    }
     return windows, valid, (uy0, ux0)
 
 
@@ -200,11 +202,12 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
                 empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
                 core_probs[:, empty] = 0.0
                 core_labels[empty] = NODATA_LABEL
-            write_core(job.output, tile.core, core_probs, core_labels)
+            stored = quantize(core_probs, job.output.dtype)
+            write_stored(job.output, 0, tile.core, stored, core_labels)
             if name is not None:
                 written += chunk_files(job.output, 0, tile.core)
             if job.level1:
-                done.append((tile, quantize(core_probs, job.output.dtype), core_labels))
+                done.append((tile, stored, core_labels))
     if job.level1:
         core = write_level1(job.output, block or tiles, done)
         if name is not None:
@@ -249,19 +252,24 @@ def build_tasks(
     ``guarded``: a failing task returns a :class:`TaskFailure` instead of raising (see there).
     """
     run = dask.delayed(process_guarded if guarded else process_tiles, pure=False)
-    groups = band_order(list(blocks_2x2(tiles))) if job.level1 else list(batched(tiles, batch))
     todo = []
-    for group in groups:
+    for group in task_groups(tiles, job.level1, batch):
         name = task_id(group)
         kept = group if keep is None else [tile for tile in group if keep(tile)]
         if name not in done and kept:
             todo.append((group, kept, name))
     # Dask runs independent tasks in reverse order of their keys (random ones by default): name
-    # them so that they run in the order of ``groups``.
+    # them so that they run in the order of task_groups.
     return [
         run(job, kept, group if job.level1 else (), name, dask_key_name=f"fcnpipe-{job.output.token}-{rank:09d}")
         for rank, (group, kept, name) in zip(range(len(todo) - 1, -1, -1), todo, strict=True)
     ]
+
+
+def task_groups(tiles: Sequence[Tile], level1: bool, batch: int) -> list[list[Tile]]:
+    """The tiles of each level-0 task, in the order they run: 2 x 2 blocks in :func:`band_order`
+    (``level1``), else ``batch`` tiles of a row, row by row."""
+    return band_order(list(blocks_2x2(tiles))) if level1 else list(batched(tiles, batch))
 
 
 BAND = 4

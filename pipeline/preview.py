@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import ConfigError, OutputError, SourceError
 from pipeline.metadata import ATTRIBUTE
-from pipeline.output import LABEL_GROUP, NODATA_LABEL, is_store
+from pipeline.output import LABEL_GROUP, NODATA_LABEL, beside, is_store
 from pipeline.source import SourceInfo, open_source, read_window
 
 LABEL_ALPHA = 0.45  # opacity of the class colours over the input: classes read at a glance, tissue shows
@@ -233,8 +233,7 @@ def default_preview_path(store_path: str | os.PathLike[str]) -> str:
     >>> default_preview_path("/data/slide1.zarr/"), default_preview_path("out")
     ('/data/slide1.preview.png', 'out.preview.png')
     """
-    path = os.path.normpath(os.fspath(store_path))
-    return (path[:-5] if path.lower().endswith(".zarr") else path) + ".preview.png"
+    return beside(store_path, ".preview.png")
 
 
 def write_store_preview(

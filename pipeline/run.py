@@ -54,6 +54,7 @@ from pipeline.predict import (
     compute_results,
     compute_tasks,
     stage_seconds,
+    task_groups,
 )
 from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
@@ -69,7 +70,7 @@ from pipeline.resume import (
     write_state,
 )
 from pipeline.source import SourceInfo, open_source
-from pipeline.tiling import Tile, batched, blocks_2x2, halo_overhead, plan_tiles, round_up
+from pipeline.tiling import Tile, halo_overhead, plan_tiles, round_up
 
 log = logging.getLogger("fcnpipe")
 
@@ -151,7 +152,7 @@ class RunPlan:
 
     def groups(self) -> list[list[Tile]]:
         """The tiles of each task, as :func:`pipeline.predict.build_tasks` groups them."""
-        return list(blocks_2x2(self.tiles) if self.level1 else batched(self.tiles, self.config.tiling.batch))
+        return task_groups(self.tiles, self.level1, self.config.tiling.batch)
 
     @property
     def ome_version(self) -> str:
