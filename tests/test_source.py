@@ -170,3 +170,35 @@ def test_real_broken_files_fail_at_open(real_data: Path, name: str, message: str
     with pytest.raises(SourceError, match=message) as caught:
         open_source(real_data / name)
     assert name in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "tiled_levels"),
+    [("CMU-1-Small-Region.svs", 1), ("cogeo.tif", 7), ("mosaic_cog1.tif", 3), ("sparse.tiff", 3)],
+)
+def test_real_tiled_levels_are_read_tile_by_tile_and_match_tifffile(
+    real_data: Path, name: str, tiled_levels: int
+) -> None:
+    """Tiled single-page levels skip tifffile's Zarr layer (``_TiledLevel``); their windows, with
+    and without the decoded-tile cache, equal what that layer decodes (JPEG YCbCr tiles, Deflate
+    uint16 with extra samples, a 20480 x 20480 COG whose tiles are all missing)."""
+    from dataclasses import replace
+
+    import zarr
+
+    from pipeline.source import _open_level, _TiledLevel
+
+    rng = np.random.default_rng(3)
+    for level in range(tiled_levels):
+        info = open_source(real_data / name, level=level)
+        with tifffile.imread(real_data / name, aszarr=True, series=0, level=level) as store:
+            through_zarr = zarr.open_array(store, mode="r")
+            for cache in (False, True):
+                ref = replace(info.ref, cache_tiles=cache)
+                assert isinstance(_open_level(ref), _TiledLevel)
+                _, height, width = info.shape
+                for _ in range(4):
+                    y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+                    y1, x1 = min(height, y0 + int(rng.integers(1, 700))), min(width, x0 + int(rng.integers(1, 700)))
+                    expected = np.moveaxis(through_zarr[y0:y1, x0:x1], -1, 0)[: info.shape[0]]
+                    np.testing.assert_array_equal(read_window(ref, (y0, y1, x0, x1)), expected)
