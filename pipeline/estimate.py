@@ -14,11 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipeline.model import Predictor, select_device, set_torch_threads
 from pipeline.output import encoded_size
-from pipeline.predict import read_windows
+from pipeline.predict import predict_cores, read_windows
 from pipeline.tiling import Tile
 
 if TYPE_CHECKING:
@@ -75,17 +73,15 @@ def estimate(plan: RunPlan) -> Estimate:
     size = 0
     first = True
     for pairs in windows.values():
-        batch = np.stack([window for _, window in pairs])
         if first:  # the first pass of a network pays one-off costs (allocations, kernels)
-            predictor.with_labels(batch[:1])
+            predict_cores(predictor, pairs[:1])
             first = False
         started = time.perf_counter()
-        probs, labels = predictor.with_labels(batch)
+        cores = predict_cores(predictor, pairs)
         forward_s += time.perf_counter() - started
         started = time.perf_counter()
-        for (tile, _), prob, label in zip(pairs, probs, labels, strict=True):
-            cy0, cy1, cx0, cx1 = tile.crop
-            size += encoded_size(prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1], job.output.dtype)
+        for _, core_probs, core_labels in cores:
+            size += encoded_size(core_probs, core_labels, job.output.dtype)
         encode_s += time.perf_counter() - started
     task_mib = max(0.0, peak_rss_mib() - before)
     n = len(sample)

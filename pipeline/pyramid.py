@@ -38,6 +38,8 @@ def mean_2x2(block: np.ndarray, dtype: str) -> np.ndarray:
     [[[0.5, 0.375]]]
     """
     c, y, x = block.shape
+    if dtype == "uint8" and block.dtype == np.uint8 and not y % 2 and not x % 2:
+        return _mean_2x2_uint8(block)
     padded = np.zeros((c, y + y % 2, x + x % 2), np.float32)
     padded[:, :y, :x] = block
     # four strided views added elementwise: a reshape-and-sum took 24 ms per 1024 x 1024 block
@@ -49,6 +51,31 @@ def mean_2x2(block: np.ndarray, dtype: str) -> np.ndarray:
         n[:, -1] /= 2
     mean: np.ndarray = sums / n
     return np.rint(mean).astype(np.uint8) if dtype == "uint8" else mean.astype(dtype)
+
+
+def _mean_2x2_uint8(block: np.ndarray) -> np.ndarray:
+    """:func:`mean_2x2` of a uint8 block of even height and width, in integers: the same bytes
+    (the sum over 4, rounded half to even like ``np.rint``) in a quarter of the time.
+
+    Each pair of horizontal neighbours is read as one uint16, so every pass is over contiguous
+    memory (numpy's passes over strided or mixed-type operands were 4x slower).
+
+    >>> _mean_2x2_uint8(np.array([[[1, 1, 1, 2], [0, 0, 1, 1]]], np.uint8)).tolist()  # 2/4 -> 0, 5/4 -> 1
+    [[[0, 1]]]
+    >>> _mean_2x2_uint8(np.array([[[3, 3], [0, 0]]], np.uint8)).tolist()  # 6/4 = 1.5 -> 2
+    [[[2]]]
+    """
+    pairs = np.ascontiguousarray(block).view(np.uint16)
+    sums = pairs & 0xFF
+    sums += pairs >> 8  # the two bytes of a pair, whichever the byte order
+    sums = sums[:, ::2] + sums[:, 1::2]
+    # round(s / 4) half to even is (s + 1 + (s / 4 truncated is odd)) // 4
+    odd = sums >> 2
+    odd &= 1
+    sums += odd
+    sums += 1
+    sums >>= 2
+    return sums.astype(np.uint8)
 
 
 def subsample_2x2(labels: np.ndarray) -> np.ndarray:

@@ -60,6 +60,7 @@ from pipeline.pyramid import level_shapes
 from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
 from pipeline.resample import Grid, choose_grid
 from pipeline.resume import (
+    MARK_BEHIND,
     Resume,
     check_resume,
     clear_state,
@@ -386,6 +387,7 @@ class Writing:
 
     def _open(self) -> None:
         plan = self.plan
+        MARK_BEHIND.wait(raise_error=False)  # an earlier run's last markers, before this store is touched
         if plan.config.output.resume:
             assert plan.fingerprint is not None
             plan.resume = check_resume(self.path, plan.fingerprint)
@@ -427,6 +429,7 @@ class Writing:
         """Make pyramid levels 2, 3, ... (level 1 came with level 0) and mark the store complete."""
         plan, cfg = self.plan, self.plan.config
         started = time.perf_counter()
+        MARK_BEHIND.wait()  # no marker may land after the store is marked complete
         first = 2 if self.job.level1 else 1
         for level, (height, width) in enumerate(plan.levels[first:], start=first):
             tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
@@ -491,6 +494,7 @@ def make_job(plan: RunPlan, out_path: str, token: str) -> Job:
         precision=cfg.compute.precision,
         tta=cfg.model.tta == "flips",
         level1=plan.level1,
+        mark_behind=not plan.engine.distributed,
         forward_batch=plan.forward_batch,
         torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),

@@ -69,3 +69,31 @@ def test_normalize_scales_then_standardises() -> None:
     window = np.array([[[0, 255]], [[51, 102]]], dtype=np.uint8)
     np.testing.assert_allclose(normalize(window, 255.0, None, None), [[[0, 1]], [[0.2, 0.4]]], rtol=1e-6)
     np.testing.assert_allclose(normalize(window, 255.0, (0.5, 0.2), (0.5, 0.1)), [[[-1, 1]], [[0, 2]]], atol=1e-6)
+
+
+def test_fast_argmax_quantise_and_pyramid_mean_equal_the_plain_numpy_ones() -> None:
+    """The hot path's rewritten arithmetic gives the bytes of the obvious formulas: argmax (first of
+    equals, ties made on purpose), round(p * 255), and the 2 x 2 mean of uint8 values rounded half
+    to even, in integers, against the float mean for even, odd and 1-pixel blocks."""
+    from pipeline.model import argmax_channels
+    from pipeline.output import quantize
+    from pipeline.pyramid import mean_2x2
+
+    rng = np.random.default_rng(7)
+    for classes in (2, 3, 7):
+        probs = rng.dirichlet(np.ones(classes), size=(2, 33, 35)).astype(np.float32).transpose(0, 3, 1, 2)
+        probs[:, 1, :5] = probs[:, 0, :5]  # ties: the first class wins
+        np.testing.assert_array_equal(argmax_channels(probs), probs.argmax(axis=1))
+        np.testing.assert_array_equal(quantize(probs, "uint8"), np.rint(probs * 255.0).astype(np.uint8))
+    for shape in [(3, 64, 32), (2, 7, 9), (1, 1, 1), (4, 2, 6)]:
+        block = rng.integers(0, 256, shape, dtype=np.uint8)
+        if min(shape[1:]) > 1:
+            block[0, :2, :2] = [[3, 3], [0, 0]]  # a mean of exactly 1.5
+        c, y, x = shape
+        padded = np.zeros((c, y + y % 2, x + x % 2))
+        padded[:, :y, :x] = block
+        counts = np.zeros(padded.shape[1:])
+        counts[:y, :x] = 1
+        sums = padded.reshape(c, padded.shape[1] // 2, 2, -1, 2).sum(axis=(2, 4))
+        expected = np.rint(sums / counts.reshape(counts.shape[0] // 2, 2, -1, 2).sum(axis=(1, 3)))
+        np.testing.assert_array_equal(mean_2x2(block, "uint8"), expected.astype(np.uint8))

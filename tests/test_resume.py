@@ -167,9 +167,10 @@ def test_a_second_writer_is_refused(slide: tuple[Path, Path], tmp_path: Path) ->
 
 
 def _limit_file_size() -> None:
-    """In the child: writes past 32 KiB per file fail with EFBIG, as a full disk fails them with ENOSPC."""
+    """In the child: writes past 8 KiB per file fail with EFBIG, as a full disk fails them with ENOSPC
+    (the compressed 128 x 128 probability chunks are 5-30 KiB; the metadata and log stay below)."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
 
 
 def test_a_failed_write_leaves_a_store_that_resume_completes(
