@@ -570,6 +570,7 @@ def main() -> None:
     if resume is not None:
         resume.MARK_BEHIND.wait(raise_error=False)  # markers of a failed run's finished tasks
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (fcnpipe plan | head) is not an error
+            stream.flush()
     os._exit(code)
