@@ -60,6 +60,26 @@ def linearity(rows: list[dict[str, Any]]) -> list[str]:
         sizes = f"N={mine[0]['size']}..{mine[-1]['size']}"
         lines.append(f"{arch} {sizes}: e2e {_spread([r['s_per_mpx'] for r in mine])}; "
                      f"compute {_spread([r['compute_s_per_mpx'] for r in mine])}")  # fmt: skip
+        # compute seconds per second of the model alone, measured beside it: the machine's drift cancels
+        relative = [r["model_mpx_per_s"] / r["compute_mpx_per_s"] for r in mine]
+        spread = max(relative) / min(relative) - 1
+        lines.append(f"{arch} {sizes}: compute per model second {min(relative):.2f}-{max(relative):.2f}, "
+                     f"spread {spread:.0%} ({'within' if spread <= LINEAR else 'OVER'} {LINEAR:.0%})")  # fmt: skip
+    return lines
+
+
+def overheads(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row, the ratio over the level-0 compute alone (the per-tile cost of reading, decoding,
+    quantising, compressing and writing beside the network), and the seconds outside it that every
+    run pays once: interpreter start-up and imports, setup, the coarser pyramid levels."""
+    lines = []
+    for r in rows:
+        timings = r["timings_s"]
+        startup = r["e2e_s"] - timings["total"]
+        lines.append(f"{r['architecture']} N={r['size']}: ratio {r['ratio']:.2f} end to end, "
+                     f"{r['compute_mpx_per_s'] / r['model_mpx_per_s']:.2f} over the level-0 compute; outside it "
+                     f"start-up {startup:.1f} s, setup {timings['setup']:.1f} s, "
+                     f"pyramid {timings.get('pyramid') or 0:.1f} s")  # fmt: skip
     return lines
 
 

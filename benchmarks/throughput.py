@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from _common import environment, geometry, make_inputs, run_cli, write_checkpoint
-from _report import linearity, monai_stages, plot, rss_verdict, table
+from _report import linearity, monai_stages, overheads, plot, rss_verdict, table
 from monai_baseline import machine_memory, memory_needed, run_monai
 
 from pipeline.checkpoint import load_model
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for arch in args.archs for row in bench_arch(arch, sizes, s)]
 
     lines = table(rows)
-    notes = [*linearity(rows), *rss_verdict(rows), *monai_stages(rows)]
+    notes = [*overheads(rows), *linearity(rows), *rss_verdict(rows), *monai_stages(rows)]
     print("\n".join([*lines, "", *notes]))
     png = plot(rows, os.path.join(out_dir, "throughput.png"))
     result = {
