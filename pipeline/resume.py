@@ -7,7 +7,9 @@ A store being written holds a hidden folder ``.fcnpipe/`` beside its arrays:
   atomically before any chunk;
 * ``done/<task>``: one empty file per finished task, created only after every chunk the task
   wrote is on disk (each written to a temporary file renamed over the chunk, then fsynced), so a
-  marker never stands for a chunk that a kill, even SIGKILL or a power cut, could have lost.
+  marker never stands for a chunk that a kill, even SIGKILL or a power cut, could have lost. On
+  threads the fsyncs and the marker are done by a background thread (:data:`MARK_BEHIND`) while
+  the workers go on; the run waits for it before it completes the store.
 
 ``--resume`` compares the fingerprint, skips the tasks that have a marker and runs the rest; the
 coarser pyramid levels (a sixteenth of the pixels) are always made again from level 1. The tasks
