@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import dask
+import dask.threaded
 
 from pipeline.config import JOB_QUEUES, ClusterConfig, ComputeConfig
 from pipeline.errors import ClusterError, ConfigError, FcnpipeError
@@ -97,8 +97,6 @@ class Engine:
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
                 if on_done is not None:
                     on_done(result)
-
-        import dask.threaded
 
         with _Progress():  # the function, not "threads": the name made dask import distributed (0.16 s)
             return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=workers))
