@@ -7,6 +7,7 @@ one line on stderr and a non-zero exit code; ``--debug`` shows the traceback ins
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -336,8 +337,6 @@ def _show_plan(plan: Any, extra: list[str]) -> None:
 
 def _say(line: str) -> None:
     """A line for the person at the terminal (stderr) and for the log file."""
-    import logging
-
     click.echo(line, err=True)
     logging.getLogger("fcnpipe").info(line)
 
@@ -368,8 +367,6 @@ def _preview_quietly(store: str) -> str | None:
 @contextlib.contextmanager
 def _log_to(path: str) -> Iterator[None]:
     """Append the ``fcnpipe`` logger's records to ``path`` while the block runs."""
-    import logging
-
     logger = logging.getLogger("fcnpipe")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -564,8 +561,6 @@ def main() -> None:
         if isinstance(done.code, str):
             print(done.code, file=sys.stderr)
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
-    import logging
-
     resume = sys.modules.get("pipeline.resume")
     if resume is not None:
         resume.MARK_BEHIND.wait(raise_error=False)  # markers of a failed run's finished tasks

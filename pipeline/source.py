@@ -430,7 +430,11 @@ def _open_level(ref: SourceRef) -> Any:
         stat = os.stat(ref.path)  # a file rewritten at the same path must not meet its old tiles
         name = (*key, stat.st_mtime_ns, stat.st_size)
     tif = tifffile.TiffFile(ref.path)
-    page = _TiledLevel.of(tif, ref)
+    try:
+        page = _TiledLevel.of(tif, ref)
+    except BaseException:
+        tif.close()
+        raise
     if page is not None:
         level = _TiledLevel(tif, page, ref.path, name)
         cache[key] = (level, level)
