@@ -29,6 +29,7 @@ import zarr.codecs
 
 from pipeline.errors import OutputError
 from pipeline.pyramid import mean_2x2, subsample_2x2
+from pipeline.tiling import cells_under
 
 PROBABILITIES = "0"
 LABEL_GROUP = "labels/argmax"
@@ -270,18 +271,16 @@ def _read_chunks(path: str, array: Any, box: tuple[int, int, int, int]) -> np.nd
     cy, cx = array.chunks[-2:]
     dtype = np.dtype(array.dtype).newbyteorder("<")
     region = np.empty((*array.shape[:-2], y1 - y0, x1 - x0), dtype)
-    for row in range(y0 // cy, (y1 - 1) // cy + 1):
-        for col in range(x0 // cx, (x1 - 1) // cx + 1):
-            a0, a1, b0, b1 = max(y0, row * cy), min(y1, (row + 1) * cy), max(x0, col * cx), min(x1, (col + 1) * cx)
-            target = region[..., a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-            try:
-                with open(_chunk_path(path, array, (row * cy, 0, col * cx, 0)), "rb") as file:
-                    data = file.read()
-            except FileNotFoundError:  # never written, or all fill value
-                target[...] = array.fill_value
-                continue
-            chunk = np.frombuffer(numcodecs.blosc.decompress(data), dtype).reshape(*array.shape[:-2], cy, cx)
-            target[...] = chunk[..., a0 - row * cy : a1 - row * cy, b0 - col * cx : b1 - col * cx]
+    for row, col, (a0, a1, b0, b1) in cells_under((y0, y1, x0, x1), (cy, cx)):
+        target = region[..., a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+        try:
+            with open(_chunk_path(path, array, (row * cy, 0, col * cx, 0)), "rb") as file:
+                data = file.read()
+        except FileNotFoundError:  # never written, or all fill value
+            target[...] = array.fill_value
+            continue
+        chunk = np.frombuffer(numcodecs.blosc.decompress(data), dtype).reshape(*array.shape[:-2], cy, cx)
+        target[...] = chunk[..., a0 - row * cy : a1 - row * cy, b0 - col * cx : b1 - col * cx]
     return region
 
 

@@ -25,6 +25,7 @@ import zarr
 
 from pipeline.errors import SourceError
 from pipeline.georef import Georeference, from_geokeys, ome_mpp, resolution_mpp, svs_mpp
+from pipeline.tiling import cells_under
 
 SPATIAL = "YX"
 CHANNEL_AXES = "SC"
@@ -380,16 +381,13 @@ class _TiledLevel:
         (y0, y1), (x0, x1) = (rows.start, rows.stop), (cols.start, cols.stop)
         th, tw = self.tile
         out = np.empty((y1 - y0, x1 - x0, self.samples), self.dtype)
-        for row in range(y0 // th, (y1 - 1) // th + 1):
-            for col in range(x0 // tw, (x1 - 1) // tw + 1):
-                ty, tx = row * th, col * tw
-                a0, a1, b0, b1 = max(y0, ty), min(y1, ty + th), max(x0, tx), min(x1, tx + tw)
-                tile = self._tile(row * self.across + col)
-                target = out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-                if tile is None:
-                    target[...] = 0  # a tile the file does not store (a sparse COG): tifffile's fill
-                else:
-                    target[...] = tile[a0 - ty : a1 - ty, b0 - tx : b1 - tx]
+        for row, col, (a0, a1, b0, b1) in cells_under((y0, y1, x0, x1), self.tile):
+            tile = self._tile(row * self.across + col)
+            target = out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+            if tile is None:
+                target[...] = 0  # a tile the file does not store (a sparse COG): tifffile's fill
+            else:
+                target[...] = tile[a0 - row * th : a1 - row * th, b0 - col * tw : b1 - col * tw]
         return out[..., index[2]] if len(index) > 2 else out[..., 0]
 
     def _tile(self, index: int) -> np.ndarray | None:

@@ -156,6 +156,22 @@ def union_window(tiles: Sequence[Tile]) -> Box:
     )
 
 
+def cells_under(box: Box, cell: tuple[int, int]) -> Iterator[tuple[int, int, Box]]:
+    """The cells of a grid of ``cell = (height, width)`` that ``box`` overlaps, row by row: each
+    cell's row, column and the part of ``box`` inside it. How a window is gathered from the tiles
+    of a TIFF or the chunks of a Zarr array.
+
+    >>> list(cells_under((3, 5, 0, 6), (4, 4)))
+    [(0, 0, (3, 4, 0, 4)), (0, 1, (3, 4, 4, 6)), (1, 0, (4, 5, 0, 4)), (1, 1, (4, 5, 4, 6))]
+    """
+    y0, y1, x0, x1 = box
+    height, width = cell
+    for row in range(y0 // height, (y1 - 1) // height + 1):
+        for col in range(x0 // width, (x1 - 1) // width + 1):
+            top, left = row * height, col * width
+            yield row, col, (max(y0, top), min(y1, top + height), max(x0, left), min(x1, left + width))
+
+
 def halo_overhead(tiles: Sequence[Tile]) -> float:
     """Pixels read divided by pixels written, minus one: the cost of the halo (0.0 = none)."""
     read = sum(h * w for h, w in (t.window_shape for t in tiles))
