@@ -12,13 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.cluster import job_queue_cluster
 from pipeline.config import load_config
-from pipeline.model import ReferenceFCN
 from pipeline.resume import STATE_DIR
-from pipeline.synthetic import make_synthetic_slide
+from tests.conftest import slide_and_model
 from tests.test_resume import FIXED, assert_same_bytes, fcnpipe
 
 
@@ -58,11 +56,7 @@ class Cluster:
 def slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A 4096^2 synthetic slide, a reference FCN, and the store of a local (threads) run of them."""
     folder = tmp_path_factory.mktemp("distributed")
-    image = folder / "slide.tif"
-    make_synthetic_slide(image, folder / "mask.tif", size=4096, seed=5)
-    torch.manual_seed(0)
-    model = folder / "model.pt"
-    torch.save(ReferenceFCN(3, 3, 16).state_dict(), model)
+    image, model = slide_and_model(folder, seed=5)
     local = folder / "local.zarr"
     done = fcnpipe("run", image, "-m", model, "-o", local, *FIXED)
     assert done.returncode == 0, done.stderr

@@ -20,7 +20,7 @@ import zarr
 from pipeline.lock import store_lock
 from pipeline.model import ReferenceFCN
 from pipeline.resume import STATE_DIR
-from pipeline.synthetic import make_synthetic_slide
+from tests.conftest import slide_and_model
 
 FCNPIPE = [sys.executable, "-m", "pipeline"]
 FIXED = ["--tile", "128", "--workers", "2", "--torch-threads", "1", "--no-preview", "--no-progress"]
@@ -29,13 +29,7 @@ FIXED = ["--tile", "128", "--workers", "2", "--torch-threads", "1", "--no-previe
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 4096^2 synthetic slide (about half background) and a reference FCN's state_dict."""
-    folder = tmp_path_factory.mktemp("resume")
-    image = folder / "slide.tif"
-    make_synthetic_slide(image, folder / "mask.tif", size=4096, seed=3)
-    torch.manual_seed(0)
-    model = folder / "model.pt"
-    torch.save(ReferenceFCN(3, 3, 16).state_dict(), model)
-    return image, model
+    return slide_and_model(tmp_path_factory.mktemp("resume"), seed=3)
 
 
 @pytest.fixture(scope="module")
