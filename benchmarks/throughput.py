@@ -7,10 +7,11 @@ For each architecture (``--archs``, default the reference FCN and the U-Net) and
    plus noise, written tile by tile from a generator so the image is never in memory) and the
    network: ``ReferenceFCN(3, 3)`` as a state_dict, or an fcnpipe checkpoint (``save_checkpoint``) of
    another architecture at its default arguments, seed 0; all cached in the work folder;
-2. times the network alone on in-memory random batches of the run's shape (tile + 2 x halo, the
-   run's tiles per forward pass: 1 on a CPU), with the same workers x torch threads as the run
+2. times the network alone on in-memory random batches of the run's forward passes (the run's
+   tiles per pass, 1 on a CPU, of its forward window: the tile, or the pieces it is predicted in,
+   ``forward_tile_for``, plus 2 x halo), with the same workers x torch threads as the run
    (``thread_plan``), the workers calling one shared :class:`pipeline.model.Predictor` concurrently
-   from threads;
+   from threads (its allocator setting included, :func:`pipeline.model.keep_freed_memory`);
 3. runs the real CLI as a subprocess (``python -m pipeline run IMAGE --model M -o OUT.zarr``) under a
    small helper process that reports the child's wall time and peak RSS
    (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, exact, per measurement), and reads the store's
@@ -49,6 +50,7 @@ from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import TilingConfig
 from pipeline.model import Predictor, set_torch_threads
+from pipeline.run import forward_tile_for
 
 ARCHS = ("reference", "fcn8s", "unet")
 """``reference``: ``ReferenceFCN(3, 3)`` as a bare state_dict (as before); the others: fcnpipe checkpoints."""
@@ -75,7 +77,8 @@ class Settings:
 
 def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: int,
                min_mpx: float, min_s: float) -> dict[str, float]:  # fmt: skip
-    """Mpx/s of the network alone: ``workers`` threads calling one Predictor on random batches."""
+    """Mpx/s of the network alone: ``workers`` threads calling one Predictor on random batches of
+    ``batch`` windows of ``tile + 2 halo`` (``tile``: the core of one forward pass)."""
     side = tile + 2 * halo
     rng = np.random.default_rng(0)
     batches = [rng.random((batch, 3, side, side), dtype=np.float32) for _ in range(workers)]
@@ -99,7 +102,8 @@ def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: 
         list(pool.map(loop, range(workers)))
         seconds = time.perf_counter() - started[0]
     mpx = calls[0] * mpx_per_call
-    return {"mpx": mpx, "seconds": seconds, "mpx_per_s": mpx / seconds, "input_side": side, "halo": halo}
+    return {"mpx": mpx, "seconds": seconds, "mpx_per_s": mpx / seconds, "input_side": side, "halo": halo,
+            "forward_tile": tile}  # fmt: skip
 
 
 def network(arch: str, work: str) -> str:
@@ -128,15 +132,16 @@ def monai_row(arch: str, n: int, image: str, model: str, halo: int, s: Settings)
     return {**result, "mpx_per_s": n * n / 1e6 / result["wall_s"], "peak_rss_mib": result["maxrss_kib"] / 1024}
 
 
-def measure(arch: str, n: int, predictor: Predictor, halo: int, s: Settings) -> dict[str, Any]:
-    """Model alone, ``fcnpipe run``, model alone, MONAI: one row of the table."""
+def measure(arch: str, n: int, predictor: Predictor, halo: int, forward: int, s: Settings) -> dict[str, Any]:
+    """Model alone, ``fcnpipe run``, model alone, MONAI: one row of the table (``forward``: the
+    core side of the run's forward passes)."""
     image, _ = make_inputs(s.work, n)
     model = network(arch, s.work)
     print(f"{arch} N={n}: model only, fcnpipe run, model only, MONAI ...", file=sys.stderr, flush=True)
-    before = model_only(predictor, s.tile, halo, s.batch, s.workers, s.model_mpx, s.model_seconds)
+    before = model_only(predictor, forward, halo, s.batch, s.workers, s.model_mpx, s.model_seconds)
     store = os.path.join(s.work, f"out_{arch}_{n}.zarr")
     e2e = run_cli(image, model, store, s.tile, os.path.join(s.out, f"run_{arch}_{n}.log"), s.keep)
-    after = model_only(predictor, s.tile, halo, s.batch, s.workers, s.model_mpx, s.model_seconds)
+    after = model_only(predictor, forward, halo, s.batch, s.workers, s.model_mpx, s.model_seconds)
     monai = monai_row(arch, n, image, model, halo, s)
     model_rate = (before["mpx_per_s"] + after["mpx_per_s"]) / 2
     drift = abs(before["mpx_per_s"] - after["mpx_per_s"]) / model_rate
@@ -148,7 +153,7 @@ def measure(arch: str, n: int, predictor: Predictor, halo: int, s: Settings) -> 
     stages = timings.get("stages")
     row = {
         "architecture": arch, "model": model, "size": n, "mpx": mpx, "input_bytes": os.path.getsize(image),
-        "halo": halo, "window": s.tile + 2 * halo,
+        "halo": halo, "forward_tile": forward, "window": forward + 2 * halo,
         "e2e_s": e2e["wall_s"], "e2e_mpx_per_s": e2e_rate, "s_per_mpx": e2e["wall_s"] / mpx,
         "setup_s": timings["setup"], "compute_s": timings["compute"], "pyramid_s": timings.get("pyramid"),
         "compute_mpx_per_s": mpx / timings["compute"], "compute_s_per_mpx": timings["compute"] / mpx,
@@ -169,11 +174,13 @@ def bench_arch(arch: str, sizes: list[int], s: Settings) -> list[dict[str, Any]]
     """Every size for one architecture; the network is loaded and its halo measured once."""
     make_inputs(s.work, min(sizes))  # the reference state_dict
     set_torch_threads(s.threads)
-    module = load_model(network(arch, s.work)).module
-    stride, radius, halo = geometry(module)
-    print(f"{arch}: stride {stride}, radius {radius}, halo {halo}, window {s.tile + 2 * halo}", file=sys.stderr)
-    predictor = Predictor(module, torch.device("cpu"))
-    return [{**measure(arch, n, predictor, halo, s), "stride": stride, "radius": radius} for n in sizes]
+    loaded = load_model(network(arch, s.work))
+    stride, radius, halo = geometry(loaded.module)
+    forward = forward_tile_for(TilingConfig(tile=s.tile), loaded, halo, stride, "cpu", blended=False) or s.tile
+    print(f"{arch}: stride {stride}, radius {radius}, halo {halo}, tile {s.tile} in forward passes of {forward} "
+          f"(window {forward + 2 * halo})", file=sys.stderr)  # fmt: skip
+    predictor = Predictor(loaded.module, torch.device("cpu"))
+    return [{**measure(arch, n, predictor, halo, forward, s), "stride": stride, "radius": radius} for n in sizes]
 
 
 def monai_limit(requested: int | None, sizes: list[int]) -> int:

@@ -97,6 +97,11 @@ class TilingConfig:
     forward_batch: int | None = None
     """Tiles per forward pass. None: 1 on the CPU (batching measured no faster there, and each
     tile's activations add to the peak memory), 4 on a GPU."""
+    forward_tile: int | None = None
+    """Predict each tile in pieces of this side (a multiple of the network's stride), each read with
+    the halo. None: whole tiles, except on a CPU where a pass would allocate tensors of over 24 MiB
+    and a divisor of the tile avoids that for at most 5% more computed pixels (the reference FCN:
+    2 x 2 passes of 256 px, which run 1.4x faster than whole 514 px windows on 2 cores)."""
     halo: int | None = None
     """Pixels read around each core. None: the exact halo measured from the model; smaller is
     faster but approximate (see ``blend``)."""
@@ -107,6 +112,9 @@ class TilingConfig:
         _positive(self.tile, "tiling.tile")
         _positive(self.batch, "tiling.batch")
         _positive(self.forward_batch, "tiling.forward_batch")
+        _positive(self.forward_tile, "tiling.forward_tile")
+        if self.forward_tile is not None and self.blend != "none":
+            raise ConfigError("tiling.forward_tile cannot be used with tiling.blend: blending weights whole windows")
         if self.halo is not None:
             _non_negative(self.halo, "tiling.halo")
         if self.blend != "none" and self.halo is None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.model import Predictor, select_device, set_torch_threads
 from pipeline.output import encoded_size
-from pipeline.predict import predict_cores, read_windows
+from pipeline.predict import predict_tiles, read_windows
 from pipeline.tiling import Tile
 
 if TYPE_CHECKING:
@@ -69,20 +69,14 @@ def estimate(plan: RunPlan) -> Estimate:
     started = time.perf_counter()
     windows, _, _ = read_windows(job, sample)
     read_s = time.perf_counter() - started
-    forward_s = encode_s = 0.0
-    size = 0
-    first = True
-    for pairs in windows.values():
-        if first:  # the first pass of a network pays one-off costs (allocations, kernels)
-            predict_cores(predictor, pairs[:1])
-            first = False
-        started = time.perf_counter()
-        cores = predict_cores(predictor, pairs)
-        forward_s += time.perf_counter() - started
-        started = time.perf_counter()
-        for _, core_probs, core_labels in cores:
-            size += encoded_size(core_probs, core_labels, job.output.dtype)
-        encode_s += time.perf_counter() - started
+    first = next(iter(windows.values()))[0][1]
+    predictor(first[None])  # the first pass of a network pays one-off costs (allocations, kernels)
+    started = time.perf_counter()
+    cores = predict_tiles(predictor, windows, sample)
+    forward_s = time.perf_counter() - started
+    started = time.perf_counter()
+    size = sum(encoded_size(core_probs, core_labels, job.output.dtype) for _, core_probs, core_labels in cores)
+    encode_s = time.perf_counter() - started
     task_mib = max(0.0, peak_rss_mib() - before)
     n = len(sample)
     per_tile = (read_s + forward_s + encode_s) / n

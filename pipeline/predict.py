@@ -33,7 +33,7 @@ from pipeline.output import (
 from pipeline.resample import Resampling, read_resampled
 from pipeline.resume import MARK_BEHIND, mark_done, task_id
 from pipeline.source import SourceRef
-from pipeline.tiling import Tile, batched, blocks_2x2, union_window
+from pipeline.tiling import Tile, batched, blocks_2x2, split_core, union_window
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +68,13 @@ class Job:
     """Record finished tasks from this process's background thread (:data:`MARK_BEHIND`): for
     tasks run on threads here, whose run waits for it before completing the store."""
     forward_batch: int = 1
-    """Tiles per forward pass: on a CPU 1 (a batch of 4 held 4 x 270 MB of the reference FCN's
+    """Windows per forward pass: on a CPU 1 (a batch of 4 held 4 x 270 MB of the reference FCN's
     hidden activations per worker, for no speed), on a GPU more, to fill the device."""
+    forward_tile: int = 0
+    """Cut each tile's core into pieces of this side, one forward pass each (0: the whole tile).
+    See :func:`pipeline.tiling.forward_size`: on a CPU, passes whose activations glibc reuses."""
+    halo: int = 0
+    """The halo read around each piece (the run's halo)."""
 
 
 _predictors: dict[tuple[object, ...], Predictor] = {}
@@ -131,8 +136,9 @@ def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
 
 
 Windows = dict[tuple[int, int, int], list[tuple[Tile, np.ndarray]]]
-"""Network inputs ``(C, Y, X)`` of tiles, in groups of one shape and at most ``job.forward_batch``
-tiles, keyed by ``(Y, X, index)``: each group is one forward pass."""
+"""Network inputs ``(C, Y, X)`` of tiles (or of the pieces of tiles, :attr:`Job.forward_tile`), in
+groups of one shape and at most ``job.forward_batch`` windows, keyed by ``(Y, X, index)``: each
+group is one forward pass."""
 
 
 def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray | None, tuple[int, int]]:
@@ -146,10 +152,11 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
     raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
     by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for tile in tiles:
-        wy0, wy1, wx0, wx1 = tile.window
-        pixels = normalize(raw[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.scale, job.mean, job.std)
-        window = pad_to_stride(pixels, job.stride)
-        by_shape.setdefault(window.shape[1:], []).append((tile, window))
+        for piece in split_core(tile, job.forward_tile, job.halo) if job.forward_tile else (tile,):
+            wy0, wy1, wx0, wx1 = piece.window
+            pixels = normalize(raw[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.scale, job.mean, job.std)
+            window = pad_to_stride(pixels, job.stride)
+            by_shape.setdefault(window.shape[1:], []).append((piece, window))
     size = job.forward_batch
     windows: Windows = {
         (height, width, i // size): pairs[i : i + size]
@@ -159,19 +166,38 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
     return windows, valid, (uy0, ux0)
 
 
-def predict_cores(
-    predictor: Predictor, pairs: Sequence[tuple[Tile, np.ndarray]]
+def predict_tiles(
+    predictor: Predictor, windows: Windows, tiles: Sequence[Tile]
 ) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
-    """One forward pass over the windows of ``pairs`` (one group of :data:`Windows`): each tile with
-    its core's probabilities ``(K, y, x)`` float32 (a view) and their argmax, uint8 ``(y, x)``."""
-    windows = [window for _, window in pairs]
-    probs = predictor(windows[0][None] if len(windows) == 1 else np.stack(windows))  # one: no copy
-    cores = []
-    for (tile, _), prob in zip(pairs, probs, strict=True):
-        cy0, cy1, cx0, cx1 = tile.crop
-        core = prob[:, cy0:cy1, cx0:cx1]
-        cores.append((tile, core, argmax_channels(core[None])[0]))
-    return cores
+    """Every forward pass of ``windows`` (:func:`read_windows` of ``tiles``); each tile with its
+    core's probabilities ``(K, y, x)`` float32 and their argmax, uint8 ``(y, x)``.
+
+    A tile read whole gets a view of its pass's output; the pieces of a cut tile are copied
+    into one array.
+    """
+    parts: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
+    for pairs in windows.values():
+        inputs = [window for _, window in pairs]
+        probs = predictor(inputs[0][None] if len(inputs) == 1 else np.stack(inputs))  # one: no copy
+        for (piece, _), prob in zip(pairs, probs, strict=True):
+            cy0, cy1, cx0, cx1 = piece.crop
+            parts.setdefault((piece.row, piece.col), []).append((piece, prob[:, cy0:cy1, cx0:cx1]))
+    done = []
+    for tile in tiles:
+        pieces = parts[(tile.row, tile.col)]
+        core = pieces[0][1] if len(pieces) == 1 else _assemble(tile, pieces)
+        done.append((tile, core, argmax_channels(core[None])[0]))
+    return done
+
+
+def _assemble(tile: Tile, pieces: Sequence[tuple[Tile, np.ndarray]]) -> np.ndarray:
+    """The core of ``tile`` from the cores of its pieces."""
+    y0, y1, x0, x1 = tile.core
+    core = np.empty((pieces[0][1].shape[0], y1 - y0, x1 - x0), np.float32)
+    for piece, probs in pieces:
+        py0, py1, px0, px1 = piece.core
+        core[:, py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] = probs
+    return core
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,25 +235,23 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
     task_started = started = time.perf_counter()
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
     read_s = time.perf_counter() - started
-    predict_s = 0.0
+    started = time.perf_counter()
+    cores = predict_tiles(predictor, windows, tiles)
+    predict_s = time.perf_counter() - started
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     written: list[str] = []
-    for pairs in windows.values():
-        started = time.perf_counter()
-        cores = predict_cores(predictor, pairs)
-        predict_s += time.perf_counter() - started
-        for tile, core_probs, core_labels in cores:
-            if valid is not None:
-                y0, y1, x0, x1 = tile.core
-                empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
-                core_probs[:, empty] = 0.0
-                core_labels[empty] = NODATA_LABEL
-            stored = quantize(core_probs, job.output.dtype)
-            write_stored(job.output, 0, tile.core, stored, core_labels)
-            if name is not None:
-                written += chunk_files(job.output, 0, tile.core)
-            if job.level1:
-                done.append((tile, stored, core_labels))
+    for tile, core_probs, core_labels in cores:
+        if valid is not None:
+            y0, y1, x0, x1 = tile.core
+            empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
+            core_probs[:, empty] = 0.0
+            core_labels[empty] = NODATA_LABEL
+        stored = quantize(core_probs, job.output.dtype)
+        write_stored(job.output, 0, tile.core, stored, core_labels)
+        if name is not None:
+            written += chunk_files(job.output, 0, tile.core)
+        if job.level1:
+            done.append((tile, stored, core_labels))
     if job.level1:
         core = write_level1(job.output, block or tiles, done)
         if name is not None:

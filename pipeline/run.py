@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.blend import Blend, check_blend, predict_blended
 from pipeline.checkpoint import load_model
 from pipeline.cluster import THREADS, Engine
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TilingConfig
 from pipeline.errors import ConfigError, ModelError, SourceError
 from pipeline.estimate import peak_rss_mib
 from pipeline.lock import store_lock
@@ -35,7 +35,14 @@ from pipeline.metadata import (
     provenance,
     write_start,
 )
-from pipeline.model import LoadedModel, select_device, set_torch_threads, with_classes
+from pipeline.model import (
+    FORWARD_BYTES,
+    LoadedModel,
+    activation_bytes_per_pixel,
+    select_device,
+    set_torch_threads,
+    with_classes,
+)
 from pipeline.output import (
     LABEL_GROUP,
     LABELS,
@@ -71,7 +78,7 @@ from pipeline.resume import (
     write_state,
 )
 from pipeline.source import SourceInfo, open_source
-from pipeline.tiling import Tile, halo_overhead, plan_tiles, round_up
+from pipeline.tiling import Tile, forward_size, halo_overhead, plan_tiles, round_up
 
 log = logging.getLogger("fcnpipe")
 
@@ -107,6 +114,8 @@ class RunPlan:
     notes: tuple[str, ...] = ()
     engine: Engine = THREADS
     """Where the tasks run (:func:`pipeline.cluster.open_engine`)."""
+    forward_tile: int = 0
+    """Side of the pieces each tile's core is cut into, one forward pass each; 0: whole tiles."""
 
     @property
     def forward_batch(self) -> int:
@@ -183,6 +192,7 @@ class RunPlan:
             f"receptive radius {self.radius} px, stride {self.stride})",
             f"tiles   {len(self.tiles)} of {cfg.tiling.tile} px + {self.halo} px halo "
             f"({halo_overhead(self.tiles):.1%} extra reads), {self.forward_batch} per forward pass"
+            + self._pieces()
             + self._approximation(),
             f"compute {self.device}, {self.engine.describe(self.workers, self.torch_threads)}",
             f"output  {cfg.output.path}: {self.output_shape} {cfg.output.dtype} + uint8 labels, "
@@ -209,6 +219,12 @@ class RunPlan:
         if self.resume.restart:
             return "resume  the store was interrupted before its first chunk: starting it again"
         return f"resume  {self.tiles_done} chunks were written by earlier runs; {self.tiles_to_compute} to compute"
+
+    def _pieces(self) -> str:
+        if not self.forward_tile:
+            return ""
+        parts = -(-self.config.tiling.tile // self.forward_tile)
+        return f", each in {parts} x {parts} passes of {self.forward_tile} px"
 
     def _approximation(self) -> str:
         exact = halo_for(self.radius, self.stride)
@@ -297,6 +313,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
             blend = check_blend(config.tiling.tile, halo, stride, config.tiling.blend)
     height, width = grid.shape
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
+    forward_tile = forward_tile_for(config.tiling, model, halo, stride, device_type, blended=blend is not None)
     mask = foreground_mask(config.mask.mode, source, grid.shape, config.tiling.tile, config.mask.threshold)
     levels = level_shapes(height, width)
     prints = fingerprint(config, source, model.sha256)
@@ -308,8 +325,33 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
     setup_s = time.perf_counter() - started
     return RunPlan(
         config, source, model, halo, radius, stride, tiles, workers, threads, device, setup_s, levels, grid, blend,
-        mask, prints, resume, tuple(notes), engine,
+        mask, prints, resume, tuple(notes), engine, forward_tile,
     )  # fmt: skip
+
+
+def forward_tile_for(
+    tiling: TilingConfig, model: LoadedModel, halo: int, stride: int, device_type: str, blended: bool
+) -> int:
+    """The side of the pieces each tile is predicted in (0: whole tiles): ``tiling.forward_tile``,
+    else on a CPU the largest divisor of the tile whose passes allocate at most
+    :data:`pipeline.model.FORWARD_BYTES` a tensor (:func:`pipeline.tiling.forward_size`), so
+    that glibc reuses their memory instead of mapping and zeroing it again for every pass."""
+    if blended:  # blending weights whole windows; TilingConfig refuses forward_tile with it
+        return 0
+    if tiling.forward_tile is not None:
+        if tiling.forward_tile % stride:
+            raise ConfigError(
+                f"tiling.forward_tile {tiling.forward_tile} is not a multiple of the network's stride {stride}; "
+                f"use {round_up(tiling.forward_tile, stride)}"
+            )
+        return tiling.forward_tile if tiling.forward_tile < tiling.tile else 0
+    if device_type != "cpu":
+        return 0
+    per_pixel = activation_bytes_per_pixel(model.module, model.spec.in_channels, stride)
+    if per_pixel is None:
+        return 0
+    side = forward_size(tiling.tile, halo, stride, per_pixel * (tiling.forward_batch or 1), FORWARD_BYTES)
+    return side if side < tiling.tile else 0
 
 
 def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> None:
@@ -496,6 +538,8 @@ def make_job(plan: RunPlan, out_path: str, token: str) -> Job:
         level1=plan.level1,
         mark_behind=not plan.engine.distributed,
         forward_batch=plan.forward_batch,
+        forward_tile=plan.forward_tile,
+        halo=plan.halo,
         torch_threads=plan.torch_threads,
         scale=norm.scale_for(plan.source.dtype),
         mean=cfg.model.mean or norm.mean,

@@ -106,6 +106,51 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -
     return tiles
 
 
+def split_core(tile: Tile, size: int, halo: int) -> list[Tile]:
+    """``tile``'s core cut into ``size x size`` pieces (smaller at its right and bottom), each read
+    with ``halo`` pixels clipped to the tile's window: separate forward passes that together give
+    the tile's core exactly, for the reason tiles do (``size`` a multiple of the stride). Pieces
+    keep the tile's row and column.
+
+    >>> tile = plan_tiles(height=6, width=8, tile=8, halo=1)[0]
+    >>> [(p.core, p.window) for p in split_core(tile, 4, 1)]  # doctest: +NORMALIZE_WHITESPACE
+    [((0, 4, 0, 4), (0, 5, 0, 5)), ((0, 4, 4, 8), (0, 5, 3, 8)),
+     ((4, 6, 0, 4), (3, 6, 0, 5)), ((4, 6, 4, 8), (3, 6, 3, 8))]
+    """
+    y0, y1, x0, x1 = tile.core
+    wy0, wy1, wx0, wx1 = tile.window
+    if size >= max(y1 - y0, x1 - x0):
+        return [tile]
+    return [
+        Tile(tile.row, tile.col, (py, min(py + size, y1), px, min(px + size, x1)),
+             (max(wy0, py - halo), min(wy1, py + size + halo), max(wx0, px - halo), min(wx1, px + size + halo)))
+        for py in range(y0, y1, size)
+        for px in range(x0, x1, size)
+    ]  # fmt: skip
+
+
+def forward_size(tile: int, halo: int, stride: int, bytes_per_pixel: float, budget: int, extra: float = 0.05) -> int:
+    """The core side of each forward pass: ``tile``, or the largest divisor of it (a multiple of
+    ``stride``) whose window's largest activation, ``bytes_per_pixel x (side + 2 halo)^2``, fits
+    ``budget`` bytes, if its wider halo adds at most ``extra`` to the pixels the network computes.
+
+    >>> forward_size(512, 1, 1, 256, 24 << 20)  # the reference FCN: 4 passes of 258 x 258
+    256
+    >>> forward_size(512, 56, 8, 256, 24 << 20)  # a halo of 56: smaller passes cost too much
+    512
+    """
+    computed = (tile + 2 * halo) ** 2 / tile**2
+    for parts in range(1, tile // stride + 1):
+        side = tile // parts
+        if tile % parts or side % stride:
+            continue
+        if (side + 2 * halo) ** 2 / side**2 > computed * (1 + extra):
+            break  # smaller passes only cost more
+        if bytes_per_pixel * (side + 2 * halo) ** 2 <= budget:
+            return side
+    return tile
+
+
 def batched(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
     """Groups of at most ``size`` neighbouring tiles of one row, in row-major order.
 

@@ -65,7 +65,7 @@ def test_bad_config_key_names_file_and_key(make_tiff: Callable[..., Path], tmp_p
     assert result.exit_code == 2
     assert (
         result.stderr.strip() == f"fcnpipe: error: {config}: Unknown config key 'tiling.hallo'. "
-        "Known keys here: batch, blend, forward_batch, halo, tile."
+        "Known keys here: batch, blend, forward_batch, forward_tile, halo, tile."
     )
 
 

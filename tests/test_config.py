@@ -64,4 +64,11 @@ def test_errors_in_a_file_name_the_file(tmp_path: Path) -> None:
 def test_resolved_config_is_plain_data() -> None:
     plain = load_config(overrides={"model": {"mean": [0.1, 0.2, 0.3]}}).to_dict()
     assert plain["model"]["mean"] == [0.1, 0.2, 0.3]
-    assert plain["tiling"] == {"tile": 512, "batch": 4, "halo": None, "blend": "none", "forward_batch": None}
+    assert plain["tiling"] == {
+        "tile": 512,
+        "batch": 4,
+        "halo": None,
+        "blend": "none",
+        "forward_batch": None,
+        "forward_tile": None,
+    }

@@ -22,7 +22,7 @@ from pipeline.model import REFERENCE_FCN, ModelSpec, Predictor, ReferenceFCN, de
 from pipeline.output import LABELS, PROBABILITIES
 from pipeline.predict import pad_to_stride
 from pipeline.receptive import measure_stride
-from pipeline.run import prepare, run_pipeline
+from pipeline.run import RunPlan, prepare, run_pipeline
 from pipeline.source import open_source, read_window
 from tests.conftest import random_image
 
@@ -58,12 +58,14 @@ def whole_image(image: Path, model: Path, tta: bool = False) -> np.ndarray:
     return probs[:, : info.shape[1], : info.shape[2]]
 
 
-def run(image: Path, model: Path, out: Path, tile: int, **compute: object) -> zarr.Group:
+def run(
+    image: Path, model: Path, out: Path, tile: int, forward_tile: int | None = None, **compute: object
+) -> zarr.Group:
     config = load_config(
         overrides={
             "input": {"path": str(image)},
             "model": {"path": str(model), **({"tta": "flips"} if compute.pop("tta", False) else {})},
-            "tiling": {"tile": tile, "batch": 2},
+            "tiling": {"tile": tile, "batch": 2, "forward_tile": forward_tile},
             "output": {"path": str(out), "dtype": "float32"},
             "compute": {"progress": False, **compute},
         }
@@ -100,6 +102,30 @@ def test_stitched_equals_whole_image(
     assert agree.mean() > 0.999  # argmax may differ only where two classes tie within 1e-4
 
 
+PIECES = [
+    ("reference", (97, 131), 32, 16),
+    ("reference", (203, 157), 48, 32),  # pieces of 32 and 16 px
+    ("fcn8s", (203, 157), 128, 64),
+    ("unet", (203, 157), 64, 24),  # pieces of 24, 24 and 16 px
+    ("torchscript-unet", (99, 130), 64, 32),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "tile", "forward_tile"), PIECES, ids=[f"{n}-{h}x{w}-tile{t}-in{f}" for n, (h, w), t, f in PIECES]
+)
+def test_tiles_predicted_in_pieces_equal_whole_image(
+    make_tiff: Callable[..., Path], tmp_path: Path, name: str, shape: tuple[int, int], tile: int, forward_tile: int
+) -> None:
+    image = make_tiff(random_image((*shape, 3), seed=sum(shape) + 1), photometric="rgb")
+    model = save(tmp_path, name)
+    store = run(image, model, tmp_path / "out.zarr", tile, forward_tile)
+    assert store.attrs["fcnpipe"]["config"]["tiling"]["forward_tile"] == forward_tile
+    error = np.abs(store[PROBABILITIES][:] - whole_image(image, model)).max()
+    print(f"{name} {shape} tile {tile} in passes of {forward_tile}: max |stitched - whole image| = {error:.1e}")
+    assert error < 1e-4
+
+
 def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
     image = make_tiff(random_image((64, 64, 3)), photometric="rgb")
     config = load_config(
@@ -113,6 +139,39 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
     assert plan.stride == 8
     assert plan.halo % plan.stride == 0 and plan.halo >= plan.radius > 0
     assert any(f"stride {plan.stride}" in line for line in plan.describe())
+
+
+def test_plan_predicts_tiles_in_passes_whose_activations_the_allocator_reuses(
+    make_tiff: Callable[..., Path], tmp_path: Path
+) -> None:
+    from pipeline.errors import ConfigError
+
+    image = make_tiff(random_image((64, 64, 3)), photometric="rgb")
+    wide = tmp_path / "reference64.pt"
+    torch.save(ReferenceFCN(3, 3, 64).state_dict(), wide)
+
+    def plan(model: Path, **tiling: object) -> RunPlan:
+        overrides = {
+            "input": {"path": str(image)},
+            "model": {"path": str(model)},
+            "tiling": tiling,
+            "output": {"path": str(tmp_path / "o.zarr")},
+            "compute": {"device": "cpu"},
+        }
+        return prepare(load_config(overrides=overrides))
+
+    # 64 hidden channels of float32 on 514 x 514 windows are 68 MB a pass: over glibc's 32 MiB
+    # reuse limit, so each 512 px tile runs as 2 x 2 passes of 258 x 258 (17 MB)
+    reference = plan(wide)
+    assert reference.forward_tile == 256
+    assert any("each in 2 x 2 passes of 256 px" in line for line in reference.describe())
+    assert plan(wide, tile=256).forward_tile == 0  # 258 x 258 windows fit: whole tiles
+    assert plan(wide, forward_tile=128).forward_tile == 128  # as configured
+    assert plan(save(tmp_path, "unet")).forward_tile == 0  # 8 channels: whole tiles
+    with pytest.raises(ConfigError, match="forward_tile 100 is not a multiple of the network's stride 8; use 104"):
+        plan(save(tmp_path, "unet"), forward_tile=100)
+    with pytest.raises(ConfigError, match=r"forward_tile cannot be used with tiling\.blend"):
+        plan(wide, forward_tile=128, halo=0, blend="gaussian")
 
 
 def test_tile_not_multiple_of_stride_is_refused(make_tiff: Callable[..., Path], tmp_path: Path) -> None:

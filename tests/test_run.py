@@ -116,7 +116,14 @@ def test_provenance_and_completion_mark(
     assert record["tile"] == 16 and record["halo"] == 1
     assert record["input"]["path"] == str(image) and record["input"]["size_bytes"] == image.stat().st_size
     assert record["model"]["sha256"] == load_model(model).sha256 and len(record["model"]["sha256"]) == 64
-    assert record["config"]["tiling"] == {"tile": 16, "batch": 4, "halo": None, "blend": "none", "forward_batch": None}
+    assert record["config"]["tiling"] == {
+        "tile": 16,
+        "batch": 4,
+        "halo": None,
+        "blend": "none",
+        "forward_batch": None,
+        "forward_tile": None,
+    }
     assert set(record["timings_s"]) == {"setup", "compute", "pyramid", "total", "stages"}
     stages = record["timings_s"]["stages"]
     assert set(stages) == {"read", "predict", "write"} and all(v > 0 for v in stages.values())

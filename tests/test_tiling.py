@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.tiling import batched, grid_shape, halo_overhead, plan_tiles
+from pipeline.tiling import batched, forward_size, grid_shape, halo_overhead, plan_tiles, split_core
 
 CASES = [(5, 7, 4, 1), (1, 1, 8, 2), (97, 131, 32, 1), (64, 64, 64, 3), (100, 33, 10, 0), (17, 300, 16, 40)]
 
@@ -64,3 +64,43 @@ def test_batches_keep_order_and_overhead_counts_halo() -> None:
     assert [len(b) for b in batched(wide, 3)] == [3, 3, 2, 3, 3, 2]
     assert halo_overhead(tiles) == pytest.approx(4 * 36 / 100 - 1)
     assert halo_overhead(plan_tiles(10, 10, 5, 0)) == 0.0
+
+
+PIECE_CASES = [(97, 131, 32, 1, 16), (203, 157, 48, 1, 32), (64, 64, 64, 8, 24), (5, 7, 4, 1, 3), (40, 40, 16, 3, 16)]
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "halo", "size"),
+    PIECE_CASES,
+    ids=[f"{h}x{w}-t{t}-h{a}-p{p}" for h, w, t, a, p in PIECE_CASES],
+)
+def test_pieces_partition_each_core_and_read_their_halo_within_the_image(
+    height: int, width: int, tile: int, halo: int, size: int
+) -> None:
+    for t in plan_tiles(height, width, tile, halo):
+        y0, y1, x0, x1 = t.core
+        count = np.zeros((y1 - y0, x1 - x0), dtype=np.int32)
+        pieces = split_core(t, size, halo)
+        for p in pieces:
+            py0, py1, px0, px1 = p.core
+            count[py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] += 1
+            assert (p.row, p.col) == (t.row, t.col)
+            assert (py1 - py0, px1 - px0) <= (size, size) and (py0 - y0) % size == 0 and (px0 - x0) % size == 0
+            # the piece's window is its core grown by the halo and clipped to the image, as a tile's is
+            assert p.window == (max(0, py0 - halo), min(height, py1 + halo), max(0, px0 - halo), min(width, px1 + halo))
+        assert (count == 1).all()
+        assert len(pieces) == -(-(y1 - y0) // size) * -(-(x1 - x0) // size)
+
+
+def test_forward_size_fits_the_budget_without_costing_much_halo() -> None:
+    # the reference FCN: 64 channels x 4 bytes per pixel, halo 1
+    assert forward_size(512, 1, 1, 256, 24 << 20) == 256  # 258^2 x 256 B = 17 MB; 514^2 x 256 B = 68 MB
+    assert forward_size(512, 1, 1, 256, 80 << 20) == 512  # the whole tile fits
+    assert forward_size(1024, 1, 1, 256, 24 << 20) == 256
+    assert forward_size(512, 1, 1, 256, 8 << 20) == 128
+    # the divisor must be a multiple of the stride: 512 / 3 is not a whole number; 96 = 768 / 8 is
+    assert forward_size(768, 8, 32, 64, 1 << 20) == 768  # 96 is not a multiple of 32; 128: 5% overhead exceeded
+    assert forward_size(768, 0, 32, 64, 2 << 20) == 128
+    # a wide halo: smaller passes would compute far more pixels, so the tile stays whole
+    assert forward_size(512, 56, 8, 256, 24 << 20) == 512
+    assert forward_size(512, 56, 8, 256, 24 << 20, extra=1.5) == 128  # 256 + 112 px windows are too large
