@@ -32,7 +32,7 @@ class Estimate:
     read_s: float
     """Seconds per tile of reading and decoding its window (halo included)."""
     forward_s: float
-    """Seconds per tile of the network, softmax and argmax."""
+    """Seconds per tile of the network, softmax, argmax and quantising."""
     encode_s: float
     """Seconds per tile of quantising and compressing its chunks."""
     eta_s: float
@@ -72,10 +72,10 @@ def estimate(plan: RunPlan) -> Estimate:
     first = next(iter(windows.values()))[0][1]
     predictor(first[None])  # the first pass of a network pays one-off costs (allocations, kernels)
     started = time.perf_counter()
-    cores = predict_tiles(predictor, windows, sample)
+    cores = predict_tiles(predictor, windows, sample, job.output.dtype)
     forward_s = time.perf_counter() - started
     started = time.perf_counter()
-    size = sum(encoded_size(core_probs, core_labels, job.output.dtype) for _, core_probs, core_labels in cores)
+    size = sum(encoded_size(stored, labels) for _, stored, labels in cores)
     encode_s = time.perf_counter() - started
     task_mib = max(0.0, peak_rss_mib() - before)
     n = len(sample)

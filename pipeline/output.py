@@ -132,21 +132,25 @@ def create_store(
         raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
 
 
-def encoded_size(probs: np.ndarray, labels: np.ndarray, dtype: str) -> int:
-    """Bytes one chunk of ``probs`` (float32, quantised to ``dtype``) and ``labels`` take on disk."""
-    return sum(
-        len(_BLOSC[_bitshuffle(values.dtype)].encode(np.ascontiguousarray(values)))
-        for values in (quantize(probs, dtype), labels)
-    )
+def encoded_size(stored: np.ndarray, labels: np.ndarray) -> int:
+    """Bytes one chunk of probabilities as stored (:func:`quantize`) and its ``labels`` take on disk."""
+    return sum(len(_BLOSC[_bitshuffle(v.dtype)].encode(np.ascontiguousarray(v))) for v in (stored, labels))
 
 
-def quantize(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 255)`` as uint8."""
+def quantize(probs: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 255)`` as uint8; into
+    ``out`` (of that dtype and shape) if given."""
     if dtype == "uint8":
         scaled: np.ndarray = np.multiply(probs, 255.0)
         np.rint(scaled, out=scaled)  # in place: each fresh 3 MB temporary costs its page faults
-        return scaled.astype(np.uint8)
-    return probs.astype(dtype, copy=False)
+        if out is None:
+            return scaled.astype(np.uint8)
+        out[...] = scaled
+        return out
+    if out is None:
+        return probs.astype(dtype, copy=False)
+    out[...] = probs
+    return out
 
 
 _local = threading.local()

@@ -167,13 +167,13 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
 
 
 def predict_tiles(
-    predictor: Predictor, windows: Windows, tiles: Sequence[Tile]
+    predictor: Predictor, windows: Windows, tiles: Sequence[Tile], dtype: str
 ) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
     """Every forward pass of ``windows`` (:func:`read_windows` of ``tiles``); each tile with its
-    core's probabilities ``(K, y, x)`` float32 and their argmax, uint8 ``(y, x)``.
+    core's probabilities as stored (``(K, y, x)`` in ``dtype``, :func:`pipeline.output.quantize`)
+    and their argmax (uint8 ``(y, x)``, taken from the full-precision probabilities).
 
-    A tile read whole gets a view of its pass's output; the pieces of a cut tile are copied
-    into one array.
+    The pieces of a cut tile are quantised straight into one array: no float copy of the tile.
     """
     parts: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for pairs in windows.values():
@@ -185,19 +185,20 @@ def predict_tiles(
     done = []
     for tile in tiles:
         pieces = parts[(tile.row, tile.col)]
-        core = pieces[0][1] if len(pieces) == 1 else _assemble(tile, pieces)
-        done.append((tile, core, argmax_channels(core[None])[0]))
+        if len(pieces) == 1:
+            probs = pieces[0][1]
+            done.append((tile, quantize(probs, dtype), argmax_channels(probs[None])[0]))
+            continue
+        y0, y1, x0, x1 = tile.core
+        stored = np.empty((pieces[0][1].shape[0], y1 - y0, x1 - x0), dtype)
+        labels = np.empty((y1 - y0, x1 - x0), np.uint8)
+        for piece, probs in pieces:
+            py0, py1, px0, px1 = piece.core
+            part = (slice(py0 - y0, py1 - y0), slice(px0 - x0, px1 - x0))
+            quantize(probs, dtype, out=stored[(slice(None), *part)])
+            labels[part] = argmax_channels(probs[None])[0]
+        done.append((tile, stored, labels))
     return done
-
-
-def _assemble(tile: Tile, pieces: Sequence[tuple[Tile, np.ndarray]]) -> np.ndarray:
-    """The core of ``tile`` from the cores of its pieces."""
-    y0, y1, x0, x1 = tile.core
-    core = np.empty((pieces[0][1].shape[0], y1 - y0, x1 - x0), np.float32)
-    for piece, probs in pieces:
-        py0, py1, px0, px1 = piece.core
-        core[:, py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] = probs
-    return core
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +211,9 @@ class TaskStats:
     read_s: float
     """Reading, decoding, resampling and normalising the windows."""
     predict_s: float
-    """The network, softmax and argmax."""
+    """The network, softmax, argmax and quantising (:func:`predict_tiles`)."""
     write_s: float
-    """Cropping, quantising, compressing and writing the chunks (pyramid level 1 included)."""
+    """Compressing and writing the chunks (pyramid level 1 included)."""
 
 
 def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
@@ -236,17 +237,16 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
     read_s = time.perf_counter() - started
     started = time.perf_counter()
-    cores = predict_tiles(predictor, windows, tiles)
+    cores = predict_tiles(predictor, windows, tiles, job.output.dtype)
     predict_s = time.perf_counter() - started
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     written: list[str] = []
-    for tile, core_probs, core_labels in cores:
+    for tile, stored, core_labels in cores:
         if valid is not None:
             y0, y1, x0, x1 = tile.core
             empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
-            core_probs[:, empty] = 0.0
+            stored[:, empty] = 0
             core_labels[empty] = NODATA_LABEL
-        stored = quantize(core_probs, job.output.dtype)
         write_stored(job.output, 0, tile.core, stored, core_labels)
         if name is not None:
             written += chunk_files(job.output, 0, tile.core)
