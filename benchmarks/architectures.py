@@ -5,8 +5,9 @@ with their default widths, seeded weights, at one tile size (default: the pipeli
 
 1. writes an fcnpipe checkpoint (:func:`pipeline.checkpoint.save_checkpoint`) and loads it back as a run
    does, measures its stride, receptive radius and halo (``halo_for(radius, stride)``, as ``fcnpipe run``);
-2. times the network alone on in-memory random float32 batches of the run's window shape
-   (``batch x 3 x (tile + 2 halo)²``), counted in output (core) pixels, with the run's workers x torch
+2. times the network alone on in-memory random float32 batches of the run's forward window
+   (``batch x 3 x (forward + 2 halo)²``, ``forward`` the tile or the pieces the run predicts it in,
+   :func:`pipeline.run.forward_tile_for`), counted in output (core) pixels, with the run's workers x torch
    threads (``thread_plan``), the workers calling the model concurrently from threads, after warm-up:
    batch 1 against the default batch (both through :class:`pipeline.model.Predictor`, channels-last),
    then contiguous (the module called directly under ``torch.inference_mode``, softmax included)
@@ -43,6 +44,7 @@ from pipeline.checkpoint import load_model
 from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import TilingConfig
 from pipeline.model import Predictor, set_torch_threads
+from pipeline.run import forward_tile_for
 
 ARCHITECTURES = ("reference_fcn", "fcn8s", "unet")
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -100,9 +102,11 @@ def ab(variants: dict[str, tuple[Forward, list[np.ndarray]]], tile: int, seconds
 def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: tuple[int, int]) -> dict[str, Any]:
     """Every measurement of one architecture (see the module doc)."""
     checkpoint, arguments = write_checkpoint(args.work, name)
-    module = load_model(checkpoint).module
+    loaded = load_model(checkpoint)
+    module = loaded.module
     stride, radius, halo = geometry(module)
-    window = args.tile + 2 * halo
+    forward = forward_tile_for(TilingConfig(tile=args.tile), loaded, halo, stride, "cpu", blended=False) or args.tile
+    window = forward + 2 * halo
     batch = TilingConfig().batch
     workers, _ = plan
     rng = np.random.default_rng(0)
@@ -111,10 +115,10 @@ def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: t
     plain = contiguous(module)  # before the Predictor turns the module channels-last, in place
     predictor = Predictor(module, torch.device("cpu"))
     print(f"{name}: stride {stride}, radius {radius}, halo {halo}, window {window}", file=sys.stderr, flush=True)
-    batching = ab({"batch_1": (predictor, single), "batch_n": (predictor, full)}, args.tile, args.seconds)
+    batching = ab({"batch_1": (predictor, single), "batch_n": (predictor, full)}, forward, args.seconds)
     e2e = run_cli(image, checkpoint, os.path.join(args.work, f"{name}.zarr"), args.tile,
                   os.path.join(out_dir, f"run_{name}.log"))  # fmt: skip
-    layout = ab({"contiguous": (plain, full), "channels_last": (predictor, full)}, args.tile, args.seconds)
+    layout = ab({"contiguous": (plain, full), "channels_last": (predictor, full)}, forward, args.seconds)
     # The default configuration was measured before the run (batch_n) and after it (channels_last).
     model = (batching["batch_n"] + layout["channels_last"]) / 2
     drift = abs(batching["batch_n"] - layout["channels_last"]) / model
@@ -124,7 +128,7 @@ def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: t
     e2e_rate = args.size * args.size / 1e6 / e2e["wall_s"]
     return {
         "architecture": name, "arguments": arguments, "stride": stride, "radius": radius, "halo": halo,
-        "window": window, "batch": batch, "model_mpx_per_s": model, "model_drift": drift,
+        "forward_tile": forward, "window": window, "batch": batch, "model_mpx_per_s": model, "model_drift": drift,
         "e2e_s": e2e["wall_s"], "timings_s": e2e["timings_s"], "e2e_mpx_per_s": e2e_rate, "ratio": e2e_rate / model,
         "peak_rss_mib": e2e["maxrss_kib"] / 1024,
         **{f"{k}_mpx_per_s": v for k, v in (batching | layout).items()},
