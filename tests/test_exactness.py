@@ -196,6 +196,8 @@ def test_flip_tta_is_exact_too(make_tiff: Callable[..., Path], tmp_path: Path) -
     store = run(image, model, tmp_path / "tta.zarr", 32, tta=True)
     expected = whole_image(image, model, tta=True)
     assert np.abs(store[PROBABILITIES][:] - expected).max() < 1e-4
+    pieces = run(image, model, tmp_path / "tta-pieces.zarr", 32, forward_tile=16, tta=True)
+    assert np.abs(pieces[PROBABILITIES][:] - expected).max() < 1e-4
     plain = whole_image(image, model)
     assert np.abs(expected - plain).max() > 1e-3  # the flips do change the answer
 
