@@ -203,29 +203,36 @@ def keep_freed_memory() -> bool:
 
 
 def activation_bytes_per_pixel(module: nn.Module, in_channels: int, stride: int) -> float | None:
-    """Bytes per input pixel of the largest output of any layer of ``module``, in its own dtype.
+    """Bytes per input pixel of the largest output of any layer of ``module``, as float32 (the
+    precision a CPU runs it in).
 
     Measured with forward hooks on one small random input (a side of 4 strides, at least 64): the
-    layers' outputs grow with the input's area. None for a module without hooks (TorchScript).
-    Tensors made inside a ``forward`` (a concatenation) are not seen: a lower bound.
+    layers' outputs grow with the input's area. None for a module without hooks (TorchScript) or
+    one that cannot run that input. Tensors made inside a ``forward`` (a concatenation) are not
+    seen: a lower bound.
     """
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
     side = max(64, 4 * stride)
     largest = [0]
 
     def hook(_: nn.Module, __: Any, output: Any) -> None:
         for tensor in output if isinstance(output, tuple | list) else (output,):
             if isinstance(tensor, torch.Tensor):
-                largest[0] = max(largest[0], tensor.numel() * tensor.element_size())
+                largest[0] = max(largest[0], tensor.numel() * 4)
 
-    if isinstance(module, torch.jit.ScriptModule):
-        return None
     handles = [m.register_forward_hook(hook) for m in module.modules()]
+    parameter = next(module.parameters(), None)
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    training = module.training
+    module.eval()  # batch norm must not learn from the probe
     try:
-        parameter = next(module.parameters(), None)
-        dtype = parameter.dtype if parameter is not None else torch.float32
         with torch.inference_mode():
-            module(torch.zeros(1, in_channels, side, side, dtype=dtype))
+            module(torch.rand(1, in_channels, side, side, dtype=dtype))
+    except RuntimeError:  # e.g. half-precision weights, which a CPU cannot run: unknown
+        return None
     finally:
+        module.train(training)
         for handle in handles:
             handle.remove()
     return largest[0] / (side * side)
