@@ -101,9 +101,20 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -
         y0, y1 = row * tile, min((row + 1) * tile, height)
         for col in range(cols):
             x0, x1 = col * tile, min((col + 1) * tile, width)
-            window = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
-            tiles.append(Tile(row, col, (y0, y1, x0, x1), window))
+            core = (y0, y1, x0, x1)
+            tiles.append(Tile(row, col, core, grow(core, halo, (0, height, 0, width))))
     return tiles
+
+
+def grow(box: Box, halo: int, bounds: Box) -> Box:
+    """``box`` grown by ``halo`` on every side and clipped to ``bounds``: the window that reads it.
+
+    >>> grow((4, 8, 0, 4), 1, (0, 10, 0, 10))
+    (3, 9, 0, 5)
+    """
+    y0, y1, x0, x1 = box
+    by0, by1, bx0, bx1 = bounds
+    return (max(by0, y0 - halo), min(by1, y1 + halo), max(bx0, x0 - halo), min(bx1, x1 + halo))
 
 
 def split_core(tile: Tile, size: int, halo: int) -> list[Tile]:
@@ -118,15 +129,10 @@ def split_core(tile: Tile, size: int, halo: int) -> list[Tile]:
      ((4, 6, 0, 4), (3, 6, 0, 5)), ((4, 6, 4, 8), (3, 6, 3, 8))]
     """
     y0, y1, x0, x1 = tile.core
-    wy0, wy1, wx0, wx1 = tile.window
     if size >= max(y1 - y0, x1 - x0):
         return [tile]
-    return [
-        Tile(tile.row, tile.col, (py, min(py + size, y1), px, min(px + size, x1)),
-             (max(wy0, py - halo), min(wy1, py + size + halo), max(wx0, px - halo), min(wx1, px + size + halo)))
-        for py in range(y0, y1, size)
-        for px in range(x0, x1, size)
-    ]  # fmt: skip
+    cores = [(y, min(y + size, y1), x, min(x + size, x1)) for y in range(y0, y1, size) for x in range(x0, x1, size)]
+    return [Tile(tile.row, tile.col, core, grow(core, halo, tile.window)) for core in cores]
 
 
 def forward_size(tile: int, halo: int, stride: int, bytes_per_pixel: float, budget: int, extra: float = 0.05) -> int:
