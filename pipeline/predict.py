@@ -173,7 +173,9 @@ def predict_tiles(
     core's probabilities as stored (``(K, y, x)`` in ``dtype``, :func:`pipeline.output.quantize`)
     and their argmax (uint8 ``(y, x)``, taken from the full-precision probabilities).
 
-    The pieces of a cut tile are quantised straight into one array: no float copy of the tile.
+    The pieces of a cut tile are gathered into one float array and quantised and argmaxed once:
+    done piece by piece, their dozen small numpy passes cost more than the copy (16 pieces of
+    128 px: 0.50 against 0.31 ms a tile; 4 of 256 px: 0.38 against 0.33 ms).
     """
     parts: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for pairs in windows.values():
@@ -190,14 +192,12 @@ def predict_tiles(
             done.append((tile, quantize(probs, dtype), argmax_channels(probs[None])[0]))
             continue
         y0, y1, x0, x1 = tile.core
-        stored = np.empty((pieces[0][1].shape[0], y1 - y0, x1 - x0), dtype)
-        labels = np.empty((y1 - y0, x1 - x0), np.uint8)
+        first = pieces[0][1]
+        gathered = np.empty((first.shape[0], y1 - y0, x1 - x0), first.dtype)
         for piece, probs in pieces:
             py0, py1, px0, px1 = piece.core
-            part = (slice(py0 - y0, py1 - y0), slice(px0 - x0, px1 - x0))
-            quantize(probs, dtype, out=stored[(slice(None), *part)])
-            labels[part] = argmax_channels(probs[None])[0]
-        done.append((tile, stored, labels))
+            gathered[:, py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] = probs
+        done.append((tile, quantize(gathered, dtype), argmax_channels(gathered[None])[0]))
     return done
 
 
