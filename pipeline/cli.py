@@ -104,7 +104,7 @@ _RUN_OPTIONS = [
     click.option("--forward-batch", type=int, help="Tiles per forward pass.  [default: 1 on CPU, 4 on GPU]"),
     click.option("--forward-tile", type=int,
                  help="Predict each tile in pieces of this many pixels.  [default: whole tiles, or on a CPU "
-                      "pieces whose activations stay under 24 MiB]"),
+                      "pieces whose activations stay under 8 MiB]"),
     click.option("--halo", type=int,
                  help="Context read around each tile in pixels.  [default: the model's exact halo]"),
     click.option("--blend", type=click.Choice(["none", "gaussian", "cosine"]),

@@ -172,9 +172,12 @@ MMAP_THRESHOLD = 32 << 20
 """glibc's largest ``M_MMAP_THRESHOLD`` (on 64-bit): blocks below it are reused, not unmapped."""
 TRIM_THRESHOLD = 128 << 20
 """Free memory a heap keeps at its top: above the 64 MiB of a thread's heap, so those are never trimmed."""
-FORWARD_BYTES = 24 << 20
-"""The largest tensor one forward pass on a CPU should allocate: under :data:`MMAP_THRESHOLD`,
-with room for the 2 MiB alignment of PyTorch's huge-page allocations (see :func:`keep_freed_memory`)."""
+FORWARD_BYTES = 8 << 20
+"""The largest tensor one forward pass on a CPU should allocate. Small enough that each worker's
+pass stays in the processor's last-level cache: the reference FCN (64 hidden channels) on 2 cores
+sharing a 32 MiB cache ran at 52-58 Mpx/s with hidden layers of 2.5-9.6 MB (pieces of 96-192 px),
+45-47 with 17 MB (256 px) and 33 with 68 MB (whole 512 px tiles). And far under
+:data:`MMAP_THRESHOLD`, so that glibc reuses the memory (see :func:`keep_freed_memory`)."""
 _kept = False
 
 
@@ -186,7 +189,7 @@ def keep_freed_memory() -> bool:
     zeroes each page again: on 2 cores that was 30% of the reference FCN's time on 514 x 514
     windows (23 -> 33 Mpx/s without it). With the mmap threshold fixed at its maximum and worker
     threads' heaps never trimmed, repeated forward passes of the same shapes reuse their memory
-    (tensors of over 32 MiB are still mapped afresh: see :data:`FORWARD_BYTES`). Memory freed is
+    (tensors of over 32 MiB are still mapped afresh: one reason for :data:`FORWARD_BYTES`). Memory freed is
     kept for the next pass rather than returned. Process-wide, once; False where the C library is
     not glibc.
     """

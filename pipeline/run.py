@@ -335,7 +335,8 @@ def forward_tile_for(
     """The side of the pieces each tile is predicted in (0: whole tiles): ``tiling.forward_tile``,
     else on a CPU the largest divisor of the tile whose passes allocate at most
     :data:`pipeline.model.FORWARD_BYTES` a tensor (:func:`pipeline.tiling.forward_size`), so
-    that glibc reuses their memory instead of mapping and zeroing it again for every pass."""
+    that their activations stay in the cache, and glibc reuses their memory instead of mapping
+    and zeroing it again for every pass."""
     if blended:  # blending weights whole windows; TilingConfig refuses forward_tile with it
         return 0
     if tiling.forward_tile is not None:

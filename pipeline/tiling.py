@@ -136,16 +136,18 @@ def split_core(tile: Tile, size: int, halo: int) -> list[Tile]:
 
 
 def forward_size(tile: int, halo: int, stride: int, bytes_per_pixel: float, budget: int, extra: float = 0.05) -> int:
-    """The core side of each forward pass: ``tile``, or the largest divisor of it (a multiple of
-    ``stride``) whose window's largest activation, ``bytes_per_pixel x (side + 2 halo)^2``, fits
-    ``budget`` bytes, if its wider halo adds at most ``extra`` to the pixels the network computes.
+    """The core side of each forward pass: the largest divisor of ``tile`` (itself included, a
+    multiple of ``stride``) whose window's largest activation, ``bytes_per_pixel x (side + 2
+    halo)^2``, fits ``budget`` bytes; where none fits, the smallest. Only sides whose wider halo
+    adds at most ``extra`` to the pixels the network computes are considered.
 
-    >>> forward_size(512, 1, 1, 256, 24 << 20)  # the reference FCN: 4 passes of 258 x 258
-    256
-    >>> forward_size(512, 56, 8, 256, 24 << 20)  # a halo of 56: smaller passes cost too much
+    >>> forward_size(512, 1, 1, 256, 8 << 20)  # the reference FCN: 16 passes of 130 x 130
+    128
+    >>> forward_size(512, 56, 8, 256, 8 << 20)  # a halo of 56: smaller passes cost too much
     512
     """
     computed = (tile + 2 * halo) ** 2 / tile**2
+    smallest = tile
     for parts in range(1, tile // stride + 1):
         side = tile // parts
         if tile % parts or side % stride:
@@ -154,7 +156,8 @@ def forward_size(tile: int, halo: int, stride: int, bytes_per_pixel: float, budg
             break  # smaller passes only cost more
         if bytes_per_pixel * (side + 2 * halo) ** 2 <= budget:
             return side
-    return tile
+        smallest = side
+    return smallest
 
 
 def batched(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:

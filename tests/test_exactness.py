@@ -141,7 +141,7 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
     assert any(f"stride {plan.stride}" in line for line in plan.describe())
 
 
-def test_plan_predicts_tiles_in_passes_whose_activations_the_allocator_reuses(
+def test_plan_predicts_tiles_in_passes_whose_activations_stay_in_the_cache(
     make_tiff: Callable[..., Path], tmp_path: Path
 ) -> None:
     from pipeline.errors import ConfigError
@@ -160,13 +160,14 @@ def test_plan_predicts_tiles_in_passes_whose_activations_the_allocator_reuses(
         }
         return prepare(load_config(overrides=overrides))
 
-    # 64 hidden channels of float32 on 514 x 514 windows are 68 MB a pass: over glibc's 32 MiB
-    # reuse limit, so each 512 px tile runs as 2 x 2 passes of 258 x 258 (17 MB)
+    # 64 hidden channels of float32 on 514 x 514 windows are 68 MB a pass, over the 8 MiB that
+    # stay in the cache, so each 512 px tile runs as 4 x 4 passes of 130 x 130 (4.3 MB)
     reference = plan(wide)
-    assert reference.forward_tile == 256
-    assert any("each in 2 x 2 passes of 256 px" in line for line in reference.describe())
-    assert plan(wide, tile=256).forward_tile == 0  # 258 x 258 windows fit: whole tiles
-    assert plan(wide, forward_tile=128).forward_tile == 128  # as configured
+    assert reference.forward_tile == 128
+    assert any("each in 4 x 4 passes of 128 px" in line for line in reference.describe())
+    assert plan(wide, tile=128).forward_tile == 0  # 130 x 130 windows fit: whole tiles
+    assert plan(wide, tile=1024).forward_tile == 128
+    assert plan(wide, forward_tile=256).forward_tile == 256  # as configured
     assert plan(save(tmp_path, "unet")).forward_tile == 0  # 8 channels: whole tiles
     with pytest.raises(ConfigError, match="forward_tile 100 is not a multiple of the network's stride 8; use 104"):
         plan(save(tmp_path, "unet"), forward_tile=100)

@@ -98,8 +98,10 @@ def test_forward_size_fits_the_budget_without_costing_much_halo() -> None:
     assert forward_size(512, 1, 1, 256, 80 << 20) == 512  # the whole tile fits
     assert forward_size(1024, 1, 1, 256, 24 << 20) == 256
     assert forward_size(512, 1, 1, 256, 8 << 20) == 128
+    # where no side fits, the smallest whose halo costs at most 5% more: 128 hidden channels
+    assert forward_size(512, 1, 1, 512, 8 << 20) == 128  # 130^2 x 512 B = 8.7 MB; 64 px: 6% more pixels
     # the divisor must be a multiple of the stride: 512 / 3 is not a whole number; 96 = 768 / 8 is
-    assert forward_size(768, 8, 32, 64, 1 << 20) == 768  # 96 is not a multiple of 32; 128: 5% overhead exceeded
+    assert forward_size(768, 8, 32, 64, 1 << 20) == 384  # none fits; 96 is not a multiple of 32; 256: >5% more
     assert forward_size(768, 0, 32, 64, 2 << 20) == 128
     # a wide halo: smaller passes would compute far more pixels, so the tile stays whole
     assert forward_size(512, 56, 8, 256, 24 << 20) == 512
