@@ -70,14 +70,18 @@ def linearity(rows: list[dict[str, Any]]) -> list[str]:
 
 def overheads(rows: list[dict[str, Any]]) -> list[str]:
     """Per row, the ratio over the level-0 compute alone (the per-tile cost of reading, decoding,
-    quantising, compressing and writing beside the network), and the seconds outside it that every
-    run pays once: interpreter start-up and imports, setup, the coarser pyramid levels."""
+    quantising, compressing and writing beside the network), its ceiling (the network plus decoding
+    each file tile once, nothing else: ``decode / (decode + model)`` Mpx/s), and the seconds outside
+    the compute that every run pays once: interpreter start-up and imports, setup, the coarser
+    pyramid levels."""
     lines = []
     for r in rows:
         timings = r["timings_s"]
         startup = r["e2e_s"] - timings["total"]
         lines.append(f"{r['architecture']} N={r['size']}: ratio {r['ratio']:.2f} end to end, "
-                     f"{r['compute_mpx_per_s'] / r['model_mpx_per_s']:.2f} over the level-0 compute; outside it "
+                     f"{r['compute_mpx_per_s'] / r['model_mpx_per_s']:.2f} over the level-0 compute, "
+                     f"{r['ratio_ceiling']:.2f} at most (decoding alone {r['decode_only']['mpx_per_s']:.0f} Mpx/s); "
+                     "outside it "
                      f"start-up {startup:.1f} s, setup {timings['setup']:.1f} s, "
                      f"pyramid {timings.get('pyramid') or 0:.1f} s")  # fmt: skip
     return lines

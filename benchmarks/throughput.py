@@ -16,7 +16,9 @@ For each architecture (``--archs``, default the reference FCN and the U-Net) and
    small helper process that reports the child's wall time and peak RSS
    (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, exact, per measurement), and reads the store's
    ``fcnpipe.timings_s`` (setup, compute, pyramid, total, and the per-stage ``stages`` when present);
-4. times the network alone again (the mean of 2 and 4 is reported; on a shared VM the speed drifts);
+4. times the network alone again (the mean of 2 and 4 is reported; on a shared VM the speed drifts),
+   then the decoding of the input's file tiles alone, each once (the least any pipeline must do
+   besides the network: with it, the highest ratio a run could reach);
 5. where the image fits in memory, runs the same network on the same image through MONAI's
    ``sliding_window_inference`` (``monai_baseline.py``: read whole, predict, softmax, write Zarr)
    in its own process under the same helper;
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 from _common import environment, geometry, make_inputs, run_cli, write_checkpoint
 from _report import linearity, monai_stages, overheads, plot, rss_verdict, table
@@ -78,10 +81,13 @@ class Settings:
 def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: int,
                min_mpx: float, min_s: float) -> dict[str, float]:  # fmt: skip
     """Mpx/s of the network alone: ``workers`` threads calling one Predictor on random batches of
-    ``batch`` windows of ``tile + 2 halo`` (``tile``: the core of one forward pass)."""
+    ``batch`` windows of ``tile + 2 halo`` (``tile``: the core of one forward pass), laid out
+    channels-last as the run's windows are (:func:`pipeline.predict.normalize`), so that neither
+    copies them before the pass."""
     side = tile + 2 * halo
     rng = np.random.default_rng(0)
-    batches = [rng.random((batch, 3, side, side), dtype=np.float32) for _ in range(workers)]
+    interleaved = [rng.random((batch, side, side, 3), dtype=np.float32) for _ in range(workers)]
+    batches = [b.transpose(0, 3, 1, 2) for b in interleaved]  # (B, 3, Y, X) views, channels-last in memory
     mpx_per_call = batch * tile * tile / 1e6  # output (core) pixels, as the pipeline counts them
     calls = [0]
     lock = threading.Lock()
@@ -104,6 +110,37 @@ def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: 
     mpx = calls[0] * mpx_per_call
     return {"mpx": mpx, "seconds": seconds, "mpx_per_s": mpx / seconds, "input_side": side, "halo": halo,
             "forward_tile": tile}  # fmt: skip
+
+
+def decode_only(image: str, workers: int, min_s: float) -> dict[str, float]:
+    """Mpx/s of decoding the input's file tiles alone, each once, by ``workers`` threads (round
+    robin, up to the whole image or ``min_s`` seconds), with tifffile's decoder on bytes read with
+    ``os.pread``, as :mod:`pipeline.source` reads a tiled level. Every pipeline must decode each
+    pixel at least once, so with the network's rate M and this rate D, no run on the same cores
+    can exceed ``1 / (1/M + 1/D)``: a ratio of at most ``D / (D + M)``."""
+    with tifffile.TiffFile(image) as tif:
+        page = tif.pages[0]
+        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
+        pixels = page.tilelength * page.tilewidth
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            decoded = [0] * workers
+            started = time.perf_counter()
+
+            def loop(first: int) -> None:
+                for index in range(first, len(offsets), workers):
+                    page.decode(os.pread(fd, int(counts[index]), int(offsets[index])), index, jpegtables=tables)
+                    decoded[first] += 1
+                    if time.perf_counter() - started >= min_s:
+                        return
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(loop, range(workers)))
+            seconds = time.perf_counter() - started
+        finally:
+            os.close(fd)
+    mpx = sum(decoded) * pixels / 1e6
+    return {"mpx": mpx, "seconds": seconds, "mpx_per_s": mpx / seconds}
 
 
 def network(arch: str, work: str) -> str:
@@ -142,6 +179,7 @@ def measure(arch: str, n: int, predictor: Predictor, halo: int, forward: int, s:
     store = os.path.join(s.work, f"out_{arch}_{n}.zarr")
     e2e = run_cli(image, model, store, s.tile, os.path.join(s.out, f"run_{arch}_{n}.log"), s.keep)
     after = model_only(predictor, forward, halo, s.batch, s.workers, s.model_mpx, s.model_seconds)
+    decode = decode_only(image, s.workers, s.model_seconds / 2)
     monai = monai_row(arch, n, image, model, halo, s)
     model_rate = (before["mpx_per_s"] + after["mpx_per_s"]) / 2
     drift = abs(before["mpx_per_s"] - after["mpx_per_s"]) / model_rate
@@ -161,6 +199,7 @@ def measure(arch: str, n: int, predictor: Predictor, halo: int, forward: int, s:
         "stage_shares": stage_shares(timings),
         "model_mpx_per_s": model_rate, "model_only": {"before": before, "after": after, "drift": drift},
         "ratio": e2e_rate / model_rate, "peak_rss_mib": rss, "monai": monai,
+        "decode_only": decode, "ratio_ceiling": decode["mpx_per_s"] / (decode["mpx_per_s"] + model_rate),
         "speed_vs_monai": None if monai is None else e2e_rate / monai["mpx_per_s"],
         "rss_vs_monai": None if monai is None else rss / monai["peak_rss_mib"],
     }  # fmt: skip
