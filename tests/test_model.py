@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.architectures import FCN8s, UNet
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ModelError
 from pipeline.model import (
     ModelSpec,
     Normalization,
+    OneDNNConv2d,
     Predictor,
     ReferenceFCN,
     activation_bytes_per_pixel,
+    fuse_for_cpu,
     select_device,
 )
 
@@ -101,6 +104,81 @@ def test_predictor_returns_probabilities() -> None:
     probs = Predictor(ReferenceFCN(3, 4), select_device("cpu"))(np.random.rand(2, 3, 9, 11).astype(np.float32))
     assert probs.shape == (2, 4, 9, 11) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def _called(module: torch.nn.Module, kind: type) -> int:
+    """How many modules of exactly ``kind`` ``module``'s forward calls (all of them, untraced)."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return sum(type(m) is kind for m in module.modules())
+    named = dict(module.named_modules())
+    return sum(node.op == "call_module" and type(named[node.target]) is kind for node in graph.nodes)
+
+
+@pytest.mark.parametrize(
+    ("net", "side"),
+    [(ReferenceFCN(3, 3, 64), 40), (UNet(3, 3), 64), (FCN8s(3, 3), 64)],
+    ids=["reference", "unet", "fcn8s"],
+)
+def test_convolutions_run_through_onednn_with_their_relus_fused(net: torch.nn.Module, side: int) -> None:
+    net = net.eval().to(memory_format=torch.channels_last)
+    convs, relus = _called(net, torch.nn.Conv2d), _called(net, torch.nn.ReLU)
+    fused = fuse_for_cpu(net)
+    assert fused is not None
+    # every convolution is replaced, and every ReLU (each follows a convolution) is folded into one
+    assert (_called(fused, OneDNNConv2d), _called(fused, torch.nn.Conv2d), _called(fused, torch.nn.ReLU)) == (
+        convs,
+        0,
+        0,
+    )
+    assert sum(m.attr == "relu" for m in fused.modules() if isinstance(m, OneDNNConv2d)) == relus
+    # the module handed in is unchanged
+    assert (_called(net, torch.nn.Conv2d), _called(net, torch.nn.ReLU)) == (convs, relus)
+    x = torch.rand(2, 3, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected, got = net(x), fused(x)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got - expected).abs().max()
+
+
+class _Shared(torch.nn.Module):
+    """A convolution whose output is used before and after its ReLU: the ReLU must not be fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(torch.relu(y) - y)  # = max(-y, 0): zero wherever a fused ReLU would leave y
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)  # torch.fx cannot trace this
+
+
+def test_fusion_keeps_what_it_cannot_fuse_as_it_is() -> None:
+    net = _Shared().eval()
+    fused = fuse_for_cpu(net)
+    assert fused is not None
+    assert [m.attr for m in fused.modules() if isinstance(m, OneDNNConv2d)] == ["none", "none"]
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), net(x), atol=1e-6)
+        assert net(x).abs().max() > 0
+    # what cannot be traced or has nothing to fuse runs as it is
+    assert fuse_for_cpu(_DataDependent()) is None
+    assert fuse_for_cpu(torch.nn.Sequential(torch.nn.ReLU())) is None
+    assert fuse_for_cpu(torch.jit.script(ReferenceFCN(3, 2))) is None
+    # the Predictor runs the fused network on a CPU
+    predictor = Predictor(ReferenceFCN(3, 2, 8), torch.device("cpu"))
+    assert _called(predictor.module, OneDNNConv2d) == 2
 
 
 def test_activation_bytes_per_pixel_is_the_largest_layer_output() -> None:
