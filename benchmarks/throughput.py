@@ -54,6 +54,7 @@ from pipeline.cluster import available_cores, thread_plan
 from pipeline.config import TilingConfig
 from pipeline.model import Predictor, set_torch_threads
 from pipeline.run import forward_tile_for
+from pipeline.source import _TiledLevel
 
 ARCHS = ("reference", "fcn8s", "unet")
 """``reference``: ``ReferenceFCN(3, 3)`` as a bare state_dict (as before); the others: fcnpipe checkpoints."""
@@ -114,32 +115,30 @@ def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: 
 
 def decode_only(image: str, workers: int, min_s: float) -> dict[str, float]:
     """Mpx/s of decoding the input's file tiles alone, each once, by ``workers`` threads (round
-    robin, up to the whole image or ``min_s`` seconds), with tifffile's decoder on bytes read with
-    ``os.pread``, as :mod:`pipeline.source` reads a tiled level. Every pipeline must decode each
+    robin, up to the whole image or ``min_s`` seconds), through the run's own tile reader
+    (:class:`pipeline.source._TiledLevel`, without its cache). Every pipeline must decode each
     pixel at least once, so with the network's rate M and this rate D, no run on the same cores
     can exceed ``1 / (1/M + 1/D)``: a ratio of at most ``D / (D + M)``."""
-    with tifffile.TiffFile(image) as tif:
-        page = tif.pages[0]
-        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
-        pixels = page.tilelength * page.tilewidth
-        fd = os.open(image, os.O_RDONLY)
-        try:
-            decoded = [0] * workers
-            started = time.perf_counter()
+    tif = tifffile.TiffFile(image)
+    page = tif.pages[0]
+    level = _TiledLevel(tif, page, image, None)  # closes the TIFF too
+    try:
+        decoded = [0] * workers
+        started = time.perf_counter()
 
-            def loop(first: int) -> None:
-                for index in range(first, len(offsets), workers):
-                    page.decode(os.pread(fd, int(counts[index]), int(offsets[index])), index, jpegtables=tables)
-                    decoded[first] += 1
-                    if time.perf_counter() - started >= min_s:
-                        return
+        def loop(first: int) -> None:
+            for index in range(first, len(page.dataoffsets), workers):
+                level._tile(index)
+                decoded[first] += 1
+                if time.perf_counter() - started >= min_s:
+                    return
 
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(loop, range(workers)))
-            seconds = time.perf_counter() - started
-        finally:
-            os.close(fd)
-    mpx = sum(decoded) * pixels / 1e6
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(loop, range(workers)))
+        seconds = time.perf_counter() - started
+    finally:
+        level.close()
+    mpx = sum(decoded) * page.tilelength * page.tilewidth / 1e6
     return {"mpx": mpx, "seconds": seconds, "mpx_per_s": mpx / seconds}
 
 

@@ -187,17 +187,14 @@ def predict_tiles(
     done = []
     for tile in tiles:
         pieces = parts[(tile.row, tile.col)]
-        if len(pieces) == 1:
-            probs = pieces[0][1]
-            done.append((tile, quantize(probs, dtype), argmax_channels(probs[None])[0]))
-            continue
-        y0, y1, x0, x1 = tile.core
-        first = pieces[0][1]
-        gathered = np.empty((first.shape[0], y1 - y0, x1 - x0), first.dtype)
-        for piece, probs in pieces:
-            py0, py1, px0, px1 = piece.core
-            gathered[:, py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] = probs
-        done.append((tile, quantize(gathered, dtype), argmax_channels(gathered[None])[0]))
+        probs = pieces[0][1]  # a whole tile: its core, no copy
+        if len(pieces) > 1:
+            y0, y1, x0, x1 = tile.core
+            probs = np.empty((probs.shape[0], y1 - y0, x1 - x0), probs.dtype)
+            for piece, part in pieces:
+                py0, py1, px0, px1 = piece.core
+                probs[:, py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] = part
+        done.append((tile, quantize(probs, dtype), argmax_channels(probs[None])[0]))
     return done
 
 
