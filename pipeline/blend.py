@@ -63,14 +63,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import numpy as np
 import zarr
 
 from pipeline.cluster import Engine
 from pipeline.errors import ConfigError, OutputError
 from pipeline.output import NODATA_LABEL, write_core
-from pipeline.predict import Job, compute_tasks, predictor_for, read_windows
+from pipeline.predict import Job, compute_tasks, delayed_call, predictor_for, read_windows
 from pipeline.tiling import Box, Tile, batched, parse_positive_int
 
 BLEND_MODES = ("none", "gaussian", "cosine")
@@ -298,14 +297,12 @@ def build_blend_tasks(
     job: Job, tiles: Sequence[Tile], image_shape: tuple[int, int], blend: Blend, batch: int
 ) -> list[Any]:
     """Phase 1 as one delayed task per group of at most ``batch`` neighbouring tiles of a row."""
-    run = dask.delayed(blend_tiles, pure=False)
-    return [run(job, group, image_shape, blend) for group in batched(tiles, batch)]
+    return [delayed_call(blend_tiles, job, group, image_shape, blend) for group in batched(tiles, batch)]
 
 
 def build_merge_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
     """Phase 2 as one delayed task per group of at most ``batch`` neighbouring cores of a row."""
-    run = dask.delayed(merge_tiles, pure=False)
-    return [run(job, group) for group in batched(tiles, batch)]
+    return [delayed_call(merge_tiles, job, group) for group in batched(tiles, batch)]
 
 
 def predict_blended(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,10 +105,13 @@ def create_store(
     dtype: str,
     overwrite: bool,
     zarr_format: int = 2,
+    token: str = "",
 ) -> None:
     """Create the group and the empty arrays of every level; see :func:`check_target` for overwrite.
 
     ``levels`` are the ``(Y, X)`` shapes of level 0, 1, ... (see :func:`pipeline.pyramid.level_shapes`).
+    The arrays created are the handles of ``OutputRef(path, dtype, token)`` for this process's
+    tasks (:func:`_arrays`), which then need not open them again.
     """
     check_target(path, overwrite)
     if os.path.lexists(path):
@@ -120,14 +124,15 @@ def create_store(
         v3 = zarr_format == 3
         for level, (height, width) in enumerate(levels):
             chunks = (min(tile, height), min(tile, width))
-            group.create_array(
+            probabilities = group.create_array(
                 str(level), shape=(classes, height, width), chunks=(classes, *chunks), dtype=dtype, fill_value=0,
                 dimension_names=("c", "y", "x") if v3 else None, **_compressor(zarr_format, _bitshuffle(dtype)),
             )  # fmt: skip
-            labels.create_array(
+            label_array = labels.create_array(
                 str(level), shape=(height, width), chunks=chunks, dtype="uint8", fill_value=NODATA_LABEL,
                 dimension_names=("y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=True),
             )  # fmt: skip
+            _keep_arrays(OutputRef(path, dtype, token), level, (probabilities, label_array))
     except OSError as err:
         raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
 
@@ -153,28 +158,33 @@ def quantize(probs: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np
     return out
 
 
-_local = threading.local()
-
-
-def _group(out: OutputRef) -> Any:
-    """This thread's handle on the store, opened once per created store."""
-    cache: dict[OutputRef, Any] = getattr(_local, "cache", None) or {}
-    _local.cache = cache
-    if out not in cache:
-        cache.clear()  # one store at a time per thread is plenty
-        cache[out] = zarr.open_group(out.path, mode="r+")
-    return cache[out]
+_HANDLES_KEPT = 32
+"""Array handles kept per process (two per level and store): a batch's stores, a few levels each."""
+_handles: OrderedDict[tuple[OutputRef, int], tuple[Any, Any]] = OrderedDict()
+_handles_lock = threading.Lock()
 
 
 def _arrays(out: OutputRef, level: int) -> tuple[Any, Any]:
-    """This thread's handles on the probability and label arrays of ``level``, opened once: opening
-    reads their metadata from disk, which cost more than writing a uint8 chunk."""
-    group = _group(out)
-    arrays: dict[int, tuple[Any, Any]] = _local.arrays if getattr(_local, "arrays_of", None) == out else {}
-    _local.arrays_of, _local.arrays = out, arrays
-    if level not in arrays:
-        arrays[level] = (group[str(level)], group[f"{LABEL_GROUP}/{level}"])
-    return arrays[level]
+    """The probability and label arrays of ``level``, opened once per process and shared by its
+    threads. Only their metadata is used (chunks, dtype, fill value, chunk keys): chunks are
+    written as files (:func:`_put_chunk`). Opening a level reads its metadata from disk, which cost
+    3-13 ms a thread, more than writing a whole task's chunks; the process that creates the store
+    keeps the arrays it created (:func:`create_store`) and opens nothing."""
+    with _handles_lock:
+        found = _handles.get((out, level))
+    if found is None:  # two threads may both open it: the same metadata either way
+        group = zarr.open_group(out.path, mode="r")
+        found = (group[str(level)], group[f"{LABEL_GROUP}/{level}"])
+        _keep_arrays(out, level, found)
+    return found
+
+
+def _keep_arrays(out: OutputRef, level: int, arrays: tuple[Any, Any]) -> None:
+    with _handles_lock:
+        _handles[(out, level)] = arrays
+        _handles.move_to_end((out, level))
+        while len(_handles) > _HANDLES_KEPT:
+            _handles.popitem(last=False)
 
 
 def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray) -> None:

@@ -439,7 +439,7 @@ class Writing:
             log.info("%s: already complete", self.path)
             self.result = _result(plan, self.path, 0.0, resume.record or {}, "already complete")
         elif resume is None or resume.restart:
-            self.record = _create(plan, self.path)
+            self.record = _create(plan, self.path, self.job.output.token)
         else:
             removed = remove_partial_files(self.path)
             log.info("%s: resuming, %d tasks done, %d partial files removed", self.path, len(resume.done), removed)
@@ -494,12 +494,14 @@ class Writing:
         return _result(plan, self.path, total_s, final, "done")
 
 
-def _create(plan: RunPlan, out_path: str) -> dict[str, Any]:
-    """A new store: arrays, viewer metadata, the start record, then the resume state."""
+def _create(plan: RunPlan, out_path: str, token: str) -> dict[str, Any]:
+    """A new store (``token``: its :attr:`pipeline.output.OutputRef.token`): arrays, viewer metadata,
+    the start record, then the resume state."""
     cfg, spec = plan.config, plan.model.spec
     create_store(
         out_path, spec.num_classes, plan.levels, cfg.tiling.tile, cfg.output.dtype,
         cfg.output.overwrite or plan.resume is not None, zarr_format=2 if plan.ome_version == "0.4" else 3,
+        token=token,
     )  # fmt: skip
     write_viewer_metadata(out_path, plan)
     record = provenance(

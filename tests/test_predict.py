@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pytest
 import zarr
 
 from pipeline.checkpoint import load_model
@@ -97,3 +98,49 @@ def test_fast_argmax_quantise_and_pyramid_mean_equal_the_plain_numpy_ones() -> N
         sums = padded.reshape(c, padded.shape[1] // 2, 2, -1, 2).sum(axis=(2, 4))
         expected = np.rint(sums / counts.reshape(counts.shape[0] // 2, 2, -1, 2).sum(axis=(1, 3)))
         np.testing.assert_array_equal(mean_2x2(block, "uint8"), expected.astype(np.uint8))
+
+
+def test_the_process_that_creates_a_store_writes_it_without_opening_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks write through array handles shared by the process: the ones ``create_store`` made, for
+    the store's token. A store created again at the same path, under a new token, gets its own."""
+    import pipeline.output as output
+
+    opened: list[str] = []
+    open_group = zarr.open_group
+
+    def counting(path: str, **kwargs: object) -> object:
+        opened.append(path)
+        return open_group(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output.zarr, "open_group", counting)
+    path = str(tmp_path / "o.zarr")
+    probs = np.full((2, 16, 16), 0.25, np.float32)
+    for token, tile in (("first", 16), ("second", 8)):
+        create_store(path, 2, [(16, 32)], tile, "float32", overwrite=True, token=token)
+        opened.clear()
+        output.write_stored(
+            OutputRef(path, "float32", token), 0, (0, 8, 0, 8), probs[:, :8, :8], np.ones((8, 8), np.uint8)
+        )
+        assert opened == []
+        assert zarr.open_group(path, mode="r")[PROBABILITIES].chunks == (2, tile, tile)
+        np.testing.assert_array_equal(zarr.open_group(path, mode="r")[LABELS][:8, :8], 1)
+    opened.clear()
+    elsewhere = OutputRef(path, "float32", "elsewhere")  # as a task of another process sees the store
+    for x0 in (0, 8):
+        output.write_stored(elsewhere, 0, (8, 16, x0, x0 + 8), probs[:, :8, :8], np.zeros((8, 8), np.uint8))
+    assert opened == [path]  # once, for both chunks
+    np.testing.assert_array_equal(
+        zarr.open_group(path, mode="r")[LABELS][:16, :16], np.repeat([[1] * 8 + [255] * 8, [0] * 16], 8, axis=0)
+    )
+
+
+def test_delayed_call_names_the_task_and_passes_its_arguments_as_they_are() -> None:
+    from pipeline.predict import delayed_call
+
+    inner = dask.delayed(sum)([1, 2])
+    task = delayed_call(lambda a, b: (a, b), [inner], {"x": 1}, key="fcnpipe-test-1")
+    assert task.key == "fcnpipe-test-1"
+    (result,) = dask.compute(task, scheduler="sync")
+    assert result[0][0] is inner and result[1] == {"x": 1}  # not searched for collections, not computed
