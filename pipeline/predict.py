@@ -2,8 +2,9 @@
 
 Each task carries only small, picklable values (a :class:`Job` and a list of tiles): paths and
 windows, never an open file or a model. The worker loads the network once and keeps it
-(:func:`predictor_for`), opens the TIFF and the Zarr store once per thread, and returns a few
-numbers, so nothing proportional to the image ever lives in the graph or in the scheduler.
+(:func:`predictor_for`), opens the TIFF once per thread and the Zarr arrays once per process, and
+returns a few numbers, so nothing proportional to the image ever lives in the graph or in the
+scheduler.
 """
 
 from __future__ import annotations
