@@ -65,17 +65,7 @@ def linearity(rows: list[dict[str, Any]]) -> list[str]:
         spread = max(relative) / min(relative) - 1
         lines.append(f"{arch} {sizes}: compute per model second {min(relative):.2f}-{max(relative):.2f}, "
                      f"spread {spread:.0%} ({'within' if spread <= LINEAR else 'OVER'} {LINEAR:.0%})")  # fmt: skip
-        fixed, per_mpx = _fit([r["mpx"] for r in mine], [r["compute_s"] for r in mine])
-        lines.append(f"{arch} {sizes}: compute ~ {fixed:.3f} s + {per_mpx * 1e3:.2f} ms/Mpx (least squares): the fixed "
-                     f"part is {fixed / mine[0]['compute_s']:.0%} of the smallest run's compute")  # fmt: skip
     return lines
-
-
-def _fit(mpx: list[float], seconds: list[float]) -> tuple[float, float]:
-    """``(a, b)`` of the least-squares line ``seconds = a + b * mpx``."""
-    mx, my = sum(mpx) / len(mpx), sum(seconds) / len(seconds)
-    slope = sum((x - mx) * (y - my) for x, y in zip(mpx, seconds, strict=True)) / sum((x - mx) ** 2 for x in mpx)
-    return my - slope * mx, slope
 
 
 def overheads(rows: list[dict[str, Any]]) -> list[str]:
