@@ -221,13 +221,9 @@ def measure(arch: str, n: int, predictor: Predictor, halo: int, forward: int, s:
         "rss_vs_monai": None if monai is None else rss / monai["peak_rss_mib"],
     }  # fmt: skip
     versus = "" if monai is None else f"; MONAI {monai['mpx_per_s']:.2f} Mpx/s, {monai['peak_rss_mib']:.0f} MiB"
-    runs = (
-        ""
-        if len(e2e["compute_runs_s"]) == 1
-        else f" (median of {len(e2e['compute_runs_s'])}: computes "
-        + ", ".join(f"{c:.2f}" for c in e2e["compute_runs_s"])
-        + " s)"
-    )
+    computes = e2e["compute_runs_s"]
+    listed = ", ".join(f"{c:.2f}" for c in computes)
+    runs = f" (median of {len(computes)}: computes {listed} s)" if len(computes) > 1 else ""
     print(f"{arch} N={n}: {e2e['wall_s']:.1f} s, {e2e_rate:.2f} Mpx/s, peak RSS {rss:.0f} MiB{versus}{runs}",
           file=sys.stderr, flush=True)  # fmt: skip
     return row
