@@ -68,7 +68,7 @@ import zarr
 
 from pipeline.cluster import Engine
 from pipeline.errors import ConfigError, OutputError
-from pipeline.output import NODATA_LABEL, write_core
+from pipeline.output import write_core
 from pipeline.predict import Job, compute_tasks, delayed_call, predictor_for, read_windows
 from pipeline.tiling import Box, Tile, batched, parse_positive_int
 
@@ -272,7 +272,8 @@ def _write(arrays: tuple[Any, Any], box: Box, weighted: np.ndarray, weight: np.n
 def merge_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     """Phase 2: each core's blended probabilities and their argmax, written to the output.
 
-    Pixels whose weights sum to 0 have no data: probabilities 0, label :data:`NODATA_LABEL`.
+    Pixels whose weights sum to 0 have no data (:func:`pipeline.output.nodata_value`, label
+    :data:`pipeline.output.NODATA_LABEL`).
     Returns the number of pixels written.
     """
     arrays = _blend_arrays(job)
@@ -287,9 +288,7 @@ def merge_tiles(job: Job, tiles: Sequence[Tile]) -> int:
         empty = total == 0
         probs = (weighted / np.where(empty, 1.0, total)).astype(np.float32)
         labels = probs.argmax(axis=0).astype(np.uint8)
-        probs[:, empty] = 0.0
-        labels[empty] = NODATA_LABEL
-        write_core(job.output, t.core, probs, labels)
+        write_core(job.output, t.core, probs, labels, empty if empty.any() else None)
     return sum(t.core_pixels for t in tiles)
 
 

@@ -110,7 +110,7 @@ _RUN_OPTIONS = [
     click.option("--blend", type=click.Choice(["none", "gaussian", "cosine"]),
                  help="Below the exact halo: weighted mean of overlapping windows.  [default: none]"),
     click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]),
-                 help="Stored probabilities; uint8 holds round(p*255).  [default: uint8]"),
+                 help="Stored probabilities; uint8 holds round(p*254), 255 = no data.  [default: uint8]"),
     click.option("--format", "output_format", type=click.Choice(["ome-zarr-0.4", "ome-zarr-0.5"]),
                  help="OME-Zarr 0.4 on Zarr v2 (QuPath, GDAL/QGIS, napari) or 0.5 on Zarr v3."
                       "  [default: ome-zarr-0.4]"),
@@ -427,7 +427,7 @@ def preview(store: str, png_path: str | None, size: int) -> None:
 @click.option("--what", type=click.Choice(["probabilities", "labels"]), default="probabilities", show_default=True,
               help="One band per class, or the uint8 argmax map (nodata 255).")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["uint8", "float32"]),
-              help="Probabilities as round(p*255) or float32.  [default: as stored; float16 -> float32]")  # fmt: skip
+              help="Probabilities as round(p*254) or float32.  [default: as stored; float16 -> float32]")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def export(store: str, output: str, kind: str, what: str, dtype: str | None, overwrite: bool) -> None:
     """Write a finished store (from `fcnpipe run`) as one TIFF: a COG or an OME-TIFF.

@@ -129,8 +129,9 @@ class OutputConfig:
     path: str | None = None
     """The Zarr store to write."""
     dtype: OutputDtype = "uint8"
-    """Stored probabilities: uint8 holding round(p * 255) (steps of 0.004, a quarter of the bytes to
-    compress and write), float16, or float32 for the network's values as they are."""
+    """Stored probabilities: uint8 holding round(p * 254) (steps of 0.004, a quarter of the bytes to
+    compress and write; 255 is no data), float16, or float32 for the network's values as they are
+    (NaN is no data)."""
     overwrite: bool = False
     """Replace an existing store. Without it an existing output is never touched."""
     format: OutputFormat = "ome-zarr-0.4"

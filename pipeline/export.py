@@ -34,7 +34,7 @@ import zarr
 from pipeline import __version__
 from pipeline.errors import ConfigError, OutputError
 from pipeline.metadata import read_record
-from pipeline.output import LABEL_GROUP, NODATA_LABEL, is_store, quantize
+from pipeline.output import LABEL_GROUP, NODATA_LABEL, UINT8_SCALE, is_nodata, is_store, nodata_value, quantize
 
 KINDS = ("cog", "ome-tiff")
 WHATS = ("probabilities", "labels")
@@ -142,16 +142,23 @@ def target_dtype(view: StoreView, dtype: str | None) -> str:
 
 
 def convert(block: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as ``dtype``: probabilities ``p`` in [0, 1], or uint8 ``round(p * 255)``.
+    """Stored values as ``dtype``: probabilities ``p`` in [0, 1], or uint8 ``round(p * 254)``; no
+    data (NaN, or 255 in uint8) stays no data.
 
-    >>> convert(np.array([0.0, 0.5, 1.0], np.float32), "uint8").tolist()
-    [0, 128, 255]
-    >>> convert(np.array([0, 255], np.uint8), "float32").tolist()
-    [0.0, 1.0]
+    >>> convert(np.array([0.0, 0.5, 1.0, np.nan], np.float32), "uint8").tolist()
+    [0, 127, 254, 255]
+    >>> convert(np.array([0, 254, 255], np.uint8), "float32").tolist()
+    [0.0, 1.0, nan]
     """
+    empty = is_nodata(block)
     if block.dtype == np.uint8:
-        return block if dtype == "uint8" else (block / np.float32(255)).astype(dtype)
-    return quantize(block, dtype)
+        if dtype == "uint8":
+            return block
+        out: np.ndarray = (block / np.float32(UINT8_SCALE)).astype(dtype)
+    else:
+        out = quantize(np.where(empty, 0.0, block), dtype)
+    out[empty] = nodata_value(dtype)
+    return out
 
 
 def windows(height: int, width: int, side: int) -> Iterator[tuple[int, int, int, int]]:
@@ -233,13 +240,12 @@ def _gtiff_profile(view: StoreView, dtype: str, side: int) -> dict[str, Any]:
         profile["crs"] = rasterio.crs.CRS.from_user_input(view.crs)
     if view.transform is not None:
         profile["transform"] = rasterio.transform.Affine(*view.transform)
-    if view.what == "labels":
-        profile["nodata"] = NODATA_LABEL
+    profile["nodata"] = NODATA_LABEL if view.what == "labels" else nodata_value(dtype)
     return profile
 
 
 def _describe_bands(dst: Any, view: StoreView, dtype: str) -> None:
-    """Band names, the class colour table of labels, the 1/255 scale of uint8 probabilities, tags."""
+    """Band names, the class colour table of labels, the 1/254 scale of uint8 probabilities, tags."""
     tags = {**view.provenance, "FCNPIPE_CLASSES": json.dumps(list(view.class_names))}
     if view.mpp is not None:  # TIFF resolution in pixels per centimetre, as slide readers expect
         tags.update(TIFFTAG_XRESOLUTION=f"{1e4 / view.mpp:.6f}", TIFFTAG_YRESOLUTION=f"{1e4 / view.mpp:.6f}")
@@ -253,7 +259,7 @@ def _describe_bands(dst: Any, view: StoreView, dtype: str) -> None:
     for band, name in enumerate(view.class_names, start=1):
         dst.set_band_description(band, name)
     if dtype == "uint8":  # GDAL's unscaled value is then the probability itself
-        dst.scales = (1 / 255,) * dst.count
+        dst.scales = (1 / UINT8_SCALE,) * dst.count
         dst.offsets = (0.0,) * dst.count
 
 
@@ -278,10 +284,11 @@ def export_cog(
 ) -> None:
     """Write level 0 of ``store`` as a Cloud-Optimized GeoTIFF with internal overviews at ``out_tif``.
 
-    Probabilities: one band per class, named after it, float32 ``p`` or uint8 ``round(p * 255)``
-    (band scale 1/255); ``dtype=None`` keeps the stored dtype (float16 becomes float32). Labels: one
-    uint8 band with the class colour table and nodata 255. The store's CRS and transform (pixel
-    corners, CRS units) are kept; a slide's micrometres per pixel go into the TIFF resolution tags.
+    Probabilities: one band per class, named after it, float32 ``p`` (nodata NaN) or uint8
+    ``round(p * 254)`` (band scale 1/254, nodata 255); ``dtype=None`` keeps the stored dtype (float16
+    becomes float32). Labels: one uint8 band with the class colour table and nodata 255. The store's
+    CRS and transform (pixel corners, CRS units) are kept; a slide's micrometres per pixel go into the
+    TIFF resolution tags.
     """
     check_output_file(out_tif, overwrite)
     view = open_finished(store, what)

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
+from pipeline.output import UINT8_SCALE
 
 ATTRIBUTE = "fcnpipe"
 
@@ -116,7 +117,7 @@ def ome_image(
     source says how large a pixel is, else in pixels. Level ``k`` is ``2**k`` times coarser.
     """
     axes = [{"name": "c", "type": "channel"}, *_space_axes(mpp)]
-    top = 255 if dtype == "uint8" else 1.0
+    top = UINT8_SCALE if dtype == "uint8" else 1.0
     omero = {
         "name": name,
         "channels": [

@@ -3,10 +3,15 @@
 Layout of the group at the output path (OME-Zarr; Zarr format 2 for OME-NGFF 0.4, 3 for 0.5):
 
 * ``0``, ``1``, ...: probabilities, shape ``(C, Y, X)`` halving level by level, chunks
-  ``(C, tile, tile)``; float32/float16, or uint8 holding ``round(p * 255)``;
+  ``(C, tile, tile)``; float32/float16, or uint8 holding ``round(p * 254)``;
 * ``labels/argmax/0``, ``1``, ...: the argmax of the full-precision probabilities, ``(Y, X)``
   uint8, :data:`NODATA_LABEL` where the source has no data;
 * ``x``, ``y`` (and the same in ``labels/argmax``): pixel-centre coordinates, for a GeoTIFF input.
+
+No data (a chunk the mask skipped, a pixel the source marks as no data) is the arrays' fill value,
+and nothing else is: NaN for float probabilities, 255 for uint8 probabilities and labels
+(:func:`nodata_value`). A probability of 0 is a value like any other, so readers that take the fill
+value as missing (xarray's ``_FillValue``, GDAL's NoData, QGIS) hide only what has no data.
 
 Level-0 chunks are the tile cores of :mod:`pipeline.tiling` and each coarser chunk is made from
 the 2 x 2 chunks above it, so every task writes whole chunks that no other task touches, and
@@ -36,7 +41,32 @@ PROBABILITIES = "0"
 LABEL_GROUP = "labels/argmax"
 LABELS = f"{LABEL_GROUP}/0"
 NODATA_LABEL = 255
-"""Label where the source has no data (alpha 0 or GDAL_NODATA); its probabilities are all 0."""
+"""Label where there is no data (alpha 0, GDAL_NODATA, a chunk without foreground); at most 254 classes."""
+UINT8_SCALE = 254
+"""uint8 probabilities hold ``round(p * 254)``, so that 255 is free to mean no data, as in the labels."""
+NODATA_UINT8 = 255
+
+
+def nodata_value(dtype: Any) -> float | int:
+    """The value of no data in an array of stored probabilities (its fill value): 255 or NaN.
+
+    >>> nodata_value("uint8"), nodata_value("float32")
+    (255, nan)
+    """
+    return NODATA_UINT8 if np.dtype(dtype) == np.uint8 else float("nan")
+
+
+def is_nodata(values: np.ndarray) -> np.ndarray:
+    """Where stored values (probabilities or labels) are no data.
+
+    >>> is_nodata(np.array([0, 255], np.uint8)).tolist(), is_nodata(np.array([0.0, np.nan])).tolist()
+    ([False, True], [False, True])
+    """
+    if values.dtype == np.uint8:
+        is_fill: np.ndarray = values == NODATA_UINT8
+        return is_fill
+    is_nan: np.ndarray = np.isnan(values)
+    return is_nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,16 +155,24 @@ def create_store(
         for level, (height, width) in enumerate(levels):
             chunks = (min(tile, height), min(tile, width))
             probabilities = group.create_array(
-                str(level), shape=(classes, height, width), chunks=(classes, *chunks), dtype=dtype, fill_value=0,
+                str(level), shape=(classes, height, width), chunks=(classes, *chunks), dtype=dtype,
+                fill_value=nodata_value(dtype), attributes=_fill_attribute(v3, dtype),
                 dimension_names=("c", "y", "x") if v3 else None, **_compressor(zarr_format, _bitshuffle(dtype)),
             )  # fmt: skip
             label_array = labels.create_array(
                 str(level), shape=(height, width), chunks=chunks, dtype="uint8", fill_value=NODATA_LABEL,
+                attributes=_fill_attribute(v3, "uint8"),
                 dimension_names=("y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=True),
             )  # fmt: skip
             _keep_arrays(OutputRef(path, dtype, token), level, (probabilities, label_array))
     except OSError as err:
         raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
+
+
+def _fill_attribute(v3: bool, dtype: str) -> dict[str, Any]:
+    """``_FillValue`` for a Zarr v3 array of uint8: xarray takes a v2 array's fill value as missing,
+    a v3 array's only from this attribute. Float arrays need none: their no data is NaN already."""
+    return {"_FillValue": NODATA_UINT8} if v3 and dtype == "uint8" else {}
 
 
 def encoded_size(stored: np.ndarray, labels: np.ndarray) -> int:
@@ -143,10 +181,14 @@ def encoded_size(stored: np.ndarray, labels: np.ndarray) -> int:
 
 
 def quantize(probs: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 255)`` as uint8; into
-    ``out`` (of that dtype and shape) if given."""
+    """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 254)`` as uint8; into
+    ``out`` (of that dtype and shape) if given. The probabilities must be finite.
+
+    >>> quantize(np.array([0.0, 0.5, 1.0], np.float32), "uint8").tolist()
+    [0, 127, 254]
+    """
     if dtype == "uint8":
-        scaled: np.ndarray = np.multiply(probs, 255.0)
+        scaled: np.ndarray = np.multiply(probs, float(UINT8_SCALE))
         np.rint(scaled, out=scaled)  # in place: each fresh 3 MB temporary costs its page faults
         if out is None:
             return scaled.astype(np.uint8)
@@ -187,9 +229,16 @@ def _keep_arrays(out: OutputRef, level: int, arrays: tuple[Any, Any]) -> None:
             _handles.popitem(last=False)
 
 
-def write_core(out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray) -> None:
-    """Write one level-0 tile core: ``probs`` ``(C, y1 - y0, x1 - x0)`` float32, ``labels`` their argmax."""
-    write_stored(out, 0, core, quantize(probs, out.dtype), labels)
+def write_core(
+    out: OutputRef, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray, empty: np.ndarray | None
+) -> None:
+    """Write one level-0 tile core: ``probs`` ``(C, y1 - y0, x1 - x0)`` float32, ``labels`` their
+    argmax; pixels where ``empty`` (``(y, x)`` bool, or None) is true are written as no data."""
+    stored = quantize(probs, out.dtype)
+    if empty is not None:
+        stored[:, empty] = nodata_value(out.dtype)
+        labels[empty] = NODATA_LABEL
+    write_stored(out, 0, core, stored, labels)
 
 
 def write_stored(
@@ -251,8 +300,11 @@ def _write_file(path: str, data: bytes) -> None:
 
 
 def _all_fill(values: np.ndarray, fill: Any) -> bool:
-    """Whether every value is ``fill``; a sparse sample answers the usual "no" without a full pass."""
+    """Whether every value is ``fill`` (NaN included); a sparse sample answers the usual "no"
+    without a full pass."""
     flat = values.reshape(-1)
+    if isinstance(fill, float) and np.isnan(fill):
+        return bool(np.isnan(flat[::997]).all() and np.isnan(flat).all())
     return not (flat[::997] != fill).any() and not (flat != fill).any()
 
 

@@ -27,6 +27,7 @@ from pipeline.output import (
     NODATA_LABEL,
     OutputRef,
     chunk_files,
+    nodata_value,
     quantize,
     reduce_core,
     write_reduced,
@@ -244,7 +245,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
         if valid is not None:
             y0, y1, x0, x1 = tile.core
             empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
-            stored[:, empty] = 0
+            stored[:, empty] = nodata_value(stored.dtype)
             core_labels[empty] = NODATA_LABEL
         write_stored(job.output, 0, tile.core, stored, core_labels)
         if name is not None:
@@ -266,10 +267,11 @@ def write_level1(
     out: OutputRef, block: Sequence[Tile], done: Sequence[tuple[Tile, np.ndarray, np.ndarray]]
 ) -> tuple[int, int, int, int]:
     """Write the level-1 chunk of a 2 x 2 ``block`` of level-0 cores from the values stored for
-    the tiles in ``done``; the others hold the fill value. Returns the level-1 core written."""
+    the tiles in ``done``; the others hold no data. Returns the level-1 core written."""
     y0, x0 = min(t.core[0] for t in block), min(t.core[2] for t in block)
     y1, x1 = max(t.core[1] for t in block), max(t.core[3] for t in block)
-    probs = np.zeros((done[0][1].shape[0], y1 - y0, x1 - x0), done[0][1].dtype)
+    dtype = done[0][1].dtype
+    probs = np.full((done[0][1].shape[0], y1 - y0, x1 - x0), nodata_value(dtype), dtype)
     labels = np.full((y1 - y0, x1 - x0), NODATA_LABEL, np.uint8)
     for tile, core_probs, core_labels in done:
         cy0, cy1, cx0, cx1 = tile.core

@@ -77,3 +77,29 @@ def slide_and_model(folder: Path, seed: int) -> tuple[Path, Path]:
     model = folder / "model.pt"
     torch.save(ReferenceFCN(3, 3, 16).state_dict(), model)
     return image, model
+
+
+def debian_tool(name: str) -> str:
+    """The path of a command from a Debian package that ``.ci/run`` installs (``gdalinfo`` from
+    gdal-bin, ...). Missing in CI is a failure; elsewhere the test is skipped, saying how to get it."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        message = f"{name} not found: apt-get install the Debian package that .ci/run installs"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def confident_model(path: Path, seed: int = 0) -> Path:
+    """A reference FCN state_dict whose weights are scaled up so far that most probabilities are
+    exactly 0 or 1 in float32 (and 0 or 254 in uint8): zero is the most common value it stores."""
+    torch.manual_seed(seed)
+    module = ReferenceFCN(3, 3, 16)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.mul_(60.0)
+    torch.save(module.state_dict(), path)
+    return path

@@ -49,8 +49,12 @@ def svs_store(real_data: Path, make_model: Callable[..., Path], tmp_path: Path) 
 def expected(stored: np.ndarray, dtype: str) -> np.ndarray:
     """What an export of ``stored`` values as ``dtype`` must hold."""
     if stored.dtype == np.uint8:
-        return stored if dtype == "uint8" else (stored / np.float32(255)).astype(dtype)
-    return np.rint(stored * 255.0).astype(np.uint8) if dtype == "uint8" else stored.astype(dtype)
+        if dtype == "uint8":
+            return stored
+        return np.where(stored == 255, np.float32(np.nan), stored / np.float32(254)).astype(dtype)
+    if dtype == "uint8":
+        return np.where(np.isnan(stored), 255, np.rint(np.nan_to_num(stored) * 254.0)).astype(np.uint8)
+    return stored.astype(dtype)
 
 
 COG_CASES = [
@@ -88,8 +92,17 @@ def test_cog_keeps_the_georeference_and_values_and_has_overviews(
         else:
             np.testing.assert_array_equal(values, expected(np.asarray(store["0"]), written))
             assert cog.descriptions == tuple(c["name"] for c in classes)
-            assert cog.nodata is None  # 0 is a probability, not a gap
-            assert cog.scales == ((1 / 255,) * 3 if written == "uint8" else (1.0,) * 3)
+            # no data (the collar) is the nodata value, and only it: 0 is a probability, not a gap
+            labels = np.asarray(store[f"{LABEL_GROUP}/0"])
+            if written == "uint8":
+                assert cog.nodata == 255 and (values == 0).any()
+                gaps = (values == 255).all(axis=0)
+            else:
+                assert np.isnan(cog.nodata)
+                gaps = np.isnan(values).all(axis=0)
+            np.testing.assert_array_equal(gaps, labels == NODATA_LABEL)
+            assert gaps.any() and not gaps.all()
+            assert cog.scales == ((1 / 254,) * 3 if written == "uint8" else (1.0,) * 3)
     assert os.listdir(out.parent) == ["map.tif"]  # the temporary folder is gone
 
 
@@ -142,7 +155,7 @@ def test_uint8_zarr_v3_store_exports_to_float32_and_as_stored(
     export_store(str(store), str(tmp_path / "p.tif"), kind="cog", dtype="float32")
     export_store(str(store), str(tmp_path / "p.ome.tif"), kind="ome-tiff")
     with rasterio.open(tmp_path / "p.tif") as cog:
-        np.testing.assert_array_equal(cog.read(), stored / np.float32(255))
+        np.testing.assert_array_equal(cog.read(), expected(stored, "float32"))
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "p.ome.tif"), stored)
 
 

@@ -74,7 +74,7 @@ def test_normalize_scales_then_standardises() -> None:
 
 def test_fast_argmax_quantise_and_pyramid_mean_equal_the_plain_numpy_ones() -> None:
     """The hot path's rewritten arithmetic gives the bytes of the obvious formulas: argmax (first of
-    equals, ties made on purpose), round(p * 255), and the 2 x 2 mean of uint8 values rounded half
+    equals, ties made on purpose), round(p * 254), and the 2 x 2 mean of uint8 values rounded half
     to even, in integers, against the float mean for even, odd and 1-pixel blocks."""
     from pipeline.model import argmax_channels
     from pipeline.output import quantize
@@ -85,9 +85,9 @@ def test_fast_argmax_quantise_and_pyramid_mean_equal_the_plain_numpy_ones() -> N
         probs = rng.dirichlet(np.ones(classes), size=(2, 33, 35)).astype(np.float32).transpose(0, 3, 1, 2)
         probs[:, 1, :5] = probs[:, 0, :5]  # ties: the first class wins
         np.testing.assert_array_equal(argmax_channels(probs), probs.argmax(axis=1))
-        np.testing.assert_array_equal(quantize(probs, "uint8"), np.rint(probs * 255.0).astype(np.uint8))
+        np.testing.assert_array_equal(quantize(probs, "uint8"), np.rint(probs * 254.0).astype(np.uint8))
     for shape in [(3, 64, 32), (2, 7, 9), (1, 1, 1), (4, 2, 6)]:
-        block = rng.integers(0, 256, shape, dtype=np.uint8)
+        block = rng.integers(0, 255, shape, dtype=np.uint8)  # 255 is no data
         if min(shape[1:]) > 1:
             block[0, :2, :2] = [[3, 3], [0, 0]]  # a mean of exactly 1.5
         c, y, x = shape

@@ -99,7 +99,7 @@ def test_reduced_precision_outputs(
     stored = store[PROBABILITIES][:]
     assert stored.dtype == np.dtype(dtype)
     if dtype == "uint8":
-        np.testing.assert_array_equal(stored, np.rint(expected * 255).astype(np.uint8))
+        np.testing.assert_array_equal(stored, np.rint(expected * 254).astype(np.uint8))
     else:
         assert np.abs(stored.astype(np.float32) - expected).max() < 1e-3
     np.testing.assert_array_equal(store[LABELS][:], expected.argmax(axis=0))  # from full precision

@@ -125,7 +125,7 @@ def test_nodata_collar_gets_no_prediction(real_data: Path, make_model: Callable[
     labels, probs = store[LABELS][:], store[PROBABILITIES][:]
     assert 0.1 < empty.mean() < 0.9  # the collar is real and large
     np.testing.assert_array_equal(labels == NODATA_LABEL, empty)
-    assert (probs[:, empty] == 0).all()
+    assert np.isnan(probs[:, empty]).all()  # no data: NaN, the arrays' fill value
     np.testing.assert_allclose(probs[:, ~empty].sum(axis=0), 1.0, atol=1e-5)
 
 
@@ -215,3 +215,93 @@ def test_class_names_and_colours_from_the_config(
         ["run", str(image), "-m", str(make_model(num_classes=3)), "-o", str(tmp_path / "b.zarr"), "--classes", "a,b"],
     )
     assert bad.exit_code == 2 and "model.class_names has 2 entries but the model has 3 classes" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def confident_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """RGB.byte.tif (a nodata collar) through ``fcnpipe run`` as a process with a model so confident
+    that most probabilities are exactly 0: one store per format and dtype."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REAL_DATA, confident_model
+
+    if not (REAL_DATA / "README.md").is_file():
+        pytest.skip(f"real TIFF collection not found at {REAL_DATA}")
+    folder = tmp_path_factory.mktemp("zeros")
+    model = confident_model(folder / "confident.pt")
+    stores = {}
+    for version in ("0.4", "0.5"):
+        for dtype in ("uint8", "float32"):
+            out = folder / f"rgb-{version}-{dtype}.zarr"
+            args = ["run", REAL_DATA / "RGB.byte.tif", "-m", model, "-o", out, "--format", f"ome-zarr-{version}"]
+            args += ["--dtype", dtype, "--no-preview", "--no-progress"]
+            done = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            stores[(version, dtype)] = out
+    return stores
+
+
+def stored_values(store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Level 0's probabilities as stored, and where there is data (label not 255)."""
+    group = zarr.open_group(str(store), mode="r")
+    return group[PROBABILITIES][:], group[LABELS][:] != NODATA_LABEL
+
+
+def check_read_back(read: np.ndarray, stored: np.ndarray, valid: np.ndarray) -> None:
+    """What a reader returns for ``(C, Y, X)`` stored probabilities: the stored value wherever there is
+    data (zero included), and missing (NaN) wherever there is none."""
+    assert (stored[:, valid] == 0).sum() > 100_000  # zeros are most of the data: RGB.byte.tif, 383,115 px
+    assert not np.isnan(read[:, valid]).any(), f"{np.isnan(read[:, valid]).sum()} valid values read as missing"
+    np.testing.assert_array_equal(read[:, valid], stored[:, valid].astype(read.dtype))
+    assert np.isnan(read[:, ~valid]).all() and (~valid).sum() > 100_000  # the collar
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_zero_is_a_value_in_xarray_and_rioxarray(
+    confident_stores: dict[tuple[str, str], Path], version: str, dtype: str
+) -> None:
+    import xarray as xr
+
+    store = confident_stores[(version, dtype)]
+    stored, valid = stored_values(store)
+    dataset = xr.open_zarr(store, consolidated=False)  # default decoding: the fill value is missing
+    check_read_back(dataset[PROBABILITIES].values, stored, valid)
+    labels = xr.open_zarr(store, group="labels/argmax", consolidated=False)[PROBABILITIES].values
+    assert np.isnan(labels[~valid]).all() and not np.isnan(labels[valid]).any()
+    if version == "0.4":  # GDAL reads Zarr v2 only: rioxarray's own reader, through it
+        import rioxarray
+
+        opened = rioxarray.open_rasterio(f'ZARR:"{store}":/{PROBABILITIES}', masked=True)
+        check_read_back(np.asarray(opened.values), stored, valid)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_zero_is_a_value_in_gdal_3_10_and_debian_gdal(
+    confident_stores: dict[tuple[str, str], Path], tmp_path: Path, dtype: str
+) -> None:
+    """rasterio's GDAL and Debian's gdal-bin (GDAL 3.6, as under QGIS LTR) see no data only where
+    there is none: their NoData is the fill value, 255 or NaN, never the probability 0."""
+    import subprocess
+
+    import tifffile
+
+    from tests.conftest import debian_tool
+
+    store = confident_stores[("0.4", dtype)]
+    stored, valid = stored_values(store)
+    with rasterio.open(f'ZARR:"{store}":/{PROBABILITIES}') as opened:
+        assert opened.count == 3
+        assert opened.nodata == 255 if dtype == "uint8" else np.isnan(opened.nodata)
+        masked = opened.read(masked=True)
+        np.testing.assert_array_equal(masked.mask, np.broadcast_to(~valid, masked.shape))
+        np.testing.assert_array_equal(masked.data[:, valid], stored[:, valid])
+    translate, info = debian_tool("gdal_translate"), debian_tool("gdalinfo")
+    for band in range(3):
+        source = f'ZARR:"{store}":/{PROBABILITIES}:{band}'  # GDAL 3.6 needs the class index
+        described = subprocess.run([info, source], capture_output=True, text=True, check=True).stdout
+        assert ("NoData Value=255" if dtype == "uint8" else "NoData Value=nan") in described, described
+        copy = tmp_path / f"band{band}.tif"
+        subprocess.run([translate, "-q", source, str(copy)], check=True)
+        np.testing.assert_array_equal(tifffile.imread(copy)[valid], stored[band][valid])
