@@ -260,6 +260,51 @@ class RunConfig:
         return plain
 
 
+BYTE_NEUTRAL: dict[str, str] = {
+    "input.path": "the input is fingerprinted by its file name and size instead",
+    "model.path": "the model is fingerprinted by the sha256 of its file instead",
+    "output.path": "where the store is, not what it holds",
+    "output.overwrite": "whether an existing store may be replaced",
+    "output.resume": "whether an existing store is continued",
+    "compute.workers": "tasks at once: each task's bytes do not depend on what else runs",
+    "compute.torch_threads": "a resumed run takes the interrupted run's count (same bytes); a complete "
+    "store made with another count holds the same probabilities to float rounding",
+    "compute.progress": "what the terminal shows",
+    "compute.scheduler": "where the tasks run: every worker computes the same bytes",
+    "cluster": "the batch jobs that run the tasks (the whole section)",
+}
+"""Config keys (or whole sections) that do not change a byte of the output, and why. Every other
+key is part of the store's fingerprint (:func:`pipeline.resume.fingerprint`), so a key added to the
+schema is compared by ``--resume`` and ``batch`` unless it is declared here."""
+
+
+def byte_neutral(key: str) -> bool:
+    """Whether ``key`` (``"section.name"``) or its section is declared in :data:`BYTE_NEUTRAL`.
+
+    >>> byte_neutral("compute.workers"), byte_neutral("cluster.cores"), byte_neutral("tiling.tile")
+    (True, True, False)
+    """
+    return key in BYTE_NEUTRAL or key.split(".", 1)[0] in BYTE_NEUTRAL
+
+
+def config_keys(cls: type[Any] = RunConfig, prefix: str = "") -> list[str]:
+    """Every key of the schema, as ``"section.name"`` paths, in declaration order.
+
+    >>> config_keys()[:3]
+    ['input.path', 'input.series', 'input.level']
+    """
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        path = f"{prefix}{item.name}"
+        hint = hints[item.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            keys += config_keys(hint, f"{path}.")
+        else:
+            keys.append(path)
+    return keys
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

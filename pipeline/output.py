@@ -37,6 +37,10 @@ from pipeline.errors import OutputError
 from pipeline.pyramid import mean_2x2, subsample_2x2
 from pipeline.tiling import cells_under
 
+STORE_FORMAT = 2
+"""The layout and encoding of the stored values; raised whenever a byte of the same run would change
+(2: uint8 probabilities hold round(p * 254), no data is the fill value). Part of the fingerprint, so a
+store of another format is never resumed or reused."""
 PROBABILITIES = "0"
 LABEL_GROUP = "labels/argmax"
 LABELS = f"{LABEL_GROUP}/0"

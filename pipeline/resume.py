@@ -28,10 +28,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, byte_neutral
 from pipeline.errors import ConfigError, OutputError
 from pipeline.metadata import read_record
-from pipeline.output import is_store
+from pipeline.output import STORE_FORMAT, is_store
 from pipeline.source import SourceInfo
 from pipeline.tiling import Tile
 
@@ -202,21 +202,26 @@ class Resume:
 
 
 def fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str) -> dict[str, Any]:
-    """What the output's bytes depend on: the input file, the model and the keys of the config that
-    change a pixel (not the output path, the workers or the progress bar). Plain JSON values."""
-    c = config.to_dict()
-    value = {
-        "input": {
-            "name": os.path.basename(source.path),
-            "size_bytes": source.file_size,
-            **{key: c["input"][key] for key in ("series", "level", "mpp", "gsd")},
-        },
-        "model": {"sha256": model_sha256, **{k: v for k, v in c["model"].items() if k not in ("path", "factory")}},
-        "tiling": c["tiling"],
-        "output": {key: c["output"][key] for key in ("dtype", "format")},
-        "mask": c["mask"],
-        "compute": {key: c["compute"][key] for key in ("device", "precision")},  # as asked: "auto" stays "auto"
-    }
+    """What the output's bytes depend on, as plain JSON values: the store format, the input file (name
+    and size), the model (sha256) and every config key not declared byte-neutral
+    (:data:`pipeline.config.BYTE_NEUTRAL`), so that a new key is compared unless declared neutral."""
+    return fingerprint_of(config.to_dict(), os.path.basename(source.path), source.file_size, model_sha256)
+
+
+def fingerprint_of(values: dict[str, Any], input_name: str, input_size: int, model_sha256: str) -> dict[str, Any]:
+    """:func:`fingerprint` of a config as :meth:`pipeline.config.RunConfig.to_dict` gives it.
+
+    >>> config = {"input": {"path": "/a/s.svs", "level": None}, "compute": {"workers": 2, "device": "cpu"}}
+    >>> fingerprint_of(config, "s.svs", 10, "ab")["compute"], fingerprint_of(config, "s.svs", 10, "ab")["input"]
+    ({'device': 'cpu'}, {'level': None, 'name': 's.svs', 'size_bytes': 10})
+    """
+    value: dict[str, Any] = {"store_format": STORE_FORMAT}
+    for section, keys in values.items():
+        if byte_neutral(section):
+            continue
+        value[section] = {key: v for key, v in keys.items() if not byte_neutral(f"{section}.{key}")}
+    value.setdefault("input", {}).update(name=input_name, size_bytes=input_size)
+    value.setdefault("model", {})["sha256"] = model_sha256
     loaded: dict[str, Any] = json.loads(json.dumps(value))
     return loaded
 
@@ -224,8 +229,8 @@ def fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str) -> dic
 def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
     """What ``--resume`` finds at ``path``; None if there is nothing there (a new store is made).
 
-    Refuses a store made from another input, model or config, saying what differs, and anything
-    that is not an fcnpipe output.
+    Refuses a store, complete or not, made from another input, model or config, saying what
+    differs, and anything that is not an fcnpipe output.
     """
     if not os.path.lexists(path):
         return None
@@ -233,20 +238,33 @@ def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
         raise OutputError(f"{path}: exists and is not a Zarr store; cannot resume it")
     record = read_record(path)
     if record is not None and record.get("complete"):
+        _check_same(path, record.get("fingerprint"), fingerprint, complete=True)
         return Resume(frozenset(), complete=True, record=record)
     state = read_state(path)
     if state is None:
         if record is None:
             raise OutputError(f"{path}: is not an fcnpipe output (no fcnpipe record); pass --overwrite to replace it")
         return Resume(frozenset(), restart=True)
-    changed = differences(state.get("fingerprint", {}), fingerprint)
+    _check_same(path, state.get("fingerprint"), fingerprint, complete=False)
+    return Resume(frozenset(done_tasks(path)), record=record)
+
+
+def _check_same(path: str, before: Any, now: dict[str, Any], complete: bool) -> None:
+    """Refuse a store whose fingerprint is not ``now``, saying what differs and what to do."""
+    what = "is complete but was made" if complete else "cannot resume: it was started"
+    again = "to compute it again" if complete else "instead of --resume to start again"
+    if not isinstance(before, dict):
+        raise ConfigError(
+            f"{path}: {what} by an fcnpipe that kept no fingerprint, so it cannot be checked against this "
+            f"input, model and config; pass --overwrite {again}"
+        )
+    changed = differences(before, now)
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ConfigError(
-            f"{path}: cannot resume: it was started with a different input, model or config ({shown}); "
-            "rerun with the same ones, or pass --overwrite instead of --resume to start again"
+            f"{path}: {what} with a different input, model or config ({shown}); "
+            f"rerun with the same ones, or pass --overwrite {again}"
         )
-    return Resume(frozenset(done_tasks(path)), record=record)
 
 
 def resumed_threads(path: str, threads: int, notes: list[str]) -> tuple[int, list[str]]:

@@ -516,6 +516,7 @@ def _create(plan: RunPlan, out_path: str, token: str) -> dict[str, Any]:
         spatial=_spatial_record(plan.grid),
     )
     record["torch_threads"] = plan.torch_threads
+    record["fingerprint"] = plan.fingerprint
     record["mask"] = None if plan.mask is None else {"method": plan.mask.method, "chunks_skipped": plan.tiles_masked}
     write_start(out_path, record)
     write_state(out_path, {"fingerprint": plan.fingerprint, "torch_threads": plan.torch_threads})

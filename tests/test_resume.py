@@ -183,3 +183,79 @@ def test_a_failed_write_leaves_a_store_that_resume_completes(
     resumed = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_bytes(reference[0], store)
+
+
+def test_every_config_key_is_fingerprinted_or_declared_byte_neutral() -> None:
+    """Walk the whole schema: changing a key changes the fingerprint unless BYTE_NEUTRAL names it
+    (or its section); and BYTE_NEUTRAL names only keys that exist."""
+    from pipeline.config import BYTE_NEUTRAL, RunConfig, byte_neutral, config_keys
+    from pipeline.resume import fingerprint_of
+
+    values = RunConfig().to_dict()
+    base = fingerprint_of(values, "s.svs", 100, "ab")
+    keys = config_keys()
+    assert len(keys) > 40 and "tiling.tile" in keys and "cluster.cores" in keys
+    for key in keys:
+        section, name = key.split(".")
+        changed = {**values, section: {**values[section], name: ["a value no default has", 17]}}
+        moved = fingerprint_of(changed, "s.svs", 100, "ab") != base
+        assert moved != byte_neutral(key), (
+            f"{key}: {'declared byte-neutral' if byte_neutral(key) else 'not fingerprinted'}"
+        )
+    for declared in BYTE_NEUTRAL:
+        assert declared in keys or any(key.startswith(f"{declared}.") for key in keys), f"{declared} is no key"
+    for other in (("t.svs", 100, "ab"), ("s.svs", 101, "ab"), ("s.svs", 100, "cd")):
+        assert fingerprint_of(values, *other) != base  # the input's name and size, the model's hash
+
+
+def small_slide(folder: Path, seed: int = 0) -> Path:
+    """A 300 x 400 RGB TIFF: a run of it takes a second."""
+    import tifffile
+
+    from tests.conftest import random_image
+
+    path = folder / f"small{seed}.tif"
+    tifffile.imwrite(path, random_image((300, 400, 3), seed=seed), photometric="rgb")
+    return path
+
+
+def test_a_complete_store_is_checked_like_an_incomplete_one(tmp_path: Path) -> None:
+    """A retrained model, rerun with --resume or by the overnight batch, is never answered with
+    yesterday's complete store: refused (run) or failed (batch), saying what differs; --overwrite
+    recomputes it."""
+    import json
+
+    image = small_slide(tmp_path)
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.manual_seed(0)
+    torch.save(ReferenceFCN(3, 3, 8).state_dict(), old)
+    torch.save(ReferenceFCN(3, 4, 8).state_dict(), new)  # retrained, with a class more
+    fixed = ["--no-preview", "--no-progress", "--tile", "128"]
+    outdir = tmp_path / "maps"
+    store = outdir / "small0.zarr"
+    done = fcnpipe("batch", image, "-m", old, "-o", outdir, *fixed)
+    assert done.returncode == 0, done.stderr
+    assert completed(store)
+    before = dict(arrays(store))
+
+    refused = fcnpipe("run", image, "-m", new, "-o", store, *fixed, "--resume")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "is complete but was made with a different input, model or config" in refused.stderr
+    assert "model.sha256" in refused.stderr and "--overwrite" in refused.stderr
+    retiled = fcnpipe("run", image, "-m", old, "-o", store, *fixed, "--resume", "--tile", "64")
+    assert retiled.returncode == 2 and "tiling.tile: 128 -> 64" in retiled.stderr
+    same = fcnpipe("run", image, "-m", old, "-o", store, *fixed, "--resume")
+    assert same.returncode == 0 and "already complete" in same.stderr, same.stderr
+
+    batch = fcnpipe("batch", image, "-m", new, "-o", outdir, *fixed)
+    assert batch.returncode == 1, batch.stderr
+    item = json.loads((outdir / "manifest.json").read_text())["inputs"][0]
+    assert item["status"] == "failed" and "model.sha256" in item["reason"], item
+    assert {name: values.tobytes() for name, values in arrays(store)} == {
+        name: values.tobytes() for name, values in before.items()
+    }  # yesterday's maps untouched, and not reported as today's
+
+    again = fcnpipe("batch", image, "-m", new, "-o", outdir, *fixed, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert zarr.open_group(store, mode="r")["0"].shape[0] == 4 and completed(store)
+    assert json.loads((outdir / "manifest.json").read_text())["inputs"][0]["status"] == "done"
