@@ -5,6 +5,11 @@ The lock is ``flock`` on a file beside the store (``OUT.zarr.lock``), not inside
 SIGKILL included, so a killed run never leaves a stale lock behind; the file is removed when the
 run ends. Another process that opened the file before it was removed would lock a deleted file,
 so after locking, the lock is checked to still be the file at that path, and retried if not.
+
+The store is named by its resolved path (symlinks followed), so two writers that reach one store
+through different paths meet at one lock. A process that holds a store's lock may take it again
+(``fcnpipe run`` takes it before planning, so that a second writer is refused at once, and the
+run that follows takes it again): it is released when the outermost block ends.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,17 +25,38 @@ from pipeline.errors import OutputError
 
 
 def lock_path(store: str) -> str:
-    return os.path.abspath(store).rstrip(os.sep) + ".lock"
+    """``OUT.zarr.lock`` beside the store, named after its resolved path."""
+    return os.path.realpath(store).rstrip(os.sep) + ".lock"
+
+
+_held: dict[str, int] = {}
+"""Lock files this process holds, and how many blocks hold each."""
+_held_lock = threading.Lock()
 
 
 @contextmanager
 def store_lock(store: str) -> Iterator[None]:
     """Hold the lock of ``store`` while the block runs; refuse if another process holds it."""
     path = lock_path(store)
+    with _held_lock:
+        again = path in _held
+        if again:
+            _held[path] += 1
+    if again:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[path] -= 1
+        return
     fd = _acquire(store, path)
+    with _held_lock:
+        _held[path] = 1
     try:
         yield
     finally:
+        with _held_lock:
+            del _held[path]
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)  # closing releases the lock

@@ -24,7 +24,8 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,13 +99,58 @@ def is_store(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", "zarr.json"))
 
 
-def check_target(path: str, overwrite: bool) -> None:
-    """Refuse an existing output without ``overwrite``, and anything but a Zarr store even with it."""
-    if os.path.lexists(path):
-        if not overwrite:
-            raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
-        if not is_store(path):
-            raise OutputError(f"{path}: exists and is not a Zarr store; refusing to delete it")
+def is_empty_folder(path: str) -> bool:
+    """A folder with nothing in it (a store never begun): replacing it loses nothing."""
+    return os.path.isdir(path) and not os.listdir(path)
+
+
+CREATING, REMOVING = ".creating-", ".removing-"
+"""Infixes of the hidden folders beside a store: one being built, an old one being deleted."""
+
+
+def _beside_hidden(path: str, infix: str, token: str) -> str:
+    folder, name = os.path.split(os.path.normpath(path))
+    return os.path.join(folder, f".{name}{infix}{token}")
+
+
+@contextmanager
+def staged_store(path: str, token: str) -> Iterator[str]:
+    """A folder to build a new store in, which replaces ``path`` whole when the block ends.
+
+    A store never exists half-made at ``path``: it is built in a hidden folder beside it, then
+    renamed into place (an existing store at ``path`` is first renamed aside, then deleted), so a
+    kill or a full disk at any moment of the creation leaves either what was there before or the
+    whole new store; the hidden folders a kill leaves behind are removed by the next run
+    (:func:`remove_leftovers`). On an error the staging folder is removed.
+    """
+    staging = _beside_hidden(path, CREATING, token)
+    try:
+        try:
+            yield staging
+            if os.path.lexists(path):
+                old = _beside_hidden(path, REMOVING, token)
+                os.rename(path, old)
+                os.rename(staging, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, path)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
+    finally:
+        if os.path.lexists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_leftovers(path: str) -> int:
+    """Remove the hidden folders that runs killed while creating or replacing ``path`` left beside
+    it; return how many. Only for a process that holds the store's lock."""
+    folder, name = os.path.split(os.path.normpath(path))
+    removed = 0
+    for entry in os.listdir(folder or "."):
+        if entry.startswith((f".{name}{CREATING}", f".{name}{REMOVING}")):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+            removed += 1
+    return removed
 
 
 _BLOSC = {
@@ -140,18 +186,23 @@ def create_store(
     overwrite: bool,
     zarr_format: int = 2,
     token: str = "",
+    final_path: str | None = None,
 ) -> None:
-    """Create the group and the empty arrays of every level; see :func:`check_target` for overwrite.
+    """Create the group and the empty arrays of every level at ``path``; an existing folder there
+    is refused, or deleted first with ``overwrite``.
 
     ``levels`` are the ``(Y, X)`` shapes of level 0, 1, ... (see :func:`pipeline.pyramid.level_shapes`).
-    The arrays created are the handles of ``OutputRef(path, dtype, token)`` for this process's
-    tasks (:func:`_arrays`), which then need not open them again.
+    The arrays created are the handles of ``OutputRef(final_path or path, dtype, token)`` for this
+    process's tasks (:func:`_arrays`), which then need not open them again; ``final_path`` is where
+    a store built in a staging folder (:func:`staged_store`) will be.
     """
-    check_target(path, overwrite)
     if os.path.lexists(path):
+        if not overwrite:
+            raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
         shutil.rmtree(path)
+    named = final_path or path
     if classes >= NODATA_LABEL:
-        raise OutputError(f"{path}: {classes} classes do not fit the uint8 label map (at most {NODATA_LABEL - 1})")
+        raise OutputError(f"{named}: {classes} classes do not fit the uint8 label map (at most {NODATA_LABEL - 1})")
     try:
         group = zarr.open_group(path, mode="w-", zarr_format=zarr_format)  # type: ignore[arg-type]
         labels = group.require_group(LABEL_GROUP)
@@ -168,9 +219,9 @@ def create_store(
                 attributes=_fill_attribute(v3, "uint8"),
                 dimension_names=("y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=True),
             )  # fmt: skip
-            _keep_arrays(OutputRef(path, dtype, token), level, (probabilities, label_array))
+            _keep_arrays(OutputRef(named, dtype, token), level, (probabilities, label_array))
     except OSError as err:
-        raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
+        raise OutputError(f"{named}: cannot create the output store ({err.strerror or err})") from err
 
 
 def _fill_attribute(v3: bool, dtype: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 from pipeline.config import RunConfig, byte_neutral
 from pipeline.errors import ConfigError, OutputError
 from pipeline.metadata import read_record
-from pipeline.output import STORE_FORMAT, is_store
+from pipeline.output import STORE_FORMAT, is_empty_folder, is_store
 from pipeline.source import SourceInfo
 from pipeline.tiling import Tile
 
@@ -226,13 +226,46 @@ def fingerprint_of(values: dict[str, Any], input_name: str, input_size: int, mod
     return loaded
 
 
+def check_target(path: str, overwrite: bool) -> None:
+    """Refuse an existing output without ``overwrite``, saying what it is and what to pass; and
+    anything but a Zarr store (or an empty folder) even with it."""
+    if not os.path.lexists(path) or is_empty_folder(path):
+        return
+    if overwrite:
+        if not is_store(path):
+            raise OutputError(f"{path}: exists and is not a Zarr store; refusing to delete it")
+        return
+    if not is_store(path):
+        raise OutputError(f"{path}: already exists and is not a Zarr store; choose another output path")
+    record = read_record(path)
+    if record is not None and record.get("complete"):
+        raise OutputError(f"{path}: already exists and is complete; pass --overwrite to compute it again")
+    if record is None and read_state(path) is None and not _begun(path):
+        raise OutputError(f"{path}: already exists and is not an fcnpipe output; choose another output path")
+    raise OutputError(
+        f"{path}: already exists and is incomplete (an interrupted run); pass --resume to continue it, "
+        "or --overwrite to start again"
+    )
+
+
+_METADATA_ONLY = {".zgroup", ".zattrs", "zarr.json", ".zmetadata"}
+
+
+def _begun(path: str) -> bool:
+    """A Zarr group that holds nothing but its own metadata: an fcnpipe store whose creation an
+    earlier fcnpipe did not finish (nothing of it can be lost by starting it again)."""
+    return set(os.listdir(path)) <= _METADATA_ONLY
+
+
 def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
     """What ``--resume`` finds at ``path``; None if there is nothing there (a new store is made).
 
     Refuses a store, complete or not, made from another input, model or config, saying what
-    differs, and anything that is not an fcnpipe output.
+    differs, and anything that is not an fcnpipe output. An empty folder, or a group that holds
+    nothing but its own metadata (a creation killed before this fcnpipe made it atomic), is started
+    again.
     """
-    if not os.path.lexists(path):
+    if not os.path.lexists(path) or is_empty_folder(path):
         return None
     if not is_store(path):
         raise OutputError(f"{path}: exists and is not a Zarr store; cannot resume it")
@@ -242,7 +275,7 @@ def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
         return Resume(frozenset(), complete=True, record=record)
     state = read_state(path)
     if state is None:
-        if record is None:
+        if record is None and not _begun(path):
             raise OutputError(f"{path}: is not an fcnpipe output (no fcnpipe record); pass --overwrite to replace it")
         return Resume(frozenset(), restart=True)
     _check_same(path, state.get("fingerprint"), fingerprint, complete=False)

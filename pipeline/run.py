@@ -49,8 +49,9 @@ from pipeline.output import (
     NODATA_LABEL,
     PROBABILITIES,
     OutputRef,
-    check_target,
     create_store,
+    remove_leftovers,
+    staged_store,
     update_attributes,
     write_georeference_arrays,
 )
@@ -70,6 +71,7 @@ from pipeline.resume import (
     MARK_BEHIND,
     Resume,
     check_resume,
+    check_target,
     clear_state,
     fingerprint,
     remove_partial_files,
@@ -283,7 +285,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
     if config.output.path is None:
         raise ConfigError("No output given: pass -o PATH (or output.path in the config)")
     if not config.output.resume:
-        check_target(config.output.path, config.output.overwrite)
+        check_target(os.path.realpath(config.output.path), config.output.overwrite)
     inp = config.input
     opened = open_source(config.input.path, inp.series, inp.level or 0)
     model = load_model(config.model.path, config.model.factory)
@@ -400,7 +402,7 @@ class Writing:
     def __init__(self, plan: RunPlan) -> None:
         assert plan.config.output.path is not None  # checked by prepare()
         self.plan = plan
-        self.path = os.path.abspath(plan.config.output.path)
+        self.path = os.path.realpath(plan.config.output.path)  # one store, one lock, through any symlink
         self.result: RunResult | None = None
         self.record: dict[str, Any] = {}
         self.job = make_job(plan, self.path, uuid.uuid4().hex)
@@ -431,6 +433,7 @@ class Writing:
     def _open(self) -> None:
         plan = self.plan
         MARK_BEHIND.wait(raise_error=False)  # an earlier run's last markers, before this store is touched
+        remove_leftovers(self.path)  # what runs killed while creating or replacing it left beside it
         if plan.config.output.resume:
             assert plan.fingerprint is not None
             plan.resume = check_resume(self.path, plan.fingerprint)
@@ -498,12 +501,21 @@ def _create(plan: RunPlan, out_path: str, token: str) -> dict[str, Any]:
     """A new store (``token``: its :attr:`pipeline.output.OutputRef.token`): arrays, viewer metadata,
     the start record, then the resume state."""
     cfg, spec = plan.config, plan.model.spec
-    create_store(
-        out_path, spec.num_classes, plan.levels, cfg.tiling.tile, cfg.output.dtype,
-        cfg.output.overwrite or plan.resume is not None, zarr_format=2 if plan.ome_version == "0.4" else 3,
-        token=token,
-    )  # fmt: skip
-    write_viewer_metadata(out_path, plan)
+    with staged_store(out_path, token) as staging:  # whole, or not at all: a kill here leaves no half store
+        create_store(
+            staging, spec.num_classes, plan.levels, cfg.tiling.tile, cfg.output.dtype, False,
+            zarr_format=2 if plan.ome_version == "0.4" else 3, token=token, final_path=out_path,
+        )  # fmt: skip
+        write_viewer_metadata(staging, plan)
+        record = _start_record(plan)
+        write_start(staging, record)
+        write_state(staging, {"fingerprint": plan.fingerprint, "torch_threads": plan.torch_threads})
+    return record
+
+
+def _start_record(plan: RunPlan) -> dict[str, Any]:
+    """The ``fcnpipe`` attribute a new store starts with (``complete: false``)."""
+    cfg, spec = plan.config, plan.model.spec
     record = provenance(
         config=cfg.to_dict(),
         input_path=os.path.abspath(plan.source.path),
@@ -518,8 +530,6 @@ def _create(plan: RunPlan, out_path: str, token: str) -> dict[str, Any]:
     record["torch_threads"] = plan.torch_threads
     record["fingerprint"] = plan.fingerprint
     record["mask"] = None if plan.mask is None else {"method": plan.mask.method, "chunks_skipped": plan.tiles_masked}
-    write_start(out_path, record)
-    write_state(out_path, {"fingerprint": plan.fingerprint, "torch_threads": plan.torch_threads})
     return record
 
 

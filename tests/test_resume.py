@@ -147,7 +147,8 @@ def test_resume_refuses_another_model_or_config(slide: tuple[Path, Path], tmp_pa
     assert retiled.returncode == 2
     assert "tiling.tile: 128 -> 256" in retiled.stderr and "output.dtype: uint8 -> float32" in retiled.stderr
     plain = fcnpipe("run", image, "-m", model, "-o", store, *FIXED)
-    assert plain.returncode != 0 and "already exists; pass --overwrite" in plain.stderr
+    assert plain.returncode != 0 and "already exists and is incomplete (an interrupted run)" in plain.stderr
+    assert "pass --resume to continue it, or --overwrite to start again" in plain.stderr
     assert not completed(store)
 
 
@@ -209,13 +210,13 @@ def test_every_config_key_is_fingerprinted_or_declared_byte_neutral() -> None:
 
 
 def small_slide(folder: Path, seed: int = 0) -> Path:
-    """A 300 x 400 RGB TIFF: a run of it takes a second."""
+    """A 1200 x 300 RGB TIFF, two pyramid levels: a run of it takes a second."""
     import tifffile
 
     from tests.conftest import random_image
 
     path = folder / f"small{seed}.tif"
-    tifffile.imwrite(path, random_image((300, 400, 3), seed=seed), photometric="rgb")
+    tifffile.imwrite(path, random_image((1200, 300, 3), seed=seed), photometric="rgb")
     return path
 
 
@@ -259,3 +260,115 @@ def test_a_complete_store_is_checked_like_an_incomplete_one(tmp_path: Path) -> N
     assert again.returncode == 0, again.stderr
     assert zarr.open_group(store, mode="r")["0"].shape[0] == 4 and completed(store)
     assert json.loads((outdir / "manifest.json").read_text())["inputs"][0]["status"] == "done"
+
+
+DYING = Path(__file__).with_name("dying.py")
+
+
+def fcnpipe_faulty(
+    mode: str, at: int, target: str, *args: object, log: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``fcnpipe ARGS`` with a fault (``kill``, ``full`` or ``log``) at the ``at``-th write whose path
+    contains ``target`` (see tests/dying.py)."""
+    env = {**os.environ, "FCNPIPE_FAULT": mode, "FCNPIPE_FAULT_AT": str(at), "FCNPIPE_FAULT_TARGET": target}
+    if log is not None:
+        env["FCNPIPE_FAULT_LOG"] = str(log)
+    command = [sys.executable, str(DYING), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """What runs left beside the stores in ``folder`` that is neither a store, a log nor an input."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".lock"))
+
+
+@pytest.mark.slow
+def test_killed_or_out_of_space_while_creating_the_store_then_completed(tmp_path: Path) -> None:
+    """SIGKILL, or a full disk, at chosen writes of the store's creation (the lock, the first
+    folder, the group files, the record, the resume state, the rename into place), then --resume,
+    batch or --overwrite: each completes the store to the bytes of an uninterrupted run."""
+    image = small_slide(tmp_path)
+    model = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    torch.save(ReferenceFCN(3, 3, 8).state_dict(), model)
+    fixed = ["--no-preview", "--no-progress", "--tile", "128", "--workers", "2", "--torch-threads", "1"]
+    reference = tmp_path / "reference.zarr"
+    assert fcnpipe("run", image, "-m", model, "-o", reference, *fixed).returncode == 0
+
+    events = tmp_path / "events.txt"
+    logged = tmp_path / "logged" / "small0.zarr"
+    done = fcnpipe_faulty("log", 0, "small0.zarr", "run", image, "-m", model, "-o", logged, *fixed, log=events)
+    assert done.returncode == 0, done.stderr
+    writes = [line.split(" ", 2) for line in events.read_text().splitlines()]
+    into_place = next(
+        int(n) for n, event, path in writes if event == "os.rename" and ".creating-" in path.split("/")[-1]
+    )
+    assert into_place > 20  # the creation is many writes, each a moment to be killed at
+    rng = random.Random(11)
+    moments = sorted({1, 2, into_place, *rng.sample(range(3, into_place), 5)})
+    finishers = [("run", "--resume"), ("batch",), ("run", "--overwrite")]
+    for number, at in enumerate(moments):
+        folder = tmp_path / f"kill{at}"
+        store = folder / "small0.zarr"
+        killed = fcnpipe_faulty("kill", at, "small0.zarr", "run", image, "-m", model, "-o", store, *fixed)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not (store.exists() and completed(store))
+        command, *flags = finishers[number % len(finishers)]
+        if command == "batch":
+            finished = fcnpipe("batch", image, "-m", model, "-o", folder, *fixed)
+        else:
+            finished = fcnpipe("run", image, "-m", model, "-o", store, *fixed, *flags)
+        assert finished.returncode == 0, f"killed at write {at}, then {command} {flags}: {finished.stderr}"
+        assert_same_bytes(reference, store)
+        assert leftovers(folder) == [], f"killed at write {at}"
+    for at in (2, into_place // 2, into_place - 5):  # the disk fills up during the creation
+        store = tmp_path / f"full{at}" / "small0.zarr"
+        full = fcnpipe_faulty("full", at, "small0.zarr", "run", image, "-m", model, "-o", store, *fixed)
+        assert full.returncode == 1, full.stderr
+        last = full.stderr.splitlines()[-1]
+        assert full.stderr.count("fcnpipe:") == 1 and "Traceback" not in full.stderr, full.stderr
+        # write counts move by a few from run to run (zarr writes metadata from threads)
+        assert last.startswith(f"fcnpipe: error: {store}: cannot ") and last.endswith("(No space left on device)")
+        assert not (store.exists() and completed(store))
+        resumed = fcnpipe("run", image, "-m", model, "-o", store, *fixed, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert_same_bytes(reference, store)
+        assert leftovers(store.parent) == []
+
+
+def test_what_an_older_creation_left_is_completed_or_cleared(tmp_path: Path) -> None:
+    """An empty folder, or a group with nothing but its own metadata (a creation killed before it
+    was atomic): --resume completes it, --overwrite clears it."""
+    image = small_slide(tmp_path)
+    model = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    torch.save(ReferenceFCN(3, 3, 8).state_dict(), model)
+    fixed = ["--no-preview", "--no-progress", "--tile", "128"]
+    for flag in ("--resume", "--overwrite"):
+        empty, group = tmp_path / f"empty{flag}.zarr", tmp_path / f"group{flag}.zarr"
+        empty.mkdir()
+        zarr.open_group(group, mode="w", zarr_format=2)
+        for store in (empty, group):
+            done = fcnpipe("run", image, "-m", model, "-o", store, *fixed, flag)
+            assert done.returncode == 0, done.stderr
+            assert completed(store)
+
+
+def test_the_lock_and_overwrite_follow_symlinks(tmp_path: Path) -> None:
+    """A second writer reaching the store through a symlink meets the first one's lock, and
+    --overwrite through a symlink replaces the store it points to."""
+    image = small_slide(tmp_path)
+    model = tmp_path / "m.pt"
+    torch.save(ReferenceFCN(3, 3, 8).state_dict(), model)
+    real = tmp_path / "real.zarr"
+    link = tmp_path / "link.zarr"
+    fixed = ["--no-preview", "--no-progress", "--tile", "128"]
+    assert fcnpipe("run", image, "-m", model, "-o", real, *fixed).returncode == 0
+    link.symlink_to(real, target_is_directory=True)
+    with store_lock(str(real)):
+        refused = fcnpipe("run", image, "-m", model, "-o", link, *fixed, "--overwrite")
+    assert refused.returncode == 1 and f"pid {os.getpid()}" in refused.stderr, refused.stderr
+    replaced = fcnpipe("run", image, "-m", model, "-o", link, *fixed, "--overwrite", "--dtype", "float32")
+    assert replaced.returncode == 0, replaced.stderr
+    assert link.is_symlink() and zarr.open_group(real, mode="r")["0"].dtype == np.float32
+    assert leftovers(tmp_path) == []

@@ -137,12 +137,15 @@ def test_existing_output_needs_overwrite(
     model = make_model()
     out = tmp_path / "o.zarr"
     run(image, model, out)
-    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists and is complete; pass --overwrite"):
         run(image, model, out)
     run(image, model, out, output={"overwrite": True})
     (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a store")
     with pytest.raises(OutputError, match="not a Zarr store; refusing"):
         run(image, model, tmp_path / "notes", output={"overwrite": True})
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: it becomes the store
+    assert run(image, model, tmp_path / "empty").attrs["fcnpipe"]["complete"]
 
 
 def test_channel_mismatch_names_both_numbers(
