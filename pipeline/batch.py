@@ -14,6 +14,7 @@ its own. A store is finished (pyramid, completion mark) as soon as its wave is.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -28,6 +29,7 @@ from typing import Any
 from pipeline.cluster import THREADS, Engine
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FcnpipeError
+from pipeline.lock import store_lock
 from pipeline.predict import TaskFailure, TaskStats, compute_results, stage_seconds
 from pipeline.run import RunPlan, Writing, prepare
 
@@ -163,35 +165,39 @@ def run_batch(
 
     pending = list(items)
     while pending:
-        wave: list[tuple[BatchItem, Writing, float]] = []
+        wave: list[tuple[BatchItem, Writing, float, contextlib.ExitStack]] = []
         tasks: list[Any] = []
         while pending and (not wave or len(tasks) < TASKS_PER_WORKER * wave[0][1].plan.workers):
             item = pending.pop(0)
             started = time.perf_counter()
             item_config = _for_input(config, item)
+            held = contextlib.ExitStack()
             try:
+                held.enter_context(store_lock(item.output))  # another writer: refused before planning
                 plan = prepare(item_config, engine)
                 item.megapixels = plan.megapixels
                 item.chunks, item.chunks_skipped = len(plan.tiles), plan.tiles_masked
                 if on_plan is not None:
                     on_plan(item, plan)
-                writing = Writing(plan).__enter__()
+                writing = held.enter_context(Writing(plan))
             except Exception as err:  # one bad input never stops the others: one line in the manifest
+                held.close()
                 _fail(item, _one_line(err), started)
                 report(item)
                 continue
             if writing.result is not None:
-                writing.__exit__(None, None, None)
+                held.close()
                 item.status, item.reason = "skipped", "already complete"
                 item.chunks_resumed = writing.plan.tiles_done
                 report(item)
                 continue
             item.chunks_resumed = plan.tiles_done
             if plan.blend is not None:  # blended stores run on their own
-                _run_alone(item, writing, started, on_progress)
+                with held:
+                    _run_alone(item, writing, started, on_progress)
                 report(item)
                 continue
-            wave.append((item, writing, started))
+            wave.append((item, writing, started, held))
             tasks += writing.tasks(guarded=True)
         if wave:
             _run_wave(wave, tasks, on_progress, report)
@@ -221,29 +227,27 @@ def _run_alone(item: BatchItem, writing: Writing, started: float, on_progress: C
         item.seconds = time.perf_counter() - started
     except Exception as err:
         _fail(item, _one_line(err), started)
-    finally:
-        writing.__exit__(None, None, None)
 
 
 def _run_wave(
-    wave: Sequence[tuple[BatchItem, Writing, float]],
+    wave: Sequence[tuple[BatchItem, Writing, float, contextlib.ExitStack]],
     tasks: Sequence[Any],
     on_progress: Callable[[int], None] | None,
     report: Callable[[BatchItem], None],
 ) -> None:
-    """Compute ``tasks``, the level-0 tasks of every store of ``wave``, together; then finish each store."""
-    writings = [writing for _, writing, _ in wave]
+    """Compute ``tasks``, the level-0 tasks of every store of ``wave``, together; then finish each
+    store and release it (its :class:`Writing` and lock, held by its stack)."""
     try:
         compute_started = time.perf_counter()
-        plan = writings[0].plan
+        plan = wave[0][1].plan
         results = compute_results(tasks, plan.workers, on_progress, plan.engine, plan.gpu)
         compute_s = time.perf_counter() - compute_started
         failures: dict[str, str] = {}
         for result in results:
             if isinstance(result, TaskFailure) and result.message:
                 failures.setdefault(result.token, result.message)
-        total_pixels = sum(w.plan.megapixels_to_compute for w in writings) or 1.0
-        for (item, _, started), writing in zip(wave, writings, strict=True):
+        total_pixels = sum(w.plan.megapixels_to_compute for _, w, _, _ in wave) or 1.0
+        for item, writing, started, held in wave:
             token = writing.job.output.token
             writing.stages = stage_seconds([r for r in results if isinstance(r, TaskStats) and r.token == token])
             failure = failures.get(token)
@@ -256,8 +260,8 @@ def _run_wave(
                     item.seconds = time.perf_counter() - started
                 except Exception as err:
                     _fail(item, _one_line(err), started)
-            writing.__exit__(None, None, None)
+            held.close()
             report(item)
     finally:
-        for writing in writings:
-            writing.__exit__(None, None, None)
+        for _, _, _, held in wave:
+            held.close()

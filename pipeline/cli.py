@@ -17,9 +17,19 @@ from typing import Any
 import click
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, FcnpipeError
+from pipeline.errors import ConfigError, FcnpipeError, Interrupted
+from pipeline.progress import Progress
 
 INTERNAL_ERROR = 70
+BROKEN_PIPE = 141
+"""The exit code of a Unix tool killed by SIGPIPE (128 + 13)."""
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left of it at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 class _Group(click.Group):
@@ -33,11 +43,14 @@ class _Group(click.Group):
         except FcnpipeError as err:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"fcnpipe: error: {err}", err=True)
+            click.echo(f"fcnpipe: {err.label}: {err}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("fcnpipe: interrupted; the output is not marked complete", err=True)
-            ctx.exit(130)
+            click.echo("fcnpipe: interrupted", err=True)
+            ctx.exit(Interrupted.exit_code)
+        except BrokenPipeError:  # `fcnpipe inspect FILE | head`: the reader left; leave quietly, like Unix tools
+            _quiet_stdout()
+            ctx.exit(BROKEN_PIPE)
         except Exception as err:  # a bug or an environment failure: still one line, never a traceback
             if ctx.params.get("debug"):
                 raise
@@ -85,9 +98,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 _RUN_OPTIONS = [
-    click.option("-m", "--model", help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt)."),
+    click.option("-m", "--model", help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt).  [required, or model.path]"),
     click.option("--factory", help="package.module:function that builds the module of a state_dict."),
-    click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+    click.option("-c", "--config", "configs", multiple=True, type=click.Path(),
                  help="YAML config; repeat to layer them (later wins; flags win over all)."),
     click.option("--level", type=int,
                  help="Pyramid level read as it is (0 = full resolution).  [default: by --mpp/--gsd]"),
@@ -182,8 +195,8 @@ def _load(configs: tuple[str, ...], input_path: str | None, output: str | None, 
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).")
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).  [required, or output.path]")
 @_run_options
 @click.option(
     "--resume",
@@ -191,14 +204,16 @@ def _load(configs: tuple[str, ...], input_path: str | None, output: str | None, 
     default=None,
     help="Continue an interrupted OUTPUT: compute only its missing chunks (same input, model, config).",
 )
-@click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
+@click.option("--progress/--no-progress", default=None,
+              help="A bar with rate and ETA on a terminal; elsewhere (nohup, a log, a cluster job) a line "
+                   "at each tenth of the work, or every 5 minutes.  [default: on]")  # fmt: skip
 @click.option(
     "--preview/--no-preview",
     default=True,
     show_default=True,
     help="Write OUT.preview.png beside the store: input, classes over it, legend.",
 )
-@click.option("--log", "log_path", type=click.Path(dir_okay=False),
+@click.option("--log", "log_path", type=click.Path(),
               help="Log file, appended to.  [default: OUT.log beside the store]")  # fmt: skip
 def run(
     input_path: str, output: str | None, configs: tuple[str, ...], preview: bool, log_path: str | None, **flags: Any
@@ -213,21 +228,25 @@ def run(
     \b
     Before computing it prints the plan: chunks, how many have no tissue / data (skipped, see
     --mask), the halo's extra reads, and an ETA, peak memory and size on disk measured on a
-    sample of the image. A run that is killed leaves a store that --resume completes.
+    sample of the image. A run that is killed or interrupted leaves a store that --resume completes.
     """
     from pipeline.cluster import open_engine
     from pipeline.estimate import estimate
+    from pipeline.lock import store_lock
     from pipeline.run import execute, prepare
 
     config = _load(configs, input_path, output, **flags)
-    assert config.output.path is not None
+    out = _required(config.output.path, "-o", "--output", "output.path", "the Zarr store to write")
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     with (
-        _log_to(log_path or default_log_path(config.output.path)),
+        _log_to(log_path or default_log_path(out)),
+        store_lock(out),  # a second writer is refused now, before the plan and the sample timing
+        _interrupted(out, bool(config.output.resume)),
         open_engine(config.compute, config.cluster) as engine,
     ):
         plan = prepare(config, engine)
         _show_plan(plan, estimate(plan).describe() if plan.tiles_to_compute else [])
-        with _progress_bar(plan.megapixels_to_compute, config.compute.progress) as bar:
+        with Progress(plan.megapixels_to_compute, config.compute.progress, _say) as bar:
             result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
         for line in _summary(result):
             _say(line)
@@ -237,8 +256,35 @@ def run(
             click.echo(f"preview {png}", err=True)
 
 
+def _required(value: str | None, short: str, name: str, key: str, what: str) -> str:
+    """``value``, or the usage error Click gives a missing required option (exit code 2)."""
+    if value is None:
+        raise click.UsageError(f"Missing option '{short}' / '{name}': {what} (or {key} in a -c config).")
+    return value
+
+
+@contextlib.contextmanager
+def _interrupted(store: str, resuming: bool) -> Iterator[None]:
+    """Turn Ctrl-C into one line that says what was left and how to go on, and log it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from pipeline.resume import check_target
+
+        started = True
+        try:
+            check_target(os.path.realpath(store), overwrite=False)
+            started = False  # nothing there: the run had not begun writing
+        except FcnpipeError:
+            pass
+        again = "the same command" if resuming else "the same command with --resume"
+        message = f"{store} is incomplete; run {again} to continue it" if started else "nothing was written"
+        logging.getLogger("fcnpipe").warning("interrupted: %s", message)
+        raise Interrupted(message) from None
+
+
 @cli.command("plan")
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.option("-o", "--output", help="Zarr store a run would write (checked, not written).")
 @_run_options
 @click.option("--resume", is_flag=True, default=None, help="Plan the rest of an interrupted OUTPUT.")
@@ -253,6 +299,7 @@ def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], 
     from pipeline.run import prepare
 
     config = _load(configs, input_path, output or "(not written).zarr", **flags)
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     plan = prepare(config)
     for line in [*plan.describe(), *(estimate(plan).describe() if plan.tiles_to_compute else [])]:
         click.echo(line)
@@ -265,11 +312,12 @@ def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], 
     "--output",
     "outdir",
     required=True,
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     help="Folder for the stores (INPUT name + .zarr), manifest.json/.csv and fcnpipe-batch.log.",
 )
 @_run_options
-@click.option("--progress/--no-progress", default=None, help="Progress bar (only ever on a terminal).")
+@click.option("--progress/--no-progress", default=None,
+              help="A bar on a terminal; elsewhere a line at each tenth of the work, or every 5 minutes.")  # fmt: skip
 @click.option("--preview/--no-preview", default=True, show_default=True, help="A PNG beside each store.")
 def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], preview: bool, **flags: Any) -> None:
     """Run many inputs, one store each in OUTDIR, with a manifest of what happened to each.
@@ -278,26 +326,28 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
     INPUTS are files, folders (their TIFFs), glob patterns ('scans/**/*.svs') or @list.txt
     (one path per line). Run it again after a crash, a kill or a power cut: complete stores
     are skipped, interrupted ones resumed chunk by chunk (--overwrite starts all again).
-    One bad input never stops the others; the exit code is 1 if any input failed.
+    A complete store made with another model or config is reported as failed, saying what
+    differs; --overwrite computes it again. One bad input never stops the others; the exit
+    code is 1 if any input failed.
     """
     from pipeline.batch import expand_inputs, run_batch
     from pipeline.cluster import open_engine
 
     config = _load(configs, None, None, **flags)
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run on every input")
     paths = expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"No input files found in {' '.join(inputs)}")
-    os.makedirs(outdir, exist_ok=True)
     started = time.perf_counter()
     with (
         _log_to(os.path.join(outdir, "fcnpipe-batch.log")),
+        _batch_interrupted(),
         open_engine(config.compute, config.cluster) as engine,
-        _progress_bar(0.0, config.compute.progress) as bar,
+        Progress(0.0, config.compute.progress, _say) as bar,
     ):
 
         def on_plan(item: Any, plan: Any) -> None:
-            bar.total = round((bar.total or 0) + plan.megapixels_to_compute, 2)
-            bar.refresh()
+            bar.add_total(plan.megapixels_to_compute)
             bar.clear()
             _show_plan(plan, [])
 
@@ -325,6 +375,16 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
         _say(f"manifest {os.path.join(outdir, 'manifest.json')}")
     if counts["failed"]:
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _batch_interrupted() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        message = "run the same command again to continue: complete stores are kept, interrupted ones resumed"
+        logging.getLogger("fcnpipe").warning("interrupted: %s", message)
+        raise Interrupted(message) from None
 
 
 def default_log_path(store: str) -> str:
@@ -368,41 +428,59 @@ def _preview_quietly(store: str) -> str | None:
         return None
 
 
+class _LogFile(logging.FileHandler):
+    """The log of one command: its folder and file are made at the first record, so that a command
+    that fails before it starts leaves nothing behind."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.records = 0
+
+    def _open(self) -> Any:
+        os.makedirs(os.path.dirname(os.path.abspath(self.baseFilename)), exist_ok=True)
+        return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+        super().emit(record)
+
+
 @contextlib.contextmanager
 def _log_to(path: str) -> Iterator[None]:
-    """Append the ``fcnpipe`` logger's records to ``path`` while the block runs."""
+    """Append the ``fcnpipe`` logger's records to ``path`` while the block runs, the file made at
+    the first record; an error that ends the block after something was logged is logged too."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = next(p for p in _parents(folder) if os.path.exists(p))
+    if os.path.isdir(path) or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{path}: cannot write the log file there")
     logger = logging.getLogger("fcnpipe")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot write the log file ({err.strerror or err})") from err
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
         yield
+    except FcnpipeError as err:
+        if handler.records and not isinstance(err, Interrupted):  # the run had begun: say how it ended
+            logger.error("%s: %s", err.label, err)
+        raise
     finally:
         logger.removeHandler(handler)
         handler.close()
 
 
-def _progress_bar(total_mpx: float, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=round(total_mpx, 2),
-        unit="Mpx",
-        unit_scale=False,
-        disable=None if enabled else True,  # None: only on a terminal
-        file=sys.stderr,
-        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]",
-        dynamic_ncols=True,
-    )
+def _parents(folder: str) -> Iterator[str]:
+    """``folder`` and the folders above it, nearest first."""
+    while True:
+        yield folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 @cli.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("-o", "--output", "png_path", help="PNG to write.  [default: STORE without .zarr + .preview.png]")
 @click.option("--size", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Largest side of each panel in pixels.")  # fmt: skip
@@ -420,16 +498,17 @@ def preview(store: str, png_path: str | None, size: int) -> None:
 @cli.command("export")
 @click.argument("store", metavar="STORE", type=click.Path())
 @click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="TIFF file to write, e.g. OUT.tif."
+    "-o", "--output", required=True, type=click.Path(), help="TIFF file to write, e.g. OUT.tif."
 )
-@click.option("--as", "kind", type=click.Choice(["cog", "ome-tiff"]), default="cog", show_default=True,
-              help="Cloud-Optimized GeoTIFF (GIS) or OME-TIFF pyramid (QuPath, napari).")  # fmt: skip
+@click.option("--as", "kind", type=click.Choice(["cog", "ome-tiff"]),
+              help="Cloud-Optimized GeoTIFF (GIS) or OME-TIFF pyramid (QuPath, napari).  "
+                   "[default: by the name: .ome.tif an OME-TIFF, .tif a COG]")  # fmt: skip
 @click.option("--what", type=click.Choice(["probabilities", "labels"]), default="probabilities", show_default=True,
               help="One band per class, or the uint8 argmax map (nodata 255).")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["uint8", "float32"]),
               help="Probabilities as round(p*254) or float32.  [default: as stored; float16 -> float32]")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def export(store: str, output: str, kind: str, what: str, dtype: str | None, overwrite: bool) -> None:
+def export(store: str, output: str, kind: str | None, what: str, dtype: str | None, overwrite: bool) -> None:
     """Write a finished store (from `fcnpipe run`) as one TIFF: a COG or an OME-TIFF.
 
     The store is read chunk by chunk, so memory stays small however large the map. A store whose
@@ -442,7 +521,7 @@ def export(store: str, output: str, kind: str, what: str, dtype: str | None, ove
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="INPUT", type=click.Path())
 def inspect(input_path: str) -> None:
     """Show what is in a TIFF: series, pyramid levels, dtype, compression, tiles, resolution.
 
@@ -487,10 +566,10 @@ def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
 
 
 @cli.command()
-@click.argument("images", metavar="IMAGES...", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--masks", multiple=True, required=True, type=click.Path(dir_okay=False),
+@click.argument("images", metavar="IMAGES...", nargs=-1, required=True, type=click.Path())
+@click.option("--masks", multiple=True, required=True, type=click.Path(),
               help="Mask of IMAGE (uint8 class indices); once per image, in the same order.")  # fmt: skip
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (MODEL.pt).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint to write (MODEL.pt).")
 @click.option("--architecture", type=click.Choice(["reference_fcn", "fcn8s", "unet"]), default="reference_fcn",
               show_default=True, help="Network to train.")  # fmt: skip
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs of training.")
@@ -537,7 +616,7 @@ def train(
 
 
 @cli.command("inspect-model")
-@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--factory", help="package.module:function that builds the module of a state_dict.")
 def inspect_model(model_path: str, factory: str | None) -> None:
     """Show what a model file holds and the tiling it needs: receptive radius, stride, halo.

@@ -52,9 +52,18 @@ class InputConfig:
     """Micrometres per pixel to read a slide at; None: the checkpoint's training resolution."""
     gsd: float | None = None
     """CRS units per pixel to read a raster at; None: the checkpoint's training resolution."""
+    resolution_tolerance: float = 0.02
+    """A level within this fraction of the resolution asked for is read as it is, not resampled
+    (a 0.499 µm/px scan for a 0.5 µm/px model): resampling by 0.2% would blur every pixel and lose
+    the pixel grid of the slide, for a difference no network sees. The output records the level's
+    true scale. 0: always resample to the exact resolution."""
 
     def __post_init__(self) -> None:
         _non_negative(self.series, "input.series")
+        if not 0 <= self.resolution_tolerance < 0.5:
+            raise ConfigError(
+                f"Expected a fraction in [0, 0.5) for 'input.resolution_tolerance'. Got {self.resolution_tolerance} instead."
+            )
         if self.level is not None:
             _non_negative(self.level, "input.level")
         for key, value in (("input.mpp", self.mpp), ("input.gsd", self.gsd)):

@@ -13,6 +13,8 @@ class FcnpipeError(Exception):
     """Base of all errors a user can act on. ``str(err)`` is the one-line message."""
 
     exit_code = 1
+    label = "error"
+    """What the CLI prints before the message: ``fcnpipe: error: ...``."""
 
 
 class ConfigError(FcnpipeError):
@@ -35,3 +37,10 @@ class OutputError(FcnpipeError):
 
 class ClusterError(FcnpipeError):
     """The Dask scheduler cannot be reached, or was lost during a run."""
+
+
+class Interrupted(FcnpipeError):
+    """The user stopped the run (Ctrl-C); the message says what was left and how to continue."""
+
+    exit_code = 130
+    label = "interrupted"

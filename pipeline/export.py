@@ -390,16 +390,53 @@ def export_ome_tiff(
             raise OutputError(f"{out_tif}: cannot write the OME-TIFF ({err.strerror or err})") from err
 
 
+_OME_NAMES = (".ome.tif", ".ome.tiff", ".ome.btf")
+_TIFF_NAMES = (".tif", ".tiff")
+
+
+def kind_for(path: str, kind: str | None) -> str:
+    """The kind of TIFF to write at ``path``: ``kind``, else what the name says (``.ome.tif`` an
+    OME-TIFF, ``.tif`` a COG); a name that contradicts ``kind``, or says neither, is refused.
+
+    >>> kind_for("a.ome.tiff", None), kind_for("a.TIF", None), kind_for("a.tif", "ome-tiff")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: a.tif: --as ome-tiff writes an OME-TIFF, whose name ends in .ome.tif; use -o a.ome.tif, or --as cog
+    >>> kind_for("a.ome.tiff", None), kind_for("a.TIF", None)
+    ('ome-tiff', 'cog')
+    """
+    lower = os.path.basename(path).lower()
+    named = "ome-tiff" if lower.endswith(_OME_NAMES) else "cog" if lower.endswith(_TIFF_NAMES) else None
+    if kind is None:
+        if named is None:
+            raise ConfigError(
+                f"{path}: fcnpipe export writes a TIFF: name it .tif for a Cloud-Optimized GeoTIFF (GIS) or "
+                ".ome.tif for an OME-TIFF (slide viewers)"
+            )
+        return named
+    parse_choice(kind, "--as", KINDS)
+    stem = path[: len(path) - len(lower) + lower.index(".")] if "." in lower else path
+    if kind == "ome-tiff" and named != "ome-tiff":
+        raise ConfigError(
+            f"{path}: --as ome-tiff writes an OME-TIFF, whose name ends in .ome.tif; use -o {stem}.ome.tif, or --as cog"
+        )
+    if kind == "cog" and named != "cog":
+        raise ConfigError(f"{path}: --as cog writes a GeoTIFF, whose name ends in .tif; use -o {stem}.tif")
+    return kind
+
+
 def export_store(
     store: str,
     out_path: str,
     *,
-    kind: str = "cog",
+    kind: str | None = None,
     what: str = "probabilities",
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Export ``store`` as ``kind`` (``cog`` or ``ome-tiff``); see :func:`export_cog`, :func:`export_ome_tiff`."""
-    parse_choice(kind, "kind", KINDS)  # what and dtype are checked by the exporter, before any write
+    """Export ``store`` as ``kind`` (``cog`` or ``ome-tiff``, by default what ``out_path``'s name
+    says, :func:`kind_for`); see :func:`export_cog`, :func:`export_ome_tiff`."""
+    check_output_file(out_path, overwrite)
+    kind = kind_for(out_path, kind)  # what and dtype are checked by the exporter, before any write
     exporter = export_cog if kind == "cog" else export_ome_tiff
     exporter(store, out_path, what=what, dtype=dtype, overwrite=overwrite)

@@ -49,6 +49,13 @@ def store_lock(store: str) -> Iterator[None]:
             with _held_lock:
                 _held[path] -= 1
         return
+    folder = os.path.dirname(path)
+    made = not os.path.isdir(folder)
+    if made:  # the store's folder: needed for the store anyway
+        try:
+            os.makedirs(folder)
+        except OSError as err:
+            raise OutputError(f"{store}: cannot create its folder {folder} ({err.strerror or err})") from err
     fd = _acquire(store, path)
     with _held_lock:
         _held[path] = 1
@@ -60,6 +67,9 @@ def store_lock(store: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)  # closing releases the lock
+        if made:  # a run that wrote nothing there leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def _acquire(store: str, path: str) -> int:

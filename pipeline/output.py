@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.errors import OutputError
+from pipeline.errors import ConfigError, OutputError
 from pipeline.pyramid import mean_2x2, subsample_2x2
 from pipeline.tiling import cells_under
 
@@ -93,6 +93,38 @@ def beside(store: str | os.PathLike[str], suffix: str) -> str:
     """
     path = os.path.normpath(os.fspath(store))
     return (path[:-5] if path.lower().endswith(".zarr") else path) + suffix
+
+
+_TIFF_NAMES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf", ".tf8")
+_OTHER_FILES = (".png", ".jpg", ".jpeg", ".svs", ".ndpi", ".h5", ".hdf5", ".nc", ".npy", ".geojson", ".gpkg", ".json")
+
+
+def check_store_path(path: str) -> None:
+    """Refuse an output path whose name says it is a file of another kind: a run writes a Zarr store,
+    which is a folder (``OUT.zarr``), and a folder named ``out.tif`` misleads every tool after it.
+
+    >>> check_store_path("maps/s1.zarr"), check_store_path("maps/s1")
+    (None, None)
+    >>> check_store_path("s1.tif")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: s1.tif: fcnpipe run writes a Zarr store (a folder, e.g. s1.zarr), not a TIFF; run with -o s1.zarr, then fcnpipe export s1.zarr -o s1.tif
+    """
+    name = os.path.basename(os.path.normpath(path))
+    lower = name.lower()
+    for suffix in _TIFF_NAMES:
+        if lower.endswith(suffix):
+            stem = os.path.join(os.path.dirname(path), name[: -len(suffix)] + ".zarr")
+            raise ConfigError(
+                f"{path}: fcnpipe run writes a Zarr store (a folder, e.g. {stem}), not a TIFF; "
+                f"run with -o {stem}, then fcnpipe export {stem} -o {path}"
+            )
+    for suffix in _OTHER_FILES:
+        if lower.endswith(suffix):
+            raise ConfigError(
+                f"{path}: fcnpipe run writes a Zarr store (a folder), not a {suffix} file; name it "
+                f"{os.path.join(os.path.dirname(path), name[: -len(suffix)])}.zarr"
+            )
 
 
 def is_store(path: str) -> bool:

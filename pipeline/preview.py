@@ -225,6 +225,8 @@ class StoreSummary:
     complete: bool
     label_shapes: tuple[tuple[int, int], ...]
     """``(Y, X)`` of ``labels/argmax/0``, ``1``, ... in pixels."""
+    input_shape: tuple[int, int]
+    """``(Y, X)`` of the level the run read: the labels' own, or other where the run resampled."""
 
 
 def default_preview_path(store_path: str | os.PathLike[str]) -> str:
@@ -294,9 +296,18 @@ def read_store_summary(store_path: str | os.PathLike[str]) -> tuple[Any, StoreSu
             class_colors=tuple((int(c["color"][0]), int(c["color"][1]), int(c["color"][2])) for c in classes),
             complete=record.get("complete") is True,
             label_shapes=tuple(shapes),
+            input_shape=_read_shape(record, shapes[0]),
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise OutputError(f"{path}: its '{ATTRIBUTE}' attribute is malformed ({type(err).__name__}: {err})") from err
+
+
+def _read_shape(record: dict[str, Any], labels: tuple[int, int]) -> tuple[int, int]:
+    """``(Y, X)`` of the input level a run read, from its record (``input.shape_cyx``)."""
+    shape = (record.get("input") or {}).get("shape_cyx")
+    if isinstance(shape, list) and len(shape) == 3:
+        return (int(shape[1]), int(shape[2]))
+    return labels
 
 
 def readable_level(group: Any, summary: StoreSummary, max_size: int) -> int:
@@ -318,7 +329,7 @@ def _input_thumbnail(summary: StoreSummary, max_size: int) -> tuple[np.ndarray |
     """The input's ``(3, h, w)`` uint8 thumbnail and ``""``, or None and a note saying why not."""
     try:
         source = open_source(summary.input_path, summary.series, summary.level)
-        if source.shape[1:] != summary.label_shapes[0]:
+        if source.shape[1:] != summary.input_shape:  # resampled runs read a level of another size
             return None, f"input not shown: {source.path} is now {source.shape[1]} x {source.shape[2]} px"
         return source_thumbnail(source, max_size), ""
     except SourceError as err:

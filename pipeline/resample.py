@@ -98,13 +98,17 @@ def native_grid(source: SourceInfo, note: str | None = None) -> Grid:
     return Grid(source, None, (height, width), source.mpp, source.georeference, note)
 
 
-def choose_grid(source0: SourceInfo, level_chosen: bool, mpp: float | None, gsd: float | None, explicit: bool) -> Grid:
+def choose_grid(
+    source0: SourceInfo, level_chosen: bool, mpp: float | None, gsd: float | None, explicit: bool,
+    tolerance: float = 0.0,
+) -> Grid:  # fmt: skip
     """Read at ``mpp`` (slides) or ``gsd`` (rasters): the coarsest level at least that fine, resampled.
 
     ``source0`` is the input opened at the user's level, or at level 0. ``level_chosen``: the
     user chose that level, and it is read as it is. Without a target, or when the input records no
     resolution, level 0 is read as it is; ``explicit`` (the user asked for the resolution, rather
-    than the checkpoint) turns the latter into an error.
+    than the checkpoint) turns the latter into an error. A level whose pixel size is within
+    ``tolerance`` (a fraction) of the target on both axes is read as it is, at its own scale.
     """
     if level_chosen or (mpp is None and gsd is None):
         return native_grid(source0)
@@ -120,12 +124,20 @@ def choose_grid(source0: SourceInfo, level_chosen: bool, mpp: float | None, gsd:
         return native_grid(source0, f"{message}: reading level 0 as it is, not at the model's {target:g} {what}")
     size_x, size_y = per_pixel
     downsamples = [nominal_downsample(source0.levels[0].shape, lv.shape) for lv in source0.levels]
-    fits = [i for i, ds in enumerate(downsamples) if size_x * ds <= target * (1 + 1e-6)]
+    slack = max(tolerance, 1e-6)
+    fits = [i for i, ds in enumerate(downsamples) if size_x * ds <= target * (1 + slack)]
     chosen = max(fits) if fits else 0
     source = source0 if chosen == 0 else open_source(path, series, chosen)
     fy, fx = target / (size_y * downsamples[chosen]), target / (size_x * downsamples[chosen])
-    if abs(fy - 1) < 1e-6 and abs(fx - 1) < 1e-6:
-        return native_grid(source)
+    if abs(fy - 1) <= slack and abs(fx - 1) <= slack:
+        if abs(fy - 1) < 1e-6 and abs(fx - 1) < 1e-6:
+            return native_grid(source)
+        size = size_x * downsamples[chosen]
+        note = (
+            f"level {chosen} read as it is: {size:.4g} {what} is within {tolerance:.0%} of the model's {target:g} "
+            "(input.resolution_tolerance)"
+        )
+        return native_grid(source, note)
     height, width = source.levels[chosen].shape
     resampling = Resampling(fy, fx)
     georef = None if source.georeference is None else source.georeference.scaled(fx, fy)

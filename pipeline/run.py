@@ -49,6 +49,7 @@ from pipeline.output import (
     NODATA_LABEL,
     PROBABILITIES,
     OutputRef,
+    check_store_path,
     create_store,
     remove_leftovers,
     staged_store,
@@ -284,6 +285,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
         raise ConfigError("No model given: pass --model PATH (or model.path in the config)")
     if config.output.path is None:
         raise ConfigError("No output given: pass -o PATH (or output.path in the config)")
+    check_store_path(config.output.path)
     if not config.output.resume:
         check_target(os.path.realpath(config.output.path), config.output.overwrite)
     inp = config.input
@@ -293,7 +295,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
     explicit = inp.mpp is not None or inp.gsd is not None
     grid = choose_grid(
         opened, inp.level is not None, inp.mpp or (None if explicit else model.spec.mpp),
-        inp.gsd or (None if explicit else model.spec.gsd), explicit,
+        inp.gsd or (None if explicit else model.spec.gsd), explicit, inp.resolution_tolerance,
     )  # fmt: skip
     source = grid.source
     _check_fit(config, source, model)

@@ -130,7 +130,7 @@ def _check_file(path: str) -> int:
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise SourceError(f"{path}: is a directory, not a TIFF file")
+        raise SourceError(f"{path}: is a directory, not a TIFF file (fcnpipe batch takes a folder of inputs)")
     size = os.path.getsize(path)
     if size == 0:
         raise SourceError(f"{path}: file is empty (0 bytes)")

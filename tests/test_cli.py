@@ -99,3 +99,53 @@ def test_inspect_prints_levels_and_resolution(real_data: Path) -> None:
     assert "axes CYX, 3 channels, uint8, ADOBE_DEFLATE, tiles 512x512" in done.stdout
     assert "level 7: 1 x 3 px" in done.stdout
     assert "resolution: not recorded in the file" in done.stdout
+
+
+def test_missing_required_options_are_usage_errors(tmp_path: Path) -> None:
+    """``run`` without ``-o`` or ``-m``, ``batch`` without ``-m``: Click's usage error, exit code 2,
+    once (not one failure per input), and ``--help`` says they are required."""
+    image = tmp_path / "x.tif"
+    for args, option in (
+        (["run", str(image), "-m", "m.pt"], "'-o' / '--output'"),
+        (["run", str(image), "-o", str(tmp_path / "o.zarr")], "'-m' / '--model'"),
+        (["batch", str(image), str(image), "-o", str(tmp_path / "maps")], "'-m' / '--model'"),
+    ):
+        done = fcnpipe(*args)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("Error: Missing option") == 1 and option in done.stderr
+        assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert not (tmp_path / "maps").exists() and not list(tmp_path.iterdir())
+    run_help = CliRunner().invoke(cli, ["run", "--help"]).output
+    assert "[required, or output.path]" in run_help and "[required, or model.path]" in run_help
+
+
+def test_ordinary_mistakes_get_one_plain_line_and_leave_nothing(
+    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    image = make_tiff(random_image((40, 40, 3)), photometric="rgb")
+    model = str(make_model())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (["run", str(tmp_path), "-m", model, "-o", str(tmp_path / "d.zarr")], 1, "is a directory, not a TIFF file"),
+        (["inspect", str(tmp_path)], 1, "is a directory, not a TIFF file"),
+        (["run", str(image), "-m", model, "-o", str(tmp_path / "out.tif")], 2, "run with -o"),
+        (["run", str(tmp_path / "missing.svs"), "-m", model, "-o", str(tmp_path / "m.zarr")], 1, "no such file"),
+        (["run", str(image), "-m", str(tmp_path / "none.pt"), "-o", str(tmp_path / "n.zarr")], 1, "no such model"),
+    ]
+    for args, code, message in cases:
+        done = fcnpipe(*args)
+        assert done.returncode == code, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    # failures before the run starts leave no log, lock or store behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_closed_pipe_ends_quietly(real_data: Path, tmp_path: Path) -> None:
+    """``fcnpipe inspect FILE | head``: the reader leaves first; no BrokenPipeError, no message,
+    and the exit code of a Unix tool stopped by SIGPIPE."""
+    errors = tmp_path / "stderr.txt"
+    command = f"{sys.executable} -m pipeline inspect {real_data / 'CMU-1-Small-Region.svs'} 2> {errors} | true"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(["bash", "-c", f"{command}; echo ${{PIPESTATUS[0]}}"], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert done.stdout.strip() == "141" and errors.read_text() == ""

@@ -168,7 +168,7 @@ def mark_incomplete(store: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["cog", "ome-tiff"])
 def test_an_incomplete_store_is_refused(rgb_store: Path, tmp_path: Path, kind: str) -> None:
-    out = tmp_path / "map.tif"
+    out = tmp_path / ("map.ome.tif" if kind == "ome-tiff" else "map.tif")
     with pytest.raises(OutputError, match="incomplete") as raised:
         export_store(str(mark_incomplete(rgb_store)), str(out), kind=kind)
     assert str(rgb_store) in str(raised.value) and "\n" not in str(raised.value)
@@ -201,7 +201,7 @@ def test_what_is_not_an_fcnpipe_store_is_refused(tmp_path: Path) -> None:
 def test_an_existing_output_is_kept_without_overwrite_and_replaced_with_it(
     rgb_store: Path, tmp_path: Path, kind: str
 ) -> None:
-    out = tmp_path / "map.tif"
+    out = tmp_path / ("map.ome.tif" if kind == "ome-tiff" else "map.tif")
     out.write_bytes(b"keep me")
     with pytest.raises(OutputError, match=re.escape(f"{out}: already exists; pass --overwrite")):
         export_store(str(rgb_store), str(out), kind=kind)
@@ -215,7 +215,7 @@ def test_an_existing_output_is_kept_without_overwrite_and_replaced_with_it(
 
 def test_bad_options_are_refused_before_anything_is_written(rgb_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "map.tif"
-    with pytest.raises(ConfigError, match=re.escape("Expected one of cog, ome-tiff for kind. Got 'png' instead.")):
+    with pytest.raises(ConfigError, match=re.escape("Expected one of cog, ome-tiff for --as. Got 'png' instead.")):
         export_store(str(rgb_store), str(out), kind="png")
     with pytest.raises(ConfigError, match="applies to probabilities only"):
         export_store(str(rgb_store), str(out), what="labels", dtype="float32")
@@ -227,8 +227,6 @@ def test_bad_options_are_refused_before_anything_is_written(rgb_store: Path, tmp
 
 
 def test_cli_export_writes_a_cog_and_refuses_an_existing_file_in_one_line(rgb_store: Path, tmp_path: Path) -> None:
-    if "export" not in cli.commands:
-        pytest.skip("fcnpipe export is not wired into pipeline/cli.py yet")
     out = tmp_path / "map.tif"
     args = ["export", str(rgb_store), "-o", str(out), "--what", "labels"]
     assert CliRunner().invoke(cli, args).exit_code == 0
@@ -238,3 +236,21 @@ def test_cli_export_writes_a_cog_and_refuses_an_existing_file_in_one_line(rgb_st
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
         f"fcnpipe: error: {out}: already exists; pass --overwrite to replace it"
     ]
+
+
+def test_the_kind_comes_from_the_name_and_a_mismatch_is_refused(rgb_store: Path, tmp_path: Path) -> None:
+    """``-o x.ome.tiff`` writes an OME-TIFF without ``--as``; a name that says another kind, or no
+    TIFF at all, is refused in one line before anything is written."""
+    ome = tmp_path / "x.ome.tiff"
+    assert CliRunner().invoke(cli, ["export", str(rgb_store), "-o", str(ome)]).exit_code == 0
+    with tifffile.TiffFile(ome) as tif:
+        assert tif.is_ome
+    for args, message in (
+        (["-o", str(tmp_path / "y.ome.tif"), "--as", "cog"], "--as cog writes a GeoTIFF, whose name ends in .tif"),
+        (["-o", str(tmp_path / "y.tif"), "--as", "ome-tiff"], "whose name ends in .ome.tif; use -o"),
+        (["-o", str(tmp_path / "y.png")], "name it .tif for a Cloud-Optimized GeoTIFF (GIS) or .ome.tif"),
+    ):
+        result = CliRunner().invoke(cli, ["export", str(rgb_store), *args])
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr
+    assert not any(tmp_path.glob("y.*")) and not any(tmp_path.glob(".y.*"))

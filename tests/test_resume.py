@@ -159,6 +159,7 @@ def test_a_second_writer_is_refused(slide: tuple[Path, Path], tmp_path: Path) ->
         refused = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--overwrite")
     assert refused.returncode != 0
     assert f"another fcnpipe process (pid {os.getpid()}) is writing to it" in refused.stderr
+    assert refused.stderr.count("\n") == 1  # refused first: no plan, no sample timing before it
     assert not store.exists()
     assert not Path(str(store) + ".lock").exists()
 
@@ -372,3 +373,45 @@ def test_the_lock_and_overwrite_follow_symlinks(tmp_path: Path) -> None:
     assert replaced.returncode == 0, replaced.stderr
     assert link.is_symlink() and zarr.open_group(real, mode="r")["0"].dtype == np.float32
     assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_says_how_to_continue_and_resume_completes(
+    slide: tuple[Path, Path], reference: tuple[Path, float], tmp_path: Path
+) -> None:
+    """SIGINT mid-run: one line naming the store and --resume, the interruption in the log; the
+    plain command again suggests --resume before --overwrite; --resume gives the same bytes. Off a
+    terminal, progress lines with rate and time left go to stderr and to the log."""
+    image, model = slide
+    store = tmp_path / "out.zarr"
+    args = ["run", image, "-m", model, "-o", store, *[f for f in FIXED if f != "--no-progress"]]
+    process = subprocess.Popen([*FCNPIPE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    markers = store / STATE_DIR / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not markers.exists() or len(os.listdir(markers)) < 5):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == (
+        f"fcnpipe: interrupted: {store} is incomplete; run the same command with --resume to continue it"
+    )
+    assert "Traceback" not in stderr and not completed(store)
+    log = (tmp_path / "out.log").read_text()
+    assert "WARNING interrupted:" in log and "--resume" in log
+    again = fcnpipe(*args)
+    assert again.returncode == 1 and "pass --resume to continue it, or --overwrite to start again" in again.stderr
+    resumed = fcnpipe(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_bytes(reference[0], store)
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("progress")]
+    assert lines and lines[-1].startswith("progress 100%") and " Mpx/s, " in lines[-1] and "left" in lines[-1]
+    assert lines[-1] in (tmp_path / "out.log").read_text()
+    assert "Tqdm" not in resumed.stderr and "<-" not in resumed.stderr
+
+
+def test_an_interruption_before_anything_was_written_says_so(tmp_path: Path) -> None:
+    from pipeline.cli import _interrupted
+    from pipeline.errors import Interrupted
+
+    with pytest.raises(Interrupted, match="^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):
+        raise KeyboardInterrupt
