@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import rasterio
@@ -117,3 +118,38 @@ def test_input_without_resolution(make_tiff: Callable[..., Path], tmp_path: Path
     assert code == 1 and "cannot read it at 0.5 micrometres per pixel" in stderr
     code, stderr = _run(str(image), "-m", str(model), "-o", str(tmp_path / "q.zarr"), "--mpp", "0.5", "--level", "0")
     assert code == 2 and "not both" in stderr
+
+
+def test_a_scan_within_the_tolerance_is_read_as_it_is_and_the_preview_shows_the_input(
+    real_data: Path, tmp_path: Path
+) -> None:
+    """The Aperio scan is 0.499 µm/px and the model 0.5: read pixel for pixel (2967 x 2220, its true
+    scale recorded), not resampled by 0.2%. With the tolerance at 0 it is resampled, and the preview
+    still shows the input beside the classes."""
+    import subprocess
+    import sys
+
+    model = _checkpoint(tmp_path, mpp=0.5)
+    svs = real_data / "CMU-1-Small-Region.svs"
+
+    def run(out: Path, *flags: str) -> str:
+        args = ["run", svs, "-m", model, "-o", out, "--no-progress", "--mask", "none", *flags]
+        done = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    stderr = run(tmp_path / "as-is.zarr", "--no-preview")
+    assert "level 0 read as it is: 0.499 micrometres per pixel is within 2% of the model's 0.5" in stderr
+    store = zarr.open_group(str(tmp_path / "as-is.zarr"), mode="r")
+    assert store[PROBABILITIES].shape == (3, 2967, 2220)
+    assert store.attrs["fcnpipe"]["spatial"]["mpp"] == pytest.approx(0.499)
+    assert store.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][1:] == [0.499] * 2
+    exact = tmp_path / "exact.yaml"
+    exact.write_text("input:\n  resolution_tolerance: 0\n")
+    stderr = run(tmp_path / "exact.zarr", "-c", str(exact))
+    assert "0.5 micrometres per pixel, resampled from level 0" in stderr
+    assert zarr.open_group(str(tmp_path / "exact.zarr"), mode="r")[PROBABILITIES].shape == (3, 2962, 2216)
+    preview = tmp_path / "exact.preview.png"
+    png = imagecodecs.png_decode(preview.read_bytes())
+    labels = zarr.open_group(str(tmp_path / "exact.zarr"), mode="r")["labels/argmax/2"]
+    assert png.shape[1] >= 2 * labels.shape[1]  # two panels: the input, and the classes over it

@@ -413,5 +413,5 @@ def test_an_interruption_before_anything_was_written_says_so(tmp_path: Path) -> 
     from pipeline.cli import _interrupted
     from pipeline.errors import Interrupted
 
-    with pytest.raises(Interrupted, match="^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):
+    with pytest.raises(Interrupted, match=r"^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):
         raise KeyboardInterrupt
