@@ -98,7 +98,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 _RUN_OPTIONS = [
-    click.option("-m", "--model", help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt).  [required, or model.path]"),
+    click.option("-m", "--model",
+                 help="fcnpipe checkpoint, TorchScript file, or state_dict (.pt).  [required, or model.path]"),
     click.option("--factory", help="package.module:function that builds the module of a state_dict."),
     click.option("-c", "--config", "configs", multiple=True, type=click.Path(),
                  help="YAML config; repeat to layer them (later wins; flags win over all)."),
@@ -497,9 +498,7 @@ def preview(store: str, png_path: str | None, size: int) -> None:
 
 @cli.command("export")
 @click.argument("store", metavar="STORE", type=click.Path())
-@click.option(
-    "-o", "--output", required=True, type=click.Path(), help="TIFF file to write, e.g. OUT.tif."
-)
+@click.option("-o", "--output", required=True, type=click.Path(), help="TIFF file to write, e.g. OUT.tif.")
 @click.option("--as", "kind", type=click.Choice(["cog", "ome-tiff"]),
               help="Cloud-Optimized GeoTIFF (GIS) or OME-TIFF pyramid (QuPath, napari).  "
                    "[default: by the name: .ome.tif an OME-TIFF, .tif a COG]")  # fmt: skip

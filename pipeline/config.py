@@ -62,7 +62,8 @@ class InputConfig:
         _non_negative(self.series, "input.series")
         if not 0 <= self.resolution_tolerance < 0.5:
             raise ConfigError(
-                f"Expected a fraction in [0, 0.5) for 'input.resolution_tolerance'. Got {self.resolution_tolerance} instead."
+                "Expected a fraction in [0, 0.5) for 'input.resolution_tolerance'. "
+                f"Got {self.resolution_tolerance} instead."
             )
         if self.level is not None:
             _non_negative(self.level, "input.level")

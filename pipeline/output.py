@@ -105,10 +105,11 @@ def check_store_path(path: str) -> None:
 
     >>> check_store_path("maps/s1.zarr"), check_store_path("maps/s1")
     (None, None)
-    >>> check_store_path("s1.tif")
-    Traceback (most recent call last):
-    ...
-    pipeline.errors.ConfigError: s1.tif: fcnpipe run writes a Zarr store (a folder, e.g. s1.zarr), not a TIFF; run with -o s1.zarr, then fcnpipe export s1.zarr -o s1.tif
+    >>> try:
+    ...     check_store_path("s1.tif")
+    ... except ConfigError as err:
+    ...     print(str(err).split("; ")[1])
+    run with -o s1.zarr, then fcnpipe export s1.zarr -o s1.tif
     """
     name = os.path.basename(os.path.normpath(path))
     lower = name.lower()
