@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import pickle
 import zipfile
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,9 +48,63 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+MAX_CLASSES = 254
+"""Classes the uint8 label map can hold: 0-253 and 254, with 255 meaning no data."""
+
+
 def load_model(path: str | os.PathLike[str], factory: str | None = None) -> LoadedModel:
-    """Load any supported model file into an eval-mode module on the CPU (see the module doc)."""
+    """Load any supported model file into an eval-mode module on the CPU (see the module doc).
+
+    Whatever is wrong with the file (not a checkpoint, malformed, weights that do not fit, NaN or
+    infinite weights, more classes than the label map holds) is a ModelError naming it.
+    """
     path = os.fspath(path)
+    try:
+        loaded = _load(path, factory)
+    except ModelError:
+        raise
+    except Exception as err:  # torch.load and the archive readers fail on a damaged file in any way
+        raise ModelError(f"{path}: not a loadable model file ({type(err).__name__}: {_first_line(err)})") from err
+    _check_loaded(loaded)
+    return loaded
+
+
+def _check_loaded(loaded: LoadedModel) -> None:
+    """Refuse what would give meaningless maps: broken weights, too many classes, bad normalisation."""
+    path, spec = loaded.path, loaded.spec
+    bad = [name for name, tensor in _tensors(loaded.module) if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ModelError(
+            f"{path}: its weights hold NaN or infinite values ({', '.join(bad[:3])}); the checkpoint is broken"
+        )
+    if spec.num_classes > MAX_CLASSES:
+        raise ModelError(
+            f"{path}: has {spec.num_classes} classes, but the label map stores one class per pixel in uint8: "
+            f"at most {MAX_CLASSES} (255 is no data)"
+        )
+    if spec.num_classes < 1:
+        raise ModelError(f"{path}: has no output classes")
+    for what, value in (("micrometres per pixel", spec.mpp), ("ground sample distance", spec.gsd)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ModelError(f"{path}: its training resolution ({what}) is {value}; expected a positive number")
+    norm = spec.normalization
+    if norm.scale is not None and not (math.isfinite(norm.scale) and norm.scale > 0):
+        raise ModelError(f"{path}: its normalisation divides by {norm.scale}; expected a positive number")
+    if norm.std is not None and not all(math.isfinite(v) and v > 0 for v in norm.std):
+        raise ModelError(f"{path}: its normalisation std {list(norm.std)} is not all positive numbers")
+    if norm.mean is not None and not all(math.isfinite(v) for v in norm.mean):
+        raise ModelError(f"{path}: its normalisation mean {list(norm.mean)} is not all finite")
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The floating-point parameters and buffers of ``module`` (batch-norm counters are integers)."""
+    found = [*module.named_parameters(), *module.named_buffers()]
+    return [(name, tensor) for name, tensor in found if tensor.is_floating_point()]
+
+
+def _load(path: str, factory: str | None) -> LoadedModel:
+    if os.path.isdir(path):
+        raise ModelError(f"{path}: is a directory, not a model file")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file")
     if not zipfile.is_zipfile(path):
@@ -59,11 +115,12 @@ def load_model(path: str | os.PathLike[str], factory: str | None = None) -> Load
         return _load_torchscript(path)
     obj = _load_weights(path)
     if factory is not None:
-        return _load_with_factory(path, obj, factory)
+        return _load_with_factory(path, _state_dict(obj, path), factory)
     if obj.get("format") == CHECKPOINT_FORMAT:
         spec, state = _parse_checkpoint(obj, path)
+        state = _state_dict(state, path)
     else:
-        state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+        state = _state_dict({str(k).removeprefix("module."): v for k, v in obj.items()}, path)
         spec = _spec_from_state_dict(state, path)
     module = build_module(spec, path)
     try:
@@ -151,6 +208,19 @@ def _load_weights(path: str) -> dict[str, Any]:
     return obj
 
 
+def _state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    """``obj`` if it maps names to tensors, as a state_dict does; else a ModelError saying what it holds."""
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError(f"{path}: expected a state_dict (names of weights -> tensors), got {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(
+                f"{path}: is not a state_dict: {str(key)[:40]!r} holds a {type(value).__name__}, "
+                "not a tensor of weights"
+            )
+    return obj
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -203,6 +273,7 @@ def _parse_checkpoint(obj: dict[str, Any], path: str) -> tuple[ModelSpec, dict[s
             ),
             mpp=None if obj.get("mpp") is None else float(obj["mpp"]),
             gsd=None if obj.get("gsd") is None else float(obj["gsd"]),
+            input_dtype=None if obj.get("input_dtype") is None else str(np.dtype(str(obj["input_dtype"]))),
         )
         state = obj["state_dict"]
     except (KeyError, TypeError, ValueError, IndexError) as err:

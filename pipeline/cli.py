@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, FcnpipeError, Interrupted
+from pipeline.errors import WARNINGS, ConfigError, FcnpipeError, Interrupted
 from pipeline.progress import Progress
 
 INTERNAL_ERROR = 70
@@ -76,6 +76,36 @@ def cli(debug: bool) -> None:
     fcnpipe preview OUT.zarr                      the PNG again (input, classes over it, legend)
     fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (or --as ome-tiff for slide viewers)
     """
+    _route_warnings()
+
+
+class _WarningLines(logging.Handler):
+    """``fcnpipe: warning: MESSAGE`` on stderr for each :func:`pipeline.errors.warn`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"fcnpipe: warning: {record.getMessage()}", err=True)
+
+
+def _route_warnings() -> None:
+    """Our warnings to stderr as one line each (and, through the ``fcnpipe`` logger, to the log);
+    tifffile's own log records only to the log: the file's problem reaches the user once, as the
+    line fcnpipe writes about it, not as a library's message beside it."""
+    warnings = logging.getLogger(WARNINGS)
+    if not any(isinstance(h, _WarningLines) for h in warnings.handlers):
+        warnings.addHandler(_WarningLines(logging.WARNING))
+    library = logging.getLogger("tifffile")
+    library.propagate = False
+    if not library.handlers:
+        library.addHandler(_ToFcnpipeLog())
+
+
+class _ToFcnpipeLog(logging.Handler):
+    """Hands a library's records to the ``fcnpipe`` logger's handlers (the log file, if any)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger("fcnpipe").handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
@@ -144,6 +174,8 @@ _RUN_OPTIONS = [
     click.option("--colors", help="Class colours, e.g. '#000000,#3CB44B,#E6194B'."),
     click.option("--mean", help="Per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406."),
     click.option("--std", help="Per-channel std after the mean, e.g. 0.229,0.224,0.225."),
+    click.option("--allow-other-dtype", is_flag=True, default=None,
+                 help="Run a checkpoint on pixels of another type (e.g. uint16) than it was trained on (uint8)."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store."),
 ]  # fmt: skip
 """Options shared by run, plan and batch: declared once, like rasterio's ``rio/options.py``."""
@@ -172,6 +204,7 @@ def _load(configs: tuple[str, ...], input_path: str | None, output: str | None, 
         model__mean=_floats(flags["mean"], "--mean"),
         model__std=_floats(flags["std"], "--std"),
         model__tta=flags["tta"],
+        model__allow_other_dtype=flags["allow_other_dtype"],
         mask__mode=flags["mask_mode"],
         mask__threshold=flags["mask_threshold"],
         tiling__tile=flags["tile"],

@@ -9,6 +9,7 @@ first second of an overnight run rather than at 3 am. Only :mod:`pipeline.run` a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -29,14 +30,31 @@ Tta = Literal["none", "flips"]
 BlendMode = Literal["none", "gaussian", "cosine"]
 
 
-def _positive(value: int | None, key: str) -> None:
+def _positive(value: int | None, key: str, most: int = 2**20) -> None:
     if value is not None and value <= 0:
         raise ConfigError(f"Expected a positive integer for {key!r}. Got {value} instead.")
+    _at_most(value, key, most)
 
 
-def _non_negative(value: int, key: str) -> None:
+def _non_negative(value: int, key: str, most: int = 2**20) -> None:
     if value < 0:
         raise ConfigError(f"Expected a non-negative integer for {key!r}. Got {value} instead.")
+    _at_most(value, key, most)
+
+
+def _at_most(value: int | None, key: str, most: int) -> None:
+    """Every size is bounded: a mistyped 100000000000000000000 fails here, not after hours."""
+    if value is not None and value > most:
+        raise ConfigError(f"Expected at most {most} for {key!r}. Got {value} instead.")
+
+
+MAX_TILE = 8192
+"""Largest tile side: a 8192 x 8192 tile of 16 float32 classes is 4 GiB of probabilities alone."""
+
+
+def _finite_positive(value: float | None, key: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"Expected a positive number for {key!r}. Got {value} instead.")
 
 
 @dataclass(frozen=True)
@@ -59,17 +77,16 @@ class InputConfig:
     true scale. 0: always resample to the exact resolution."""
 
     def __post_init__(self) -> None:
-        _non_negative(self.series, "input.series")
+        _non_negative(self.series, "input.series", 100_000)
         if not 0 <= self.resolution_tolerance < 0.5:
             raise ConfigError(
                 "Expected a fraction in [0, 0.5) for 'input.resolution_tolerance'. "
                 f"Got {self.resolution_tolerance} instead."
             )
         if self.level is not None:
-            _non_negative(self.level, "input.level")
+            _non_negative(self.level, "input.level", 100)
         for key, value in (("input.mpp", self.mpp), ("input.gsd", self.gsd)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"Expected a positive number for {key!r}. Got {value} instead.")
+            _finite_positive(value, key)
         if self.level is not None and (self.mpp is not None or self.gsd is not None):
             raise ConfigError("Give input.level or input.mpp / input.gsd, not both: a level is read as it is")
 
@@ -91,11 +108,22 @@ class ModelConfig:
     """Colours of the classes as ``"#RRGGBB"``, in the same order; overrides the checkpoint's."""
     tta: Tta = "none"
     """Test-time augmentation: ``flips`` averages the predictions of the 4 flips of each tile."""
+    allow_other_dtype: bool = False
+    """Run a checkpoint on input of another pixel type than it was trained on (uint8 against
+    uint16, say). Refused by default: scaled by another maximum, the values mean something else
+    to the network, which then labels whole images one class without any other sign."""
 
     def __post_init__(self) -> None:
         for color in self.class_colors or ():
             if not re.fullmatch(r"#[0-9A-Fa-f]{6}", color):
                 raise ConfigError(f"Expected a colour like '#E6194B' in 'model.class_colors'. Got {color!r} instead.")
+        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
+            raise ConfigError(f"Expected finite numbers for 'model.mean'. Got {list(self.mean)} instead.")
+        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ConfigError(
+                "Expected positive numbers for 'model.std' (each channel is divided by it). "
+                f"Got {list(self.std)} instead."
+            )
 
 
 @dataclass(frozen=True)
@@ -120,14 +148,14 @@ class TilingConfig:
     """With a halo below the exact one: gaussian / cosine take a weighted mean of overlapping windows."""
 
     def __post_init__(self) -> None:
-        _positive(self.tile, "tiling.tile")
-        _positive(self.batch, "tiling.batch")
-        _positive(self.forward_batch, "tiling.forward_batch")
-        _positive(self.forward_tile, "tiling.forward_tile")
+        _positive(self.tile, "tiling.tile", MAX_TILE)
+        _positive(self.batch, "tiling.batch", 64)
+        _positive(self.forward_batch, "tiling.forward_batch", 256)
+        _positive(self.forward_tile, "tiling.forward_tile", MAX_TILE)
         if self.forward_tile is not None and self.blend != "none":
             raise ConfigError("tiling.forward_tile cannot be used with tiling.blend: blending weights whole windows")
         if self.halo is not None:
-            _non_negative(self.halo, "tiling.halo")
+            _non_negative(self.halo, "tiling.halo", MAX_TILE)
         if self.blend != "none" and self.halo is None:
             raise ConfigError(
                 f"tiling.blend {self.blend} needs tiling.halo: with the exact halo tiling is already exact"
@@ -190,8 +218,8 @@ class ComputeConfig:
     ``local-jobs`` (the same job script run as local processes: a cluster config tried on one machine)."""
 
     def __post_init__(self) -> None:
-        _positive(self.workers, "compute.workers")
-        _positive(self.torch_threads, "compute.torch_threads")
+        _positive(self.workers, "compute.workers", 4096)
+        _positive(self.torch_threads, "compute.torch_threads", 1024)
         if self.scheduler not in SCHEDULERS and "://" not in self.scheduler:
             raise ConfigError(
                 f"Expected one of {', '.join(SCHEDULERS)} or an address like tcp://host:8786 for "
@@ -240,8 +268,8 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         for key in ("cores", "processes", "maximum_jobs"):
-            _positive(getattr(self, key), f"cluster.{key}")
-        _non_negative(self.minimum_jobs, "cluster.minimum_jobs")
+            _positive(getattr(self, key), f"cluster.{key}", 100_000)
+        _non_negative(self.minimum_jobs, "cluster.minimum_jobs", 100_000)
         if self.minimum_jobs > self.maximum_jobs:
             raise ConfigError(
                 f"cluster.minimum_jobs ({self.minimum_jobs}) is above cluster.maximum_jobs ({self.maximum_jobs})"
@@ -276,6 +304,7 @@ BYTE_NEUTRAL: dict[str, str] = {
     "output.path": "where the store is, not what it holds",
     "output.overwrite": "whether an existing store may be replaced",
     "output.resume": "whether an existing store is continued",
+    "model.allow_other_dtype": "whether a run may start, not what it computes",
     "compute.workers": "tasks at once: each task's bytes do not depend on what else runs",
     "compute.torch_threads": "a resumed run takes the interrupted run's count (same bytes); a complete "
     "store made with another count holds the same probabilities to float rounding",
@@ -347,6 +376,10 @@ def read_yaml(file: str | os.PathLike[str]) -> dict[str, Any]:
             data = yaml.safe_load(fh)
     except OSError as err:
         raise ConfigError(f"{name}: cannot read config ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{name}: not a YAML config: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})"
+        ) from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{name}: not valid YAML ({' '.join(str(err).split())})") from err
     if data is None:

@@ -59,12 +59,11 @@ def describe_model(path: str | os.PathLike[str], factory: str | None = None) -> 
     the halo that makes tiled prediction equal a whole-image pass, and the alignment of tiles.
     """
     from pipeline.checkpoint import load_model
-    from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
+    from pipeline.receptive import halo_for, measure_tiling
 
     loaded = load_model(path, factory)
     spec = loaded.spec
-    stride = measure_stride(loaded.module, spec.in_channels)
-    radius = measure_receptive_radius(loaded.module, spec.in_channels, stride)
+    stride, radius = measure_tiling(loaded.module, spec.in_channels, loaded.path)
     norm = spec.normalization
     scale = "dtype maximum (255 for uint8, 65535 for uint16)" if norm.scale is None else f"{norm.scale:g}"
     parameters = sum(p.numel() for p in loaded.module.parameters())
@@ -87,4 +86,6 @@ def describe_model(path: str | os.PathLike[str], factory: str | None = None) -> 
         lines.append(f"trained at       {spec.mpp:g} micrometres per pixel")
     if spec.gsd is not None:
         lines.append(f"trained at       {spec.gsd:g} CRS units per pixel")
+    if spec.input_dtype is not None:
+        lines.append(f"trained on       {spec.input_dtype} pixels (a run on others is refused)")
     return lines

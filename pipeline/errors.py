@@ -44,3 +44,19 @@ class Interrupted(FcnpipeError):
 
     exit_code = 130
     label = "interrupted"
+
+
+_warned: set[str] = set()
+WARNINGS = "fcnpipe.warnings"
+"""The logger of :func:`warn`: the CLI prints its records as ``fcnpipe: warning: ...`` lines."""
+
+
+def warn(message: str) -> None:
+    """Tell the user, in one line naming the file or key, about something that was worked around
+    (a malformed tag ignored, a value out of range): logged under :data:`WARNINGS`, each message
+    once per process however often the file is opened."""
+    import logging
+
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger(WARNINGS).warning(message)

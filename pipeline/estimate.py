@@ -64,7 +64,7 @@ def estimate(plan: RunPlan) -> Estimate:
     sample = _sample(plan)
     job = make_job(plan, "", "estimate")
     set_torch_threads(plan.torch_threads)
-    predictor = Predictor(plan.model.module, select_device(plan.device), job.precision, job.tta)
+    predictor = Predictor(plan.model.module, select_device(plan.device), job.precision, job.tta, plan.model.path)
     before = reset_peak_rss()
     started = time.perf_counter()
     windows, _, _ = read_windows(job, sample)

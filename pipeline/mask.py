@@ -12,6 +12,8 @@ Foreground comes from one of three places (:func:`foreground_mask`):
   pixels the file says hold data, as :func:`pipeline.source.read_masked` reads them;
 - **tissue** (``"auto"`` on a 3-channel image that is not a GeoTIFF): HSV saturation above a
   threshold, Otsu's by default (:func:`tissue_pixels`): glass is grey or white, stained tissue is not;
+- **fluorescence** (``"auto"`` on an image that is not a GeoTIFF and whose background is dark, any
+  number of channels): brightness above a threshold, Otsu's by default (:func:`fluorescence_pixels`);
 - **a user mask** (a path): any TIFF or PNG whose nonzero pixels are foreground, of any size that
   covers the same extent as the image.
 
@@ -26,6 +28,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -287,7 +290,7 @@ def foreground_mask(
     ref = source.ref
     if ref.alpha or ref.nodata is not None or ref.mask_series is not None:
         return _nodata_mask(source, grid_shape, tile)
-    if source.georeference is not None or source.shape[0] != 3:
+    if source.georeference is not None:
         return None
     return _tissue_mask(source, grid_shape, tile, threshold)
 
@@ -324,23 +327,70 @@ def _nodata_mask(source: SourceInfo, grid_shape: tuple[int, int], tile: int) -> 
 def _tissue_mask(
     source: SourceInfo, grid_shape: tuple[int, int], tile: int, threshold: float | None
 ) -> ChunkMask | None:
+    """Tissue on a low-resolution level: by saturation on a bright background (brightfield), by
+    brightness on a dark one (fluorescence, any number of channels); None where neither applies
+    (a brightfield image that is not RGB, signed or float pixels of unknown range)."""
     level = choose_level([lv.shape for lv in source.levels], grid_shape, tile)
     if level is None:
         return None
     height, width = source.levels[level].shape
-    rgb = read_window(_level_ref(source, level), (0, height, 0, width))
+    image = read_window(_level_ref(source, level), (0, height, 0, width))
     # Finer than needed (a slide without a pyramid): average it down as a pyramid level would be.
     # Single pixels carry JPEG speckle and dust whose saturation would keep empty chunks.
     factor = int(pixels_per_chunk((height, width), grid_shape, tile) // TISSUE_PIXELS_PER_CHUNK)
     averaged = ""
     if factor > 1:
-        rgb = block_mean(rgb, factor)
+        image = block_mean(image, factor)
         averaged = f", averaged in {factor} x {factor} blocks"
-    tissue, used = tissue_pixels(rgb, threshold)
-    how = "given" if threshold is not None else ("Otsu, clamped" if used in SATURATION_CLAMP else "Otsu")
-    keep = chunk_mask_from_pixels(tissue, grid_shape, tile)
+    light = brightness(image, source.dtype)
     where = f"level {level} ({height} x {width} px{averaged})"
-    return ChunkMask(keep, f"tissue: saturation > {used:.3f} ({how}) on {where}")
+    if light is not None and float(np.median(light)) < DARK_BACKGROUND:
+        foreground, used = fluorescence_pixels(light, threshold)
+        kind, name = "fluorescence", "brightness"
+    elif image.shape[0] == 3:
+        foreground, used = tissue_pixels(image, threshold)
+        kind, name = "tissue", "saturation"
+    else:
+        return None
+    clamp = SATURATION_CLAMP if kind == "tissue" else BRIGHTNESS_CLAMP
+    how = "given" if threshold is not None else ("Otsu, clamped" if used in clamp else "Otsu")
+    keep = chunk_mask_from_pixels(foreground, grid_shape, tile)
+    return ChunkMask(keep, f"{kind}: {name} > {used:.3f} ({how}) on {where}")
+
+
+DARK_BACKGROUND = 0.35
+"""Median brightness below which an image is taken to have a dark background (fluorescence):
+brightfield glass is near white (0.9 and above) and stained tissue rarely below 0.5."""
+BRIGHTNESS_CLAMP = (0.02, 0.2)
+"""Bounds on an automatic (Otsu) brightness threshold on a dark background: at least 2% of the
+range (an all-dark image is all background, not split in sensor noise), at most 20% (a bright
+stain does not push dim tissue into the background)."""
+
+
+def brightness(image: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """``(Y, X)`` float32 brightest channel of a ``(C, Y, X)`` image, in [0, 1] of its dtype's range
+    (floats: of [0, max(1, their maximum)]); None for signed pixels, whose range says nothing.
+
+    >>> brightness(np.array([[[0, 255]], [[51, 0]]], np.uint8), np.dtype("uint8")).astype(float).round(2).tolist()
+    [[0.2, 1.0]]
+    """
+    if np.issubdtype(dtype, np.unsignedinteger):
+        top = float(np.iinfo(dtype).max)
+    elif np.issubdtype(dtype, np.floating):
+        top = max(1.0, float(np.nanmax(image)) if image.size else 1.0)
+    else:
+        return None
+    light: np.ndarray = np.clip(np.nan_to_num((image.max(axis=0) / top).astype(np.float32)), 0.0, 1.0)
+    return light
+
+
+def fluorescence_pixels(light: np.ndarray, threshold: float | None) -> tuple[np.ndarray, float]:
+    """Foreground of a dark-background image: brightness above ``threshold``, else above Otsu's
+    threshold clamped into :data:`BRIGHTNESS_CLAMP`; and the threshold used."""
+    if threshold is None:
+        low, high = BRIGHTNESS_CLAMP
+        threshold = float(np.clip(otsu_threshold(light), low, high))
+    return light > threshold, float(threshold)
 
 
 def user_mask(path: str | os.PathLike[str], grid_shape: tuple[int, int], tile: int) -> ChunkMask:

@@ -107,6 +107,9 @@ class ModelSpec:
     """Micrometres per pixel of the training images (slides), if known."""
     gsd: float | None = None
     """Ground sample distance of the training images (rasters, CRS units per pixel), if known."""
+    input_dtype: str | None = None
+    """The pixel type of the training images (``uint8``, ``uint16``, ...), if known: the value range
+    the network learnt, with the normalisation, to expect. A run on another refuses by default."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +123,7 @@ class ModelSpec:
             "normalization": self.normalization.to_dict(),
             "mpp": self.mpp,
             "gsd": self.gsd,
+            "input_dtype": self.input_dtype,
         }
 
 
@@ -329,7 +333,11 @@ class Predictor:
     the convolutions through oneDNN, ReLUs fused in, where it can (:func:`fuse_for_cpu`).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device, precision: str = "float32", tta: bool = False) -> None:
+    def __init__(
+        self, module: nn.Module, device: torch.device, precision: str = "float32", tta: bool = False, name: str = ""
+    ) -> None:
+        self.name = name or "the network"
+        """What error messages call the network: its model file."""
         if precision != "float32" and device.type != "cuda":
             raise ModelError(f"precision {precision} needs a CUDA device (on {device.type} it is slower); use float32")
         if device.type == "cpu":
@@ -344,9 +352,20 @@ class Predictor:
             self.module = fuse_for_cpu(self.module) or self.module
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 class probabilities."""
+        """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 class probabilities.
+
+        Probabilities that are not finite (weights or inputs that overflow) are a ModelError: they
+        must never be stored as if they were a map.
+        """
         with torch.inference_mode():
-            out: np.ndarray = self._probabilities(batch).cpu().numpy()
+            probs = self._probabilities(batch)
+            if not bool(torch.isfinite(probs).all()):
+                bad = int((~torch.isfinite(probs)).sum())
+                raise ModelError(
+                    f"{self.name}: the network returned NaN or infinite probabilities ({bad} of {probs.numel()} "
+                    "values of a forward pass); its weights or the input's normalisation (--mean, --std) are broken"
+                )
+            out: np.ndarray = probs.cpu().numpy()
             return out
 
     def _probabilities(self, batch: np.ndarray) -> torch.Tensor:

@@ -90,7 +90,8 @@ def predictor_for(job: Job) -> Predictor:
         if _key(job) not in _predictors:
             set_torch_threads(job.torch_threads)
             loaded = load_model(job.model_path, job.model_factory)
-            _predictors[_key(job)] = Predictor(loaded.module, select_device(job.device), job.precision, job.tta)
+            device = select_device(job.device)
+            _predictors[_key(job)] = Predictor(loaded.module, device, job.precision, job.tta, job.model_path)
         return _predictors[_key(job)]
 
 
@@ -103,7 +104,8 @@ def adopt_model(job: Job, module: Any) -> None:
     with _predictors_lock:
         if _key(job) not in _predictors:
             set_torch_threads(job.torch_threads)
-            _predictors[_key(job)] = Predictor(module, select_device(job.device), job.precision, job.tta)
+            device = select_device(job.device)
+            _predictors[_key(job)] = Predictor(module, device, job.precision, job.tta, job.model_path)
 
 
 def normalize(

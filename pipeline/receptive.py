@@ -107,6 +107,16 @@ def measure_receptive_radius(module: nn.Module, in_channels: int, stride: int, m
     return max(_per_axis(module, in_channels, stride, max_radius, _phase_extent))
 
 
+def measure_tiling(module: nn.Module, in_channels: int, path: str) -> tuple[int, int]:
+    """``(stride, receptive radius)`` of the network in the model file ``path``; a network that cannot
+    be measured is a ModelError naming the file."""
+    try:
+        stride = measure_stride(module, in_channels)
+        return stride, measure_receptive_radius(module, in_channels, stride)
+    except ModelError as err:
+        raise ModelError(f"{path}: {err}") from err
+
+
 def measure_halo(module: nn.Module, in_channels: int, stride: int, max_radius: int = 512) -> int:
     """The smallest halo, a multiple of ``stride``, that makes tiling with stride-aligned tiles exact.
 

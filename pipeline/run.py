@@ -20,7 +20,7 @@ from pipeline.blend import Blend, check_blend, predict_blended
 from pipeline.checkpoint import load_model
 from pipeline.cluster import THREADS, Engine
 from pipeline.config import RunConfig, TilingConfig
-from pipeline.errors import ConfigError, ModelError, SourceError
+from pipeline.errors import ConfigError, ModelError, SourceError, warn
 from pipeline.estimate import peak_rss_mib
 from pipeline.lock import store_lock
 from pipeline.mask import ChunkMask, foreground_mask
@@ -66,7 +66,7 @@ from pipeline.predict import (
     task_groups,
 )
 from pipeline.pyramid import level_shapes
-from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
+from pipeline.receptive import halo_for, measure_tiling
 from pipeline.resample import Grid, choose_grid
 from pipeline.resume import (
     MARK_BEHIND,
@@ -307,8 +307,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
             "half precision on a CPU is many times slower; use float32"
         )
     workers, threads = engine.plan_threads(config.compute.workers, config.compute.torch_threads, device_type)
-    stride = measure_stride(model.module, model.spec.in_channels)
-    radius = measure_receptive_radius(model.module, model.spec.in_channels, stride)
+    stride, radius = measure_tiling(model.module, model.spec.in_channels, model.path)
     exact_halo = halo_for(radius, stride)
     halo, blend = exact_halo, None
     if config.tiling.halo is not None:
@@ -319,6 +318,12 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
     tiles = plan_tiles(height, width, config.tiling.tile, halo, stride)
     forward_tile = forward_tile_for(config.tiling, model, halo, stride, device_type, blended=blend is not None)
     mask = foreground_mask(config.mask.mode, source, grid.shape, config.tiling.tile, config.mask.threshold)
+    if mask is not None and not mask.keep.any():
+        warn(
+            f"{source.path}: the mask finds no foreground in any of its {mask.keep.size} chunks ({mask.method}): "
+            "nothing will be computed and the store will hold no data; pass --mask none to compute every chunk"
+            + (", or a lower --mask-threshold" if mask.method.startswith(("tissue", "fluorescence")) else "")
+        )
     levels = level_shapes(height, width)
     prints = fingerprint(config, source, model.sha256)
     resume: Resume | None = None
@@ -371,6 +376,12 @@ def _check_fit(config: RunConfig, source: SourceInfo, model: LoadedModel) -> Non
     for name, values in (("model.mean", config.model.mean), ("model.std", config.model.std)):
         if values is not None and len(values) != channels:
             raise ConfigError(f"{name} has {len(values)} values but the input has {channels} channels")
+    trained = model.spec.input_dtype
+    if trained is not None and trained != str(source.dtype) and not config.model.allow_other_dtype:
+        raise ModelError(
+            f"{source.path}: has {source.dtype} pixels but the model {model.path} was trained on {trained}: its "
+            "values would mean something else to it; convert the image, or pass --allow-other-dtype to run anyway"
+        )
     georef = source.georeference
     if georef is not None and georef.transform is not None and not georef.north_up:
         raise SourceError(

@@ -13,6 +13,7 @@ are read at index 0. An alpha band (TIFF ExtraSamples = associated/unassociated 
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -23,7 +24,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, warn
 from pipeline.georef import Georeference, from_geokeys, ome_mpp, resolution_mpp, svs_mpp
 from pipeline.tiling import cells_under
 
@@ -116,14 +117,8 @@ def open_source(path: str | os.PathLike[str], series: int = 0, level: int = 0) -
             return _describe(tif, path, file_size, series, level)
     except SourceError:
         raise
-    except (tifffile.TiffFileError, ValueError, KeyError, IndexError, OSError, struct_error()) as err:
+    except Exception as err:  # tifffile meets malformed files with errors of every kind
         raise SourceError(f"{path}: not a readable TIFF ({one_line(err)})") from err
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
 
 
 def _check_file(path: str) -> int:
@@ -178,11 +173,12 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
     )
     height, width = levels[level].shape
     downsample = levels[level].downsample
-    mpp0 = _microns_per_pixel(tif, chosen.levels[0].keyframe)
+    mpp0 = _microns_per_pixel(tif, chosen.levels[0].keyframe, path)
     georeference = None
     if tif.is_geotiff:
         level0_height = chosen.levels[0].shape[chosen.levels[0].axes.index("Y")]
-        georeference = from_geokeys(tif.geotiff_metadata or {}).scaled(downsample, level0_height / height)
+        georeference = _georeference(tif, path)
+        georeference = None if georeference is None else georeference.scaled(downsample, level0_height / height)
     nodata_tag = page.tags.get(GDAL_NODATA)
     return SourceInfo(
         ref=SourceRef(
@@ -193,7 +189,7 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
             channel_axis=channel_axes[0] if channel_axes else None,
             channels=channels,
             alpha=alpha,
-            nodata=_parse_nodata(nodata_tag.value if nodata_tag else None),
+            nodata=_parse_nodata(nodata_tag.value if nodata_tag else None, np.dtype(lvl.dtype), path),
             mask_series=_mask_series(tif, series, level, (height, width)),
         ),
         shape=(channels, height, width),
@@ -222,11 +218,57 @@ def _mask_series(tif: tifffile.TiffFile, series: int, level: int, shape: tuple[i
     return None
 
 
-def _parse_nodata(text: str | None) -> float | None:
-    try:
-        return None if text is None else float(str(text).strip().strip("\x00"))
-    except ValueError:
+def _parse_nodata(text: object, dtype: np.dtype[Any], path: str) -> float | None:
+    """The GDAL_NODATA tag as a pixel value, or None (with a warning naming the file and the tag)
+    when it is not a number or no pixel of ``dtype`` can hold it: the file is read without no-data."""
+    if text is None:
         return None
+    shown = repr(str(text).strip().strip("\x00"))[:40]
+    try:
+        value = float(str(text).strip().strip("\x00"))
+    except ValueError:
+        warn(f"{path}: its GDAL_NODATA tag {shown} is not a number; ignored (every pixel is read as data)")
+        return None
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if not math.isfinite(value) or value != math.floor(value) or not info.min <= value <= info.max:
+            warn(
+                f"{path}: its GDAL_NODATA tag {shown} does not fit its {dtype} pixels "
+                f"({info.min} to {info.max}); ignored (every pixel is read as data)"
+            )
+            return None
+    return value
+
+
+def _georeference(tif: tifffile.TiffFile, path: str) -> Georeference | None:
+    """The file's GeoTIFF georeference, or None (with a warning) when its tags cannot be used:
+    unreadable geokeys, or a transform that is not finite or maps pixels onto a line."""
+    try:
+        georeference = from_geokeys(tif.geotiff_metadata or {})
+    except Exception as err:  # tifffile's geokey parser meets any kind of malformed tag
+        warn(f"{path}: its GeoTIFF tags cannot be read ({one_line(err)}); read without a georeference")
+        return None
+    transform = georeference.transform
+    if transform is not None:
+        a, b, _, d, e, _ = transform
+        if not all(math.isfinite(v) for v in transform) or a * e - b * d == 0:
+            warn(f"{path}: its GeoTIFF transform {transform} is not usable; read without a georeference")
+            return None
+    return georeference
+
+
+def _checked_mpp(value: float | None, path: str, what: str) -> float | None:
+    """A micrometres-per-pixel value a scanner could have written, else None with a warning."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or not MPP_RANGE[0] < value < MPP_RANGE[1]:
+        warn(f"{path}: its {what} says {value:g} micrometres per pixel, which is no pixel size; ignored")
+        return None
+    return value
+
+
+MPP_RANGE = (1e-4, 1e6)
+"""Micrometres per pixel a file may say, exclusive: from a tenth of a nanometre to a metre."""
 
 
 def _check_decodable(page: Any, path: str) -> None:
@@ -255,20 +297,25 @@ def _check_not_truncated(level: Any, path: str, file_size: int) -> None:
             )
 
 
-def _microns_per_pixel(tif: tifffile.TiffFile, page: Any) -> float | None:
-    """Level-0 micrometres per pixel from SVS, OME or TIFF resolution tags, else None."""
-    if tif.is_svs:
-        return svs_mpp(str(tif.pages[0].description))
-    if tif.is_ome and tif.ome_metadata:
-        return ome_mpp(tif.ome_metadata)
-    if tif.is_geotiff:
+def _microns_per_pixel(tif: tifffile.TiffFile, page: Any, path: str) -> float | None:
+    """Level-0 micrometres per pixel from SVS, OME or TIFF resolution tags, else None; a malformed
+    or impossible value is ignored with a warning naming the file and the tag."""
+    try:
+        if tif.is_svs:
+            return _checked_mpp(svs_mpp(str(tif.pages[0].description)), path, "Aperio MPP")
+        if tif.is_ome and tif.ome_metadata:
+            return _checked_mpp(ome_mpp(tif.ome_metadata), path, "OME PhysicalSizeX")
+        if tif.is_geotiff:
+            return None
+        unit = page.tags.get("ResolutionUnit")
+        res = page.tags.get("XResolution")
+        per_unit = (
+            None if unit is None else {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}.get(unit.value)
+        )
+        return _checked_mpp(resolution_mpp(None if res is None else res.value, per_unit), path, "XResolution tag")
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, IndexError) as err:
+        warn(f"{path}: its resolution metadata cannot be read ({one_line(err)}); ignored")
         return None
-    unit = page.tags.get("ResolutionUnit")
-    res = page.tags.get("XResolution")
-    per_unit = (
-        None if unit is None else {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}.get(unit.value)
-    )
-    return resolution_mpp(None if res is None else res.value, per_unit)
 
 
 def one_line(err: BaseException) -> str:
@@ -351,6 +398,8 @@ class _TiledLevel:
         self.tif = tif
         self.decode = page.decode
         self.tables = page.jpegtables
+        self.header = page.jpegheader
+        """The JPEG header an NDPI strip's restart-marker tiles are decoded with (else None)."""
         self.offsets, self.counts = page.dataoffsets, page.databytecounts
         self.tile = (page.tilelength, page.tilewidth)
         self.across = -(-page.imagewidth // page.tilewidth)
@@ -402,7 +451,7 @@ class _TiledLevel:
         data = os.pread(self.fd, count, int(self.offsets[index]))
         if len(data) < count:
             raise SourceError(f"tile {index} ends past the end of the file")
-        decoded = self.decode(data, index, jpegtables=self.tables)[0]
+        decoded = self.decode(data, index, jpegtables=self.tables, jpegheader=self.header)[0]
         tile: np.ndarray = decoded.reshape(*self.tile, self.samples)
         if key is not None:
             TILE_CACHE.put(key, tile, tile.nbytes)
@@ -460,7 +509,8 @@ def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
 def read_masked(ref: SourceRef, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`read_window`, and where the source has data: ``(Y, X)`` bool, or None if everywhere.
 
-    No data means alpha 0, 0 in a GDAL internal mask, or every channel equal to GDAL_NODATA.
+    No data means alpha 0, 0 in a GDAL internal mask, every channel equal to GDAL_NODATA, or a
+    non-finite value (NaN, infinity) in any channel of a float image, which is returned as 0.
     """
     data = _read(ref, box)
     valid = None
@@ -470,10 +520,16 @@ def read_masked(ref: SourceRef, box: tuple[int, int, int, int]) -> tuple[np.ndar
         mask_ref = SourceRef(ref.path, ref.mask_series, ref.level, "YX", None, 1)
         in_mask = _read(mask_ref, box)[0] != 0
         valid = in_mask if valid is None else valid & in_mask
-    if ref.nodata is not None:
+    if ref.nodata is not None and not math.isnan(ref.nodata):  # NaN: below, with every non-finite value
         has_data = (data[: ref.channels] != np.asarray(ref.nodata, dtype=data.dtype)).any(axis=0)
         valid = has_data if valid is None else valid & has_data
-    return data[: ref.channels], valid
+    kept = data[: ref.channels]
+    if np.issubdtype(kept.dtype, np.floating):
+        finite = np.isfinite(kept).all(axis=0)
+        if not finite.all():  # no data, and zeros for the network: a NaN would spread over its receptive field
+            kept[:, ~finite] = 0
+            valid = finite if valid is None else valid & finite
+    return kept, valid
 
 
 def _read(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:

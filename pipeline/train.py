@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -131,7 +131,9 @@ def train_from_tiffs(
         sample = sampling.draw(pairs, "train", _CLASS_SAMPLE, patch, stride, np.random.default_rng([seed, 2]))
         counts = sampling.label_counts(sample, len(class_names) if class_names else None)
         classes = sampling.name_classes(class_names, class_colors, counts)
+        dtypes = {str(image.dtype) for image, _ in infos}
         spec = _spec(architecture, arguments, in_channels, classes, mpp or infos[0][0].mpp)
+        spec = replace(spec, input_dtype=dtypes.pop() if len(dtypes) == 1 else None)  # what a run checks
         weights = sampling.loss_weights(counts, spec.num_classes, class_weights, absent=sampling.MAX_CLASS_WEIGHT)
         val_picks = sampling.draw(pairs, "val", val_patches, patch, stride, np.random.default_rng([seed, 1]))
         val_set = [sampling.read_patch(pair, box, spec.num_classes) for pair, box in val_picks]
