@@ -197,6 +197,8 @@ def _load_weights(path: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not objects refused: bytes that are no pickle at all
+            raise ModelError(f"{path}: not a PyTorch checkpoint (its data is damaged: not a pickle)") from err
         raise ModelError(
             f"{path}: refused: the file holds pickled Python objects, not only weights; "
             "save model.state_dict() or an fcnpipe checkpoint instead"

@@ -448,6 +448,14 @@ def _summary(result: Any) -> list[str]:
         f"chunks {result.tiles_computed} computed, {result.tiles_masked} skipped without foreground "
         f"({result.skipped_fraction:.0%}), {result.tiles_resumed} from earlier runs; "
         f"peak memory {result.peak_rss_mib:.0f} MiB",
+        *(
+            [
+                f"nodata {result.nodata_pixels:,} px of the computed chunks hold no data (alpha 0, GDAL_NODATA, "
+                "NaN or infinite values): probabilities NaN / 255, label 255"
+            ]
+            if result.nodata_pixels
+            else []
+        ),
     ]
 
 

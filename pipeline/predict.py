@@ -216,6 +216,13 @@ class TaskStats:
     """The network, softmax, argmax and quantising (:func:`predict_tiles`)."""
     write_s: float
     """Compressing and writing the chunks (pyramid level 1 included)."""
+    nodata_pixels: int = 0
+    """Pixels of the cores written as no data (alpha 0, GDAL_NODATA, non-finite values...)."""
+
+
+def nodata_pixels(results: Sequence[Any]) -> int:
+    """Pixels written as no data, summed over the :class:`TaskStats` in ``results``."""
+    return sum(r.nodata_pixels for r in results if isinstance(r, TaskStats))
 
 
 def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
@@ -243,12 +250,14 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
     predict_s = time.perf_counter() - started
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     written: list[str] = []
+    nodata = 0
     for tile, stored, core_labels in cores:
         if valid is not None:
             y0, y1, x0, x1 = tile.core
             empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
             stored[:, empty] = nodata_value(stored.dtype)
             core_labels[empty] = NODATA_LABEL
+            nodata += int(np.count_nonzero(empty))
         write_stored(job.output, 0, tile.core, stored, core_labels)
         if name is not None:
             written += chunk_files(job.output, 0, tile.core)
@@ -262,7 +271,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
         (MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
     total_s = time.perf_counter() - task_started
     pixels = sum(t.core_pixels for t in tiles)
-    return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s)
+    return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s, nodata)
 
 
 def write_level1(

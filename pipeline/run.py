@@ -62,6 +62,7 @@ from pipeline.predict import (
     build_tasks,
     compute_results,
     compute_tasks,
+    nodata_pixels,
     stage_seconds,
     task_groups,
 )
@@ -265,6 +266,8 @@ class RunResult:
     """Chunks without foreground, not computed."""
     tiles_resumed: int = 0
     """Chunks written by earlier, interrupted runs."""
+    nodata_pixels: int = 0
+    """Pixels of the computed chunks that hold no data (alpha 0, GDAL_NODATA, non-finite values)."""
     peak_rss_mib: float = 0.0
 
     @property
@@ -424,6 +427,8 @@ class Writing:
         self._compute_s = 0.0
         self._locked = False
         self.stages: dict[str, float] = {}
+        self.nodata_pixels = 0
+        """Pixels written as no data by this run's level-0 tasks."""
         """Seconds per stage summed over the level-0 tasks (see :class:`pipeline.predict.TaskStats`)."""
 
     def __enter__(self) -> Writing:
@@ -476,6 +481,7 @@ class Writing:
         if plan.blend is None:
             results = compute_results(self.tasks(), plan.workers, on_progress, plan.engine, plan.gpu)
             self.stages = stage_seconds(results)
+            self.nodata_pixels = nodata_pixels(results)
         else:  # blended tiles overlap: a resumed blended run computes every tile again
             kept = [tile for tile in plan.tiles if plan.kept(tile)]
             predict_blended(
@@ -507,7 +513,7 @@ class Writing:
         final = mark_complete(self.path, self.record, timings)
         clear_state(self.path)
         log.info("%s: complete in %.1f s", self.path, total_s)
-        return _result(plan, self.path, total_s, final, "done")
+        return _result(plan, self.path, total_s, final, "done", self.nodata_pixels)
 
 
 def _create(plan: RunPlan, out_path: str, token: str) -> dict[str, Any]:
@@ -574,11 +580,13 @@ def make_job(plan: RunPlan, out_path: str, token: str) -> Job:
     )
 
 
-def _result(plan: RunPlan, out_path: str, seconds: float, record: dict[str, Any], status: str) -> RunResult:
+def _result(
+    plan: RunPlan, out_path: str, seconds: float, record: dict[str, Any], status: str, nodata: int = 0
+) -> RunResult:
     return RunResult(
         out_path, plan.output_shape, plan.megapixels, seconds, record, status=status,
         tiles=len(plan.tiles), tiles_computed=plan.tiles_to_compute, tiles_masked=plan.tiles_masked,
-        tiles_resumed=plan.tiles_done, peak_rss_mib=peak_rss_mib(),
+        tiles_resumed=plan.tiles_done, nodata_pixels=nodata, peak_rss_mib=peak_rss_mib(),
     )  # fmt: skip
 
 
