@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,8 @@ class Engine:
 
 THREADS = Engine()
 _LOST = ("FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError")
-"""What a client raises when its scheduler goes away."""
+"""What a client raises when its scheduler, or a worker it talks to through it, goes away."""
+RETRIES = 5
 
 
 class DistributedEngine(Engine):
@@ -133,11 +135,12 @@ class DistributedEngine(Engine):
             return (workers or 1, torch_threads or 1)
         threads = sum(w["nthreads"] for w in info.values())
         if torch_threads is None and device_type == "cpu":
-            cores = self.client.run(available_cores)
+            cores = self._retrying(lambda: self.client.run(available_cores, on_error="ignore"), "count cores")
             per_host: dict[str, int] = {}
             for worker in info.values():
                 per_host[worker["host"]] = per_host.get(worker["host"], 0) + worker["nthreads"]
-            torch_threads = max(1, min(cores[a] // per_host[w["host"]] for a, w in info.items() if a in cores))
+            fits = [cores[a] // per_host[w["host"]] for a, w in info.items() if a in cores]
+            torch_threads = max(1, min(fits)) if fits else 1  # no answer: every worker went away meanwhile
         return threads, torch_threads or 1
 
     def describe(self, workers: int, torch_threads: int) -> str:
@@ -153,7 +156,29 @@ class DistributedEngine(Engine):
         name = f"fcnpipe-model-{job.model_sha256[:16]}-{job.device}-{job.precision}-{job.tta}-{job.torch_threads}"
         from pipeline.worker import ModelPlugin
 
-        self.client.register_plugin(ModelPlugin(job, data), name=name)
+        plugin = ModelPlugin(job, data)
+        self._retrying(lambda: self.client.register_plugin(plugin, name=name), "install the model on the workers")
+
+    def _retrying(self, call: Callable[[], Any], what: str) -> Any:
+        """``call()``, again after a worker died under it (its connection closed mid-call).
+
+        The scheduler keeps a worker plugin once it is registered and gives it to every worker that
+        joins, so registering again reaches the workers that are left; a run needs only one.
+        """
+        for attempt in range(RETRIES):
+            try:
+                return call()
+            except Exception as err:
+                if type(err).__name__ not in _LOST and not isinstance(err, OSError):
+                    raise
+                if self.client.status != "running" or attempt == RETRIES - 1:
+                    raise ClusterError(
+                        f"lost the Dask scheduler {self.name} while trying to {what} ({type(err).__name__}); "
+                        "run the same command again (with --resume if the store was started)"
+                    ) from err
+                log.info("a worker went away while trying to %s (%s); trying again", what, type(err).__name__)
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def run(self, tasks: Sequence[Any], workers: int, on_done: OnDone | None = None, gpu: bool = False) -> list[Any]:
         from distributed import as_completed

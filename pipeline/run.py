@@ -496,6 +496,8 @@ class Writing:
         started = time.perf_counter()
         MARK_BEHIND.wait()  # no marker may land after the store is marked complete
         first = 2 if self.job.level1 else 1
+        if len(plan.levels) > first:
+            log.info("%s: level 0 done; making pyramid levels %d-%d", self.path, first, len(plan.levels) - 1)
         for level, (height, width) in enumerate(plan.levels[first:], start=first):
             tiles = plan_tiles(height, width, cfg.tiling.tile, halo=0)
             compute_tasks(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,12 @@ class Cluster:
         while not self.file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.address = json.loads(self.file.read_text())["address"]
+        self.folders = [folder / f"worker{i}" for i in range(workers)]
         self.workers = [
-            self._start("dask_worker", "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", "--no-dashboard")
-            for _ in range(workers)
-        ]
+            self._start("dask_worker", "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", "--no-dashboard",
+                        "--local-directory", str(local))
+            for local in self.folders
+        ]  # fmt: skip
         self.wait_for(workers)
 
     def _start(self, program: str, *args: str) -> subprocess.Popen[bytes]:
@@ -165,3 +168,66 @@ def test_a_lost_scheduler_leaves_a_store_that_resume_completes(
     resumed = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_bytes(local, store)
+
+
+def _moment(moment: str, cluster: Cluster, store: Path, seed: int) -> Callable[[], int | None]:
+    """When to kill: a function that answers the worker to kill once ``moment`` has come, else None."""
+    log, markers = store.with_suffix(".log"), store / STATE_DIR / "done"
+    victim = seed % 2
+
+    def logged(text: str) -> int | None:
+        return victim if log.exists() and text in log.read_text() else None
+
+    def installing() -> int | None:  # the worker whose plugin is writing the model file
+        return next((i for i, folder in enumerate(cluster.folders) if any(folder.rglob("fcnpipe-model-*"))), None)
+
+    def computing() -> int | None:
+        return victim if markers.exists() and len(os.listdir(markers)) >= 3 + seed % 25 else None
+
+    triggers: dict[str, Callable[[], int | None]] = {
+        "start": lambda: victim,
+        "planned": lambda: logged("dashboard"),  # the plan's compute line: connected, nothing installed yet
+        "installing": installing,
+        "computing": computing,
+        "pyramid": lambda: logged("making pyramid levels"),
+    }
+    return triggers[moment]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_at_any_moment_of_the_run_leaves_the_local_bytes(
+    slide: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """SIGKILL of one of two workers at each moment of a run, start-up included: as the run starts,
+    once its plan is printed, while the model is installed on the workers, mid-compute, during the
+    pyramid. Each run completes with the bytes of a local run."""
+    image, model, local = slide
+    rng = random.Random(23)
+    survived = []
+    for moment in ("start", "planned", "installing", "computing", "pyramid"):
+        folder = tmp_path / moment
+        folder.mkdir()
+        cluster = Cluster(folder, workers=2)
+        try:
+            store = folder / "remote.zarr"
+            args = ["run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address]
+            run = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", *map(str, args)], stderr=subprocess.PIPE, text=True
+            )
+            trigger = _moment(moment, cluster, store, rng.randrange(1000))
+            deadline, victim = time.monotonic() + 120, None
+            while victim is None and time.monotonic() < deadline and run.poll() is None:
+                victim = trigger()
+                time.sleep(0.002)
+            if victim is not None:
+                cluster.workers[victim].send_signal(signal.SIGKILL)
+            _, stderr = run.communicate(timeout=300)
+            assert run.returncode == 0, f"worker killed at {moment}: {stderr}"
+            assert_same_bytes(local, store)
+            assert not list(store.rglob("*.partial"))
+            if victim is not None and cluster.workers[victim].wait() == -signal.SIGKILL:
+                survived.append(moment)
+        finally:
+            cluster.stop()
+    print(f"killed a worker at: {', '.join(survived)} (each run complete, with the local bytes)")
+    assert survived == ["start", "planned", "installing", "computing", "pyramid"]
