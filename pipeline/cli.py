@@ -578,8 +578,9 @@ def inspect(input_path: str) -> None:
               help="Folder for the synthetic slide, the model, the store and the preview.")  # fmt: skip
 @click.option("--size", default=8192, show_default=True, help="Slide width and height in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the slide and the training.")
-@click.option("--train-seconds", default=45.0, show_default=True, help="Training time budget.")
-def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
+@click.option("--train-steps", default=300, show_default=True, type=click.IntRange(min=1),
+              help="Steps of 8 training patches: a fixed amount, so every machine trains the same model.")  # fmt: skip
+def demo(workdir: str, size: int, seed: int, train_steps: int) -> None:
     """The whole job on a synthetic slide: make it, train the reference FCN, run, score, preview.
 
     Makes a tiled, JPEG-compressed, pyramidal slide-like TIFF with a ground-truth mask, trains the
@@ -594,12 +595,14 @@ def demo(workdir: str, size: int, seed: int, train_seconds: float) -> None:
         size=size,
         seed=seed,
         progress=True,
-        train_seconds=train_seconds,
+        train_steps=train_steps,
         log=lambda line: click.echo(line, err=True),
     )
     for name, iou in result.ious.items():
         click.echo(f"IoU {name:<12} {iou:.3f}")
     click.echo(f"mean IoU {result.mean_iou:.3f}")
+    click.echo(f"model    {result.model_path} sha256 {result.model_sha256}")
+    click.echo(f"trained  {result.timings.get('train', 0.0):.0f} s ({train_steps} steps)")
     click.echo(f"store    {result.store_path}")
     click.echo(f"preview  {result.preview_path}")
     click.echo(f"took     {time.perf_counter() - started:.0f} s")

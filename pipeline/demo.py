@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
+from pipeline.checkpoint import file_sha256
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.model import REFERENCE_FCN
@@ -37,10 +38,12 @@ PATCH = 128
 BATCH = 8
 EPOCHS = 5
 VAL_FRACTION = 0.25
-PATCHES_PER_SECOND = 60.0
-"""Training throughput assumed when sizing epochs for a time budget, about that of two free CPU
-cores. On a slower or busier machine the budget ends training in an earlier epoch (the learning
-rate follows the clock, so the result is still a finished fit); on a faster one it ends early."""
+TRAIN_STEPS = 300
+"""Steps of ``BATCH`` patches the demo trains for: a fixed amount of work, not of time, so that the
+same code gives the same checkpoint on any machine however busy it is."""
+TRAIN_THREADS = 2
+"""Torch threads of the demo's training, whatever the machine has: the sums inside a convolution's
+backward pass are split by thread, and another split rounds differently in the last bit."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class DemoResult:
     """Seconds per step: ``synthesize``, ``train``, ``predict``, ``score``, ``preview``."""
     training: TrainResult | None = None
     """Per-epoch losses and validation IoU of the training."""
+    model_sha256: str = ""
+    """Of the checkpoint: the same on every run of the same code and seed."""
 
 
 def run_demo(
@@ -65,17 +70,17 @@ def run_demo(
     size: int = 8192,
     seed: int = 0,
     progress: bool = True,
-    train_seconds: float = 45.0,
     log: Callable[[str], None] | None = None,
-    train_steps: int | None = None,
+    train_steps: int = TRAIN_STEPS,
 ) -> DemoResult:
     """Synthesize a ``size x size`` slide in ``workdir``, train, run the pipeline, score, preview.
 
     ``progress`` shows tqdm bars for training and prediction (on a terminal only); ``log`` receives
-    one line as each step starts and each training epoch ends. ``train_steps`` fixes the amount of
-    training at that many steps of ``BATCH`` patches (reproducible, for tests; see
-    :func:`training_schedule`); ``train_seconds`` caps it in any case. Files in ``workdir`` from an
-    earlier demo are replaced.
+    one line as each step starts and each training epoch ends. Training is ``train_steps`` steps of
+    ``BATCH`` patches on :data:`TRAIN_THREADS` threads, seeded by ``seed``: the same slide, the
+    same checkpoint bytes and the same scores on every run of the same code, on any machine
+    however busy (to the last bit on one kind of CPU). Files in ``workdir`` from an earlier demo
+    are replaced.
     """
     say = log or (lambda _line: None)
     started = time.perf_counter()
@@ -90,9 +95,11 @@ def run_demo(
         slide = make_synthetic_slide(slide_path, mask_path, size=size, seed=seed)
         mask_ref = open_source(slide.mask_path).ref
     with _timer(timings, "train"):
-        budget = f"{train_steps} steps of {BATCH} patches" if train_steps is not None else f"{train_seconds:g} s"
-        say(f"training the reference FCN for {budget} on the whole slide (last {VAL_FRACTION:.0%} of rows: validation)")
-        training = train_model(slide, model_path, seed, train_seconds, train_steps, progress, say)
+        say(
+            f"training the reference FCN for {train_steps} steps of {BATCH} patches on the whole slide "
+            f"(last {VAL_FRACTION:.0%} of rows: validation)"
+        )
+        training = train_model(slide, model_path, seed, train_steps, progress, say)
     say(f"running the pipeline on the whole slide into {store}")
     with _timer(timings, "predict"):
         store = predict_slide(slide.image_path, model_path, store, progress=progress)
@@ -113,24 +120,19 @@ def run_demo(
         seconds=time.perf_counter() - started,
         timings=timings,
         training=training,
+        model_sha256=file_sha256(model_path),
     )
 
 
 def train_model(
-    slide: SyntheticSlide,
-    model_path: str,
-    seed: int,
-    seconds: float,
-    steps: int | None,
-    progress: bool,
-    log: Callable[[str], None],
+    slide: SyntheticSlide, model_path: str, seed: int, steps: int, progress: bool, log: Callable[[str], None]
 ) -> TrainResult:
     """Train the reference FCN on ``slide`` with :func:`~pipeline.train.train_from_tiffs`; save it.
 
     The checkpoint names the slide's classes, their colours and its resolution, and keeps the
     default normalisation (``value / 255``) that training used.
     """
-    epochs, per_epoch = training_schedule(seconds, steps)
+    epochs, per_epoch = training_schedule(steps)
     return train_from_tiffs(
         [slide.image_path],
         [slide.mask_path],
@@ -146,22 +148,22 @@ def train_model(
         val_fraction=VAL_FRACTION,
         mpp=slide.mpp,
         seed=seed,
-        seconds=None if math.isinf(seconds) else seconds,
+        threads=TRAIN_THREADS,
         progress=progress,
         log=log,
     )
 
 
-def training_schedule(seconds: float, steps: int | None) -> tuple[int, int]:
-    """``(epochs, patches per epoch)``: ``steps * BATCH`` patches if ``steps`` is given, else as many
-    as ``seconds`` allows at ``PATCHES_PER_SECOND``; in ``EPOCHS`` epochs (fewer if that is tiny).
+def training_schedule(steps: int) -> tuple[int, int]:
+    """``(epochs, patches per epoch)`` for ``steps * BATCH`` patches in ``EPOCHS`` epochs (fewer if
+    that is tiny).
 
-    >>> training_schedule(math.inf, 300), training_schedule(45.0, None)
-    ((5, 480), (5, 540))
+    >>> training_schedule(300), training_schedule(2)
+    ((5, 480), (2, 8))
     """
-    if steps is None and math.isinf(seconds):
-        raise ConfigError("Expected a finite training time or a number of training steps. Got neither.")
-    total = steps * BATCH if steps is not None else max(BATCH, math.ceil(seconds * PATCHES_PER_SECOND))
+    if steps < 1:
+        raise ConfigError(f"Expected a positive number of training steps. Got {steps} instead.")
+    total = steps * BATCH
     epochs = max(1, min(EPOCHS, total // BATCH))
     return epochs, math.ceil(total / epochs)
 
