@@ -177,7 +177,7 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
     georeference = None
     if tif.is_geotiff:
         level0_height = chosen.levels[0].shape[chosen.levels[0].axes.index("Y")]
-        georeference = _georeference(tif, path)
+        georeference = _georeference(tif, path, (level0_height, level0_width))
         georeference = None if georeference is None else georeference.scaled(downsample, level0_height / height)
     nodata_tag = page.tags.get(GDAL_NODATA)
     return SourceInfo(
@@ -240,9 +240,10 @@ def _parse_nodata(text: object, dtype: np.dtype[Any], path: str) -> float | None
     return value
 
 
-def _georeference(tif: tifffile.TiffFile, path: str) -> Georeference | None:
+def _georeference(tif: tifffile.TiffFile, path: str, shape: tuple[int, int]) -> Georeference | None:
     """The file's GeoTIFF georeference, or None (with a warning) when its tags cannot be used:
-    unreadable geokeys, or a transform that is not finite or maps pixels onto a line."""
+    unreadable geokeys, or a transform that is not finite, maps pixels onto a line, or puts the
+    corners of the ``(Y, X)`` level 0 beyond any coordinate (1e30)."""
     try:
         georeference = from_geokeys(tif.geotiff_metadata or {})
     except Exception as err:  # tifffile's geokey parser meets any kind of malformed tag
@@ -250,8 +251,12 @@ def _georeference(tif: tifffile.TiffFile, path: str) -> Georeference | None:
         return None
     transform = georeference.transform
     if transform is not None:
-        a, b, _, d, e, _ = transform
-        if not all(math.isfinite(v) for v in transform) or a * e - b * d == 0:
+        a, b, c, d, e, f = transform
+        height, width = shape
+        corners = [a * x + b * y + c for x in (0, width) for y in (0, height)]
+        corners += [d * x + e * y + f for x in (0, width) for y in (0, height)]
+        usable = all(math.isfinite(v) for v in transform) and a * e - b * d != 0
+        if not usable or not all(abs(v) < 1e30 for v in corners):
             warn(f"{path}: its GeoTIFF transform {transform} is not usable; read without a georeference")
             return None
     return georeference

@@ -21,6 +21,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.model import REFERENCE_FCN, ModelSpec, ReferenceFCN, default_classes
 from tests.conftest import random_image
 
+pytestmark = pytest.mark.slow  # real processes, seconds each; the quick loop is -m 'not slow'
+
 QUIET = ["--no-preview", "--no-progress"]
 
 

@@ -196,6 +196,7 @@ def _seam_jump(error: np.ndarray, tile: int) -> float:
     return float(jumps[:, tile - 1 :: tile].mean())
 
 
+@pytest.mark.slow
 def test_blending_beats_plain_tiling_below_the_exact_halo(
     make_tiff: Callable[..., Path], tmp_path: Path, unet: Net
 ) -> None:
@@ -275,6 +276,7 @@ def test_bad_blends_are_refused(tile: int, halo: int, stride: int, mode: str, me
         check_blend(tile, halo, stride, mode)
 
 
+@pytest.mark.slow
 def test_cli_halo_and_blend_through_the_pipeline(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
     """``--halo N --blend gaussian`` below the exact halo: approximate, said so, closer than no blending."""
     from click.testing import CliRunner

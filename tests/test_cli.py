@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import zarr
 from click.testing import CliRunner
 
@@ -48,6 +49,7 @@ def test_run_as_a_real_process(make_tiff: Callable[..., Path], make_model: Calla
     assert store.attrs["fcnpipe"]["complete"] is True
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_without_traceback_and_debug_shows_it(tmp_path: Path) -> None:
     missing = tmp_path / "nope.svs"
     done = fcnpipe("run", str(missing), "--model", "m.pt", "-o", str(tmp_path / "o.zarr"))
@@ -101,6 +103,7 @@ def test_inspect_prints_levels_and_resolution(real_data: Path) -> None:
     assert "resolution: not recorded in the file" in done.stdout
 
 
+@pytest.mark.slow
 def test_missing_required_options_are_usage_errors(tmp_path: Path) -> None:
     """``run`` without ``-o`` or ``-m``, ``batch`` without ``-m``: Click's usage error, exit code 2,
     once (not one failure per input), and ``--help`` says they are required."""
@@ -119,6 +122,7 @@ def test_missing_required_options_are_usage_errors(tmp_path: Path) -> None:
     assert "[required, or output.path]" in run_help and "[required, or model.path]" in run_help
 
 
+@pytest.mark.slow
 def test_ordinary_mistakes_get_one_plain_line_and_leave_nothing(
     make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -149,3 +153,11 @@ def test_a_closed_pipe_ends_quietly(real_data: Path, tmp_path: Path) -> None:
     done = subprocess.run(["bash", "-c", f"{command}; echo ${{PIPESTATUS[0]}}"], capture_output=True, text=True,
                           env=env, timeout=120)  # fmt: skip
     assert done.stdout.strip() == "141" and errors.read_text() == ""
+
+
+def test_an_interruption_before_anything_was_written_says_so(tmp_path: Path) -> None:
+    from pipeline.cli import _interrupted
+    from pipeline.errors import Interrupted
+
+    with pytest.raises(Interrupted, match=r"^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):
+        raise KeyboardInterrupt

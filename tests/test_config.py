@@ -72,3 +72,26 @@ def test_resolved_config_is_plain_data() -> None:
         "forward_batch": None,
         "forward_tile": None,
     }
+
+
+def test_every_config_key_is_fingerprinted_or_declared_byte_neutral() -> None:
+    """Walk the whole schema: changing a key changes the fingerprint unless BYTE_NEUTRAL names it
+    (or its section); and BYTE_NEUTRAL names only keys that exist."""
+    from pipeline.config import BYTE_NEUTRAL, RunConfig, byte_neutral, config_keys
+    from pipeline.resume import fingerprint_of
+
+    values = RunConfig().to_dict()
+    base = fingerprint_of(values, "s.svs", 100, "ab")
+    keys = config_keys()
+    assert len(keys) > 40 and "tiling.tile" in keys and "cluster.cores" in keys
+    for key in keys:
+        section, name = key.split(".")
+        changed = {**values, section: {**values[section], name: ["a value no default has", 17]}}
+        moved = fingerprint_of(changed, "s.svs", 100, "ab") != base
+        assert moved != byte_neutral(key), (
+            f"{key}: {'declared byte-neutral' if byte_neutral(key) else 'not fingerprinted'}"
+        )
+    for declared in BYTE_NEUTRAL:
+        assert declared in keys or any(key.startswith(f"{declared}.") for key in keys), f"{declared} is no key"
+    for other in (("t.svs", 100, "ab"), ("s.svs", 101, "ab"), ("s.svs", 100, "cd")):
+        assert fingerprint_of(values, *other) != base  # the input's name and size, the model's hash

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import imagecodecs
+import pytest
 import zarr
 from click.testing import CliRunner
 
@@ -12,6 +13,7 @@ from pipeline.cli import cli
 from pipeline.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_learns_the_synthetic_classes(tmp_path: Path) -> None:
     result = run_demo(str(tmp_path), size=1024, seed=1, progress=False, train_steps=50)
     assert set(result.ious) == {"background", "stroma", "nuclei"}
@@ -24,6 +26,7 @@ def test_demo_learns_the_synthetic_classes(tmp_path: Path) -> None:
     assert preview.ndim == 3 and preview.shape[2] == 3 and preview.shape[1] > preview.shape[0]
 
 
+@pytest.mark.slow
 def test_demo_command_prints_scores(tmp_path: Path) -> None:
     args = ["demo", "-o", str(tmp_path), "--size", "512", "--train-steps", "20"]
     result = CliRunner().invoke(cli, args)
@@ -33,6 +36,7 @@ def test_demo_command_prints_scores(tmp_path: Path) -> None:
     assert "training the reference FCN for 20 steps of 8 patches" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_demo_trains_the_same_checkpoint_every_time(tmp_path: Path) -> None:
     """A fixed, seeded amount of training on a fixed thread count: the same bytes on a second run
     (the CI machine's load moves only the time it takes), so stores made with the demo's model

@@ -20,6 +20,8 @@ from pipeline.resume import STATE_DIR
 from tests.conftest import slide_and_model
 from tests.test_resume import FIXED, assert_same_bytes, fcnpipe
 
+pytestmark = pytest.mark.slow  # real processes, seconds each; the quick loop is -m 'not slow'
+
 
 class Cluster:
     """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, stopped at the end."""
@@ -194,7 +196,6 @@ def _moment(moment: str, cluster: Cluster, store: Path, seed: int) -> Callable[[
     return triggers[moment]
 
 
-@pytest.mark.slow
 def test_a_worker_killed_at_any_moment_of_the_run_leaves_the_local_bytes(
     slide: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

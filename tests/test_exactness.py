@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,7 +86,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "shape", "tile"), CASES, ids=[f"{n}-{h}x{w}-tile{t}" for n, (h, w), t in CASES])
+QUICK = {("reference", (97, 131)), ("reference", (203, 157)), ("unet", (99, 130))}
+"""The cases of the quick loop (``-m "not slow"``); the deep networks' other cases run in the full suite."""
+
+
+def _params(rows: list[tuple[Any, ...]], name: Callable[[tuple[Any, ...]], str]) -> list[Any]:
+    return [
+        pytest.param(*row, id=name(row), marks=() if (row[0], row[1]) in QUICK else pytest.mark.slow) for row in rows
+    ]
+
+
+@pytest.mark.parametrize(("name", "shape", "tile"), _params(CASES, lambda r: f"{r[0]}-{r[1][0]}x{r[1][1]}-tile{r[2]}"))
 def test_stitched_equals_whole_image(
     make_tiff: Callable[..., Path], tmp_path: Path, name: str, shape: tuple[int, int], tile: int
 ) -> None:
@@ -112,7 +123,8 @@ PIECES = [
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "tile", "forward_tile"), PIECES, ids=[f"{n}-{h}x{w}-tile{t}-in{f}" for n, (h, w), t, f in PIECES]
+    ("name", "shape", "tile", "forward_tile"),
+    _params(PIECES, lambda r: f"{r[0]}-{r[1][0]}x{r[1][1]}-tile{r[2]}-in{r[3]}"),
 )
 def test_tiles_predicted_in_pieces_equal_whole_image(
     make_tiff: Callable[..., Path], tmp_path: Path, name: str, shape: tuple[int, int], tile: int, forward_tile: int
@@ -141,6 +153,7 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
     assert any(f"stride {plan.stride}" in line for line in plan.describe())
 
 
+@pytest.mark.slow
 def test_plan_predicts_tiles_in_passes_whose_activations_stay_in_the_cache(
     make_tiff: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -191,6 +204,7 @@ def test_tile_not_multiple_of_stride_is_refused(make_tiff: Callable[..., Path], 
         prepare(config)
 
 
+@pytest.mark.slow
 def test_flip_tta_is_exact_too(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
     image = make_tiff(random_image((101, 75, 3), seed=3), photometric="rgb")
     model = save(tmp_path, "unet")

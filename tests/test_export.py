@@ -118,6 +118,7 @@ def test_cog_of_a_slide_has_no_crs_and_records_the_pixel_size(svs_store: Path, t
         np.testing.assert_array_equal(cog.read(1, window=((0, 600), (1000, 1600))), labels[0:600, 1000:1600])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["probabilities", "labels"])
 def test_ome_tiff_holds_the_store_pyramid_class_names_and_micrometres(
     svs_store: Path, tmp_path: Path, what: str

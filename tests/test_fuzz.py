@@ -40,6 +40,8 @@ import zarr
 from pipeline.model import ReferenceFCN
 from pipeline.source import open_source
 
+pytestmark = pytest.mark.slow  # real processes, seconds each; the quick loop is -m 'not slow'
+
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 TIMEOUT_S = 60.0
 """A command that takes longer hangs: the worker is killed, the variant fails."""
@@ -340,9 +342,8 @@ def models(folder: Path) -> Iterator[tuple[int, Path]]:
         yield channels, path
 
 
-@pytest.mark.slow
 def test_fuzzed_real_files_end_in_a_complete_store_or_one_clean_line(real_data: Path, tmp_path: Path) -> None:
-    variants = make_variants(real_data, tmp_path, seed=15, per_file=20)
+    variants = make_variants(real_data, tmp_path, seed=15, per_file=12)
     by_channels = dict(models(tmp_path))
     worker = Worker(tmp_path)
     outcomes: Counter[str] = Counter()

@@ -212,6 +212,7 @@ print(sum(faults) / len(faults))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_kept_freed_memory_spares_each_forward_pass_its_page_faults() -> None:
     def faults_per_pass(mode: str) -> float:

@@ -50,6 +50,7 @@ def test_tasks_pickle_small(make_tiff: Callable[..., Path], make_model: Callable
     assert len(pickle.dumps(graph)) < 1000 * len(tasks)
 
 
+@pytest.mark.slow
 def test_same_graph_on_processes_gives_same_bytes(
     make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -81,12 +81,14 @@ def _measured(name: str) -> tuple[nn.Module, int, int, int]:
 @pytest.mark.parametrize(
     ("name", "stride", "radius"), [("fcn8s", 32, 90), ("unet", 8, 51), ("unet-depth2", 4, 23)], ids=str
 )
+@pytest.mark.slow
 def test_deep_networks_match_their_analytic_fields(name: str, stride: int, radius: int) -> None:
     _, measured_stride, measured_radius, halo = _measured(name)
     assert (measured_stride, measured_radius) == (stride, radius)
     assert halo % stride == 0 and halo <= halo_for(radius, stride)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 def test_torchscript_gives_the_same_numbers_as_eager() -> None:
     net, stride, radius, halo = _measured("unet")
@@ -123,6 +125,7 @@ def test_networks_that_cannot_be_tiled_are_refused(make: Callable[[], nn.Module]
         measure_stride(make(), 3)
 
 
+@pytest.mark.slow
 def test_limits_are_model_errors() -> None:
     net = _measured("fcn8s")[0]
     with pytest.raises(ModelError, match=r"fails on a .* or a stride above max_stride=16"):

@@ -120,6 +120,7 @@ def test_input_without_resolution(make_tiff: Callable[..., Path], tmp_path: Path
     assert code == 2 and "not both" in stderr
 
 
+@pytest.mark.slow
 def test_a_scan_within_the_tolerance_is_read_as_it_is_and_the_preview_shows_the_input(
     real_data: Path, tmp_path: Path
 ) -> None:

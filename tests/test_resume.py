@@ -22,6 +22,7 @@ from pipeline.model import ReferenceFCN
 from pipeline.resume import STATE_DIR
 from tests.conftest import slide_and_model
 
+pytestmark = pytest.mark.slow  # fcnpipe as processes killed and resumed: seconds each
 FCNPIPE = [sys.executable, "-m", "pipeline"]
 FIXED = ["--tile", "128", "--workers", "2", "--torch-threads", "1", "--no-preview", "--no-progress"]
 FIXED += ["--forward-tile", "64"]  # tiles predicted in pieces, as a 512 px tile of a 64-channel FCN is
@@ -187,29 +188,6 @@ def test_a_failed_write_leaves_a_store_that_resume_completes(
     assert_same_bytes(reference[0], store)
 
 
-def test_every_config_key_is_fingerprinted_or_declared_byte_neutral() -> None:
-    """Walk the whole schema: changing a key changes the fingerprint unless BYTE_NEUTRAL names it
-    (or its section); and BYTE_NEUTRAL names only keys that exist."""
-    from pipeline.config import BYTE_NEUTRAL, RunConfig, byte_neutral, config_keys
-    from pipeline.resume import fingerprint_of
-
-    values = RunConfig().to_dict()
-    base = fingerprint_of(values, "s.svs", 100, "ab")
-    keys = config_keys()
-    assert len(keys) > 40 and "tiling.tile" in keys and "cluster.cores" in keys
-    for key in keys:
-        section, name = key.split(".")
-        changed = {**values, section: {**values[section], name: ["a value no default has", 17]}}
-        moved = fingerprint_of(changed, "s.svs", 100, "ab") != base
-        assert moved != byte_neutral(key), (
-            f"{key}: {'declared byte-neutral' if byte_neutral(key) else 'not fingerprinted'}"
-        )
-    for declared in BYTE_NEUTRAL:
-        assert declared in keys or any(key.startswith(f"{declared}.") for key in keys), f"{declared} is no key"
-    for other in (("t.svs", 100, "ab"), ("s.svs", 101, "ab"), ("s.svs", 100, "cd")):
-        assert fingerprint_of(values, *other) != base  # the input's name and size, the model's hash
-
-
 def small_slide(folder: Path, seed: int = 0) -> Path:
     """A 1200 x 300 RGB TIFF, two pyramid levels: a run of it takes a second."""
     import tifffile
@@ -283,7 +261,6 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".lock"))
 
 
-@pytest.mark.slow
 def test_killed_or_out_of_space_while_creating_the_store_then_completed(tmp_path: Path) -> None:
     """SIGKILL, or a full disk, at chosen writes of the store's creation (the lock, the first
     folder, the group files, the record, the resume state, the rename into place), then --resume,
@@ -306,7 +283,7 @@ def test_killed_or_out_of_space_while_creating_the_store_then_completed(tmp_path
     )
     assert into_place > 20  # the creation is many writes, each a moment to be killed at
     rng = random.Random(11)
-    moments = sorted({1, 2, into_place, *rng.sample(range(3, into_place), 5)})
+    moments = sorted({1, 2, into_place, *rng.sample(range(3, into_place), 3)})
     finishers = [("run", "--resume"), ("batch",), ("run", "--overwrite")]
     for number, at in enumerate(moments):
         folder = tmp_path / f"kill{at}"
@@ -322,7 +299,7 @@ def test_killed_or_out_of_space_while_creating_the_store_then_completed(tmp_path
         assert finished.returncode == 0, f"killed at write {at}, then {command} {flags}: {finished.stderr}"
         assert_same_bytes(reference, store)
         assert leftovers(folder) == [], f"killed at write {at}"
-    for at in (2, into_place // 2, into_place - 5):  # the disk fills up during the creation
+    for at in (into_place // 3, into_place - 5):  # the disk fills up during the creation
         store = tmp_path / f"full{at}" / "small0.zarr"
         full = fcnpipe_faulty("full", at, "small0.zarr", "run", image, "-m", model, "-o", store, *fixed)
         assert full.returncode == 1, full.stderr
@@ -407,11 +384,3 @@ def test_ctrl_c_says_how_to_continue_and_resume_completes(
     assert lines and lines[-1].startswith("progress 100%") and " Mpx/s, " in lines[-1] and "left" in lines[-1]
     assert lines[-1] in (tmp_path / "out.log").read_text()
     assert "Tqdm" not in resumed.stderr and "<-" not in resumed.stderr
-
-
-def test_an_interruption_before_anything_was_written_says_so(tmp_path: Path) -> None:
-    from pipeline.cli import _interrupted
-    from pipeline.errors import Interrupted
-
-    with pytest.raises(Interrupted, match=r"^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):
-        raise KeyboardInterrupt

@@ -70,6 +70,7 @@ def test_levels_show_the_same_tissue_as_level_zero(tmp_path: Path) -> None:
     assert (tissue1 == tissue0).mean() > 0.97
 
 
+@pytest.mark.slow
 def test_memory_stays_far_below_the_image(tmp_path: Path) -> None:
     size = 4096
     tracemalloc.start()

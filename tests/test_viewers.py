@@ -257,6 +257,7 @@ def check_read_back(read: np.ndarray, stored: np.ndarray, valid: np.ndarray) -> 
     assert np.isnan(read[:, ~valid]).all() and (~valid).sum() > 100_000  # the collar
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_zero_is_a_value_in_xarray_and_rioxarray(
@@ -277,6 +278,7 @@ def test_zero_is_a_value_in_xarray_and_rioxarray(
         check_read_back(np.asarray(opened.values), stored, valid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_zero_is_a_value_in_gdal_3_10_and_debian_gdal(
     confident_stores: dict[tuple[str, str], Path], tmp_path: Path, dtype: str
