@@ -66,13 +66,13 @@ def make_model(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def slide_and_model(folder: Path, seed: int) -> tuple[Path, Path]:
-    """A 4096^2 synthetic slide (about half background) and a seeded reference FCN's state_dict in
+def slide_and_model(folder: Path, seed: int, size: int = 4096) -> tuple[Path, Path]:
+    """A ``size``^2 synthetic slide (about half background) and a seeded reference FCN's state_dict in
     ``folder``: the input of the tests that run ``fcnpipe`` as a process (resume, distributed)."""
     from pipeline.synthetic import make_synthetic_slide
 
     image = folder / "slide.tif"
-    make_synthetic_slide(image, folder / "mask.tif", size=4096, seed=seed)
+    make_synthetic_slide(image, folder / "mask.tif", size=size, seed=seed)
     torch.manual_seed(0)
     model = folder / "model.pt"
     torch.save(ReferenceFCN(3, 3, 16).state_dict(), model)

@@ -44,13 +44,13 @@ def test_the_demo_trains_the_same_checkpoint_every_time(tmp_path: Path) -> None:
     import torch
 
     threads = torch.get_num_threads()
-    first = run_demo(str(tmp_path / "a"), size=512, seed=3, progress=False, train_steps=30)
+    first = run_demo(str(tmp_path / "a"), size=512, seed=3, progress=False, train_steps=12)
     torch.set_num_threads(1)  # the caller's threads must not matter
     try:
-        second = run_demo(str(tmp_path / "b"), size=512, seed=3, progress=False, train_steps=30)
+        second = run_demo(str(tmp_path / "b"), size=512, seed=3, progress=False, train_steps=12)
     finally:
         torch.set_num_threads(threads)
     assert first.model_sha256 == second.model_sha256 and len(first.model_sha256) == 64
     assert first.ious == second.ious
-    other = run_demo(str(tmp_path / "c"), size=512, seed=4, progress=False, train_steps=30)
+    other = run_demo(str(tmp_path / "c"), size=512, seed=4, progress=False, train_steps=12)
     assert other.model_sha256 != first.model_sha256

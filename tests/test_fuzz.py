@@ -343,7 +343,7 @@ def models(folder: Path) -> Iterator[tuple[int, Path]]:
 
 
 def test_fuzzed_real_files_end_in_a_complete_store_or_one_clean_line(real_data: Path, tmp_path: Path) -> None:
-    variants = make_variants(real_data, tmp_path, seed=15, per_file=12)
+    variants = make_variants(real_data, tmp_path, seed=15, per_file=10)
     by_channels = dict(models(tmp_path))
     worker = Worker(tmp_path)
     outcomes: Counter[str] = Counter()
@@ -372,5 +372,5 @@ def test_fuzzed_real_files_end_in_a_complete_store_or_one_clean_line(real_data: 
         f"\nfuzz: {len(variants)} variants of {len({v.source for v in variants})} files in {elapsed:.0f} s:",
         dict(outcomes),
     )
-    assert len(variants) >= 250 and outcomes["run ok"] >= 50 and outcomes["run error"] >= 50
+    assert len(variants) >= 240 and outcomes["run ok"] >= 50 and outcomes["run error"] >= 50
     assert not failures, f"{len(failures)} broken promises:\n" + "\n".join(failures[:40])

@@ -322,14 +322,14 @@ def test_what_an_older_creation_left_is_completed_or_cleared(tmp_path: Path) -> 
     torch.manual_seed(0)
     torch.save(ReferenceFCN(3, 3, 8).state_dict(), model)
     fixed = ["--no-preview", "--no-progress", "--tile", "128"]
-    for flag in ("--resume", "--overwrite"):
-        empty, group = tmp_path / f"empty{flag}.zarr", tmp_path / f"group{flag}.zarr"
-        empty.mkdir()
-        zarr.open_group(group, mode="w", zarr_format=2)
-        for store in (empty, group):
-            done = fcnpipe("run", image, "-m", model, "-o", store, *fixed, flag)
-            assert done.returncode == 0, done.stderr
-            assert completed(store)
+    empty, group, cleared = tmp_path / "empty.zarr", tmp_path / "group.zarr", tmp_path / "cleared.zarr"
+    empty.mkdir()
+    for bare in (group, cleared):
+        zarr.open_group(bare, mode="w", zarr_format=2)
+    for store, flag in ((empty, "--resume"), (group, "--resume"), (cleared, "--overwrite")):
+        done = fcnpipe("run", image, "-m", model, "-o", store, *fixed, flag)
+        assert done.returncode == 0, done.stderr
+        assert completed(store)
 
 
 def test_the_lock_and_overwrite_follow_symlinks(tmp_path: Path) -> None:
