@@ -264,14 +264,14 @@ def run(
     --mask), the halo's extra reads, and an ETA, peak memory and size on disk measured on a
     sample of the image. A run that is killed or interrupted leaves a store that --resume completes.
     """
+    config = _load(configs, input_path, output, **flags)  # a bad flag or config fails here, before torch loads
+    out = _required(config.output.path, "-o", "--output", "output.path", "the Zarr store to write")
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     from pipeline.cluster import open_engine
     from pipeline.estimate import estimate
     from pipeline.lock import store_lock
     from pipeline.run import execute, prepare
 
-    config = _load(configs, input_path, output, **flags)
-    out = _required(config.output.path, "-o", "--output", "output.path", "the Zarr store to write")
-    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     with (
         _log_to(log_path or default_log_path(out)),
         store_lock(out),  # a second writer is refused now, before the plan and the sample timing
@@ -329,11 +329,11 @@ def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], 
     and, from one task's worth of tiles computed on this machine, the ETA, the peak memory and
     the output's size on disk.
     """
+    config = _load(configs, input_path, output or "(not written).zarr", **flags)
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     from pipeline.estimate import estimate
     from pipeline.run import prepare
 
-    config = _load(configs, input_path, output or "(not written).zarr", **flags)
-    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     plan = prepare(config)
     for line in [*plan.describe(), *(estimate(plan).describe() if plan.tiles_to_compute else [])]:
         click.echo(line)
@@ -364,11 +364,11 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
     differs; --overwrite computes it again. One bad input never stops the others; the exit
     code is 1 if any input failed.
     """
+    config = _load(configs, None, None, **flags)
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run on every input")
     from pipeline.batch import expand_inputs, run_batch
     from pipeline.cluster import open_engine
 
-    config = _load(configs, None, None, **flags)
-    _required(config.model.path, "-m", "--model", "model.path", "the network to run on every input")
     paths = expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"No input files found in {' '.join(inputs)}")

@@ -335,6 +335,8 @@ def _tissue_mask(
         return None
     height, width = source.levels[level].shape
     image = read_window(_level_ref(source, level), (0, height, 0, width))
+    if np.issubdtype(image.dtype, np.floating):  # NaN and infinities are no data: dark, unsaturated
+        image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
     # Finer than needed (a slide without a pyramid): average it down as a pyramid level would be.
     # Single pixels carry JPEG speckle and dust whose saturation would keep empty chunks.
     factor = int(pixels_per_chunk((height, width), grid_shape, tile) // TISSUE_PIXELS_PER_CHUNK)

@@ -110,22 +110,6 @@ def start_run(image: Path, model: Path, store: Path, address: str) -> tuple[subp
     return run, len(os.listdir(markers))
 
 
-def test_a_worker_killed_mid_run_is_replaced_and_the_bytes_are_the_same(
-    slide: tuple[Path, Path, Path], cluster: Cluster, tmp_path: Path
-) -> None:
-    image, model, local = slide
-    store = tmp_path / "remote.zarr"
-    run, finished_before = start_run(image, model, store, cluster.address)
-    cluster.workers[0].send_signal(signal.SIGKILL)
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 0, stderr
-    assert cluster.workers[0].wait() == -signal.SIGKILL
-    total = sum(1 for line in stderr.splitlines() if line.startswith("chunks"))
-    assert total == 1 and finished_before < 64  # killed while tasks were left
-    assert_same_bytes(local, store)
-    assert not list(store.rglob("*.partial"))
-
-
 def test_job_scripts_for_slurm_and_pbs_come_from_the_config(tmp_path: Path) -> None:
     config = load_config(
         overrides={

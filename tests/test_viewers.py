@@ -236,8 +236,14 @@ def confident_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str
             out = folder / f"rgb-{version}-{dtype}.zarr"
             args = ["run", REAL_DATA / "RGB.byte.tif", "-m", model, "-o", out, "--format", f"ome-zarr-{version}"]
             args += ["--dtype", dtype, "--no-preview", "--no-progress"]
-            done = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
+            if (version, dtype) == ("0.4", "uint8"):  # the default store, as a user's process makes it
+                done = subprocess.run(
+                    [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True
+                )
+                assert done.returncode == 0, done.stderr
+            else:
+                result = CliRunner().invoke(cli, [str(a) for a in args])
+                assert result.exit_code == 0, result.output
             stores[(version, dtype)] = out
     return stores
 
