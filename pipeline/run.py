@@ -427,9 +427,9 @@ class Writing:
         self._compute_s = 0.0
         self._locked = False
         self.stages: dict[str, float] = {}
-        self.nodata_pixels = 0
-        """Pixels written as no data by this run's level-0 tasks."""
         """Seconds per stage summed over the level-0 tasks (see :class:`pipeline.predict.TaskStats`)."""
+        self.nodata_pixels = 0
+        """Pixels written as no data by this run's level-0 tasks (plain tiling; blended runs count none)."""
 
     def __enter__(self) -> Writing:
         self._started = time.perf_counter()
