@@ -33,7 +33,7 @@ from torch import nn
 from pipeline import __version__
 from pipeline.checkpoint import architectures, save_checkpoint
 from pipeline.model import ModelSpec, ReferenceFCN, default_classes
-from pipeline.receptive import halo_for, measure_receptive_radius, measure_stride
+from pipeline.receptive import measure_tiling
 
 FILE_TILE = 512
 # Runs argv[2:] and writes {"wall_s", "maxrss_kib", "rc"} to argv[1]; a fresh process per run so
@@ -102,9 +102,7 @@ def write_checkpoint(work: str, name: str) -> tuple[str, dict[str, int]]:
 
 def geometry(module: nn.Module, in_channels: int = 3) -> tuple[int, int, int]:
     """``(stride, receptive radius, halo)`` of ``module``, measured as ``fcnpipe run`` does in its setup."""
-    stride = measure_stride(module, in_channels)
-    radius = measure_receptive_radius(module, in_channels, stride)
-    return stride, radius, halo_for(radius, stride)
+    return measure_tiling(module, in_channels, "the benchmark's network")
 
 
 def measured(command: list[str], log: str, what: str) -> dict[str, Any]:

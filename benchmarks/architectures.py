@@ -4,7 +4,7 @@ For the reference FCN (``ReferenceFCN(3, 3)``), FCN-8s (``FCN8s(3, 3)``) and U-N
 with their default widths, seeded weights, at one tile size (default: the pipeline's), this script
 
 1. writes an fcnpipe checkpoint (:func:`pipeline.checkpoint.save_checkpoint`) and loads it back as a run
-   does, measures its stride, receptive radius and halo (``halo_for(radius, stride)``, as ``fcnpipe run``);
+   does, measures its stride, receptive radius and exact halo (as ``fcnpipe run`` does);
 2. times the network alone on in-memory random float32 batches of the run's forward window
    (``batch x 3 x (forward + 2 halo)²``, ``forward`` the tile or the pieces the run predicts it in,
    :func:`pipeline.run.forward_tile_for`), counted in output (core) pixels, with the run's workers x torch

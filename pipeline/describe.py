@@ -59,11 +59,11 @@ def describe_model(path: str | os.PathLike[str], factory: str | None = None) -> 
     the halo that makes tiled prediction equal a whole-image pass, and the alignment of tiles.
     """
     from pipeline.checkpoint import load_model
-    from pipeline.receptive import halo_for, measure_tiling
+    from pipeline.receptive import measure_tiling
 
     loaded = load_model(path, factory)
     spec = loaded.spec
-    stride, radius = measure_tiling(loaded.module, spec.in_channels, loaded.path)
+    stride, radius, halo = measure_tiling(loaded.module, spec.in_channels, loaded.path)
     norm = spec.normalization
     scale = "dtype maximum (255 for uint8, 65535 for uint16)" if norm.scale is None else f"{norm.scale:g}"
     parameters = sum(p.numel() for p in loaded.module.parameters())
@@ -80,7 +80,7 @@ def describe_model(path: str | os.PathLike[str], factory: str | None = None) -> 
         ),
         f"receptive radius {radius} px (each output pixel sees {2 * radius + 1} x {2 * radius + 1} input pixels)",
         f"stride           {stride} (tiles start on multiples of it; windows are zero-padded to it)",
-        f"halo             {halo_for(radius, stride)} px read around every tile",
+        f"halo             {halo} px read around every tile: the least that makes tiling exact",
     ]
     if spec.mpp is not None:
         lines.append(f"trained at       {spec.mpp:g} micrometres per pixel")

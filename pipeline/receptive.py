@@ -14,11 +14,11 @@ network as a black box:
   pool passes the gradient of only some inputs. A whole output row is probed at once (all column
   phases), and rows and columns are measured separately on tall and wide narrow images: far
   cheaper than square images, and the vertical reach of a row does not depend on the columns;
-* the halo: ``halo_for(radius, stride)`` (the radius rounded up to a multiple of the stride) is
-  always enough. :func:`measure_halo` is often smaller: a stride-aligned tile starts with an output
-  row of phase 0, and the row of phase ``q`` lies ``q`` rows further in, so the halo only has to
-  cover the field of one whole *cell* of ``stride`` output rows beyond the cell (FCN-8s: 64
-  instead of 96 pixels, U-Net: 48 instead of 56).
+* the **exact halo** (:func:`measure_halo`; the one fcnpipe reads, plans and reports): the smallest
+  multiple of the stride that makes stride-aligned tiling exact. A stride-aligned tile starts with an
+  output row of phase 0, and the row of phase ``q`` lies ``q`` rows further in, so the halo only has
+  to cover the field of one whole *cell* of ``stride`` output rows beyond the cell: FCN-8s 64
+  pixels, U-Net 48, where the radius rounded up to the stride (:func:`halo_for`) would read 96 and 56.
 
 All run on a float64 copy when the network converts (TorchScript included), where a pixel with no
 path to the probe gets a gradient of exactly zero; the caller's module is never changed.
@@ -57,6 +57,8 @@ def halo_for(radius: int, stride: int) -> int:
     """The halo for tiling: ``radius`` rounded up to a multiple of ``stride``.
 
     Tiles start on multiples of the stride, so their read windows must too.
+
+    This is not the exact halo, which :func:`measure_halo` measures and may be smaller.
 
     >>> halo_for(51, 8), halo_for(1, 1), halo_for(0, 32)
     (56, 1, 0)
@@ -101,18 +103,26 @@ def measure_receptive_radius(module: nn.Module, in_channels: int, stride: int, m
     ``stride`` is the network's stride (:func:`measure_stride`); input lengths are multiples of it.
     The result is the farthest input pixel, over all output phases modulo the stride, both axes
     and two random inputs, with a nonzero gradient: reading ``halo_for(radius, stride)`` extra
-    pixels around a stride-aligned tile makes tiling exact. The input is grown until the field
+    pixels around a stride-aligned tile makes tiling exact, and :func:`measure_halo` is the least
+    that does. The input is grown until the field
     lies well inside it; a field wider than ``max_radius`` is a ModelError.
     """
     return max(_per_axis(module, in_channels, stride, max_radius, _phase_extent))
 
 
-def measure_tiling(module: nn.Module, in_channels: int, path: str) -> tuple[int, int]:
-    """``(stride, receptive radius)`` of the network in the model file ``path``; a network that cannot
-    be measured is a ModelError naming the file."""
+def measure_tiling(module: nn.Module, in_channels: int, path: str) -> tuple[int, int, int]:
+    """``(stride, receptive radius, exact halo)`` of the network in the model file ``path``, from one
+    set of probes; a network that cannot be measured is a ModelError naming the file."""
     try:
         stride = measure_stride(module, in_channels)
-        return stride, measure_receptive_radius(module, in_channels, stride)
+        cells: list[int] = []
+
+        def phases(probe: _Probe, extent: int, length: int, max_radius: int) -> int:
+            cells.append(extent)
+            return _phase_extent(probe, extent, length, max_radius)
+
+        radius = max(_per_axis(module, in_channels, stride, 512, phases))
+        return stride, radius, halo_for(max(cells), stride)
     except ModelError as err:
         raise ModelError(f"{path}: {err}") from err
 

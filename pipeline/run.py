@@ -67,7 +67,7 @@ from pipeline.predict import (
     task_groups,
 )
 from pipeline.pyramid import level_shapes
-from pipeline.receptive import halo_for, measure_tiling
+from pipeline.receptive import measure_tiling
 from pipeline.resample import Grid, choose_grid
 from pipeline.resume import (
     MARK_BEHIND,
@@ -120,6 +120,8 @@ class RunPlan:
     """Where the tasks run (:func:`pipeline.cluster.open_engine`)."""
     forward_tile: int = 0
     """Side of the pieces each tile's core is cut into, one forward pass each; 0: whole tiles."""
+    exact_halo: int = 0
+    """The smallest halo that makes tiling exact (:func:`pipeline.receptive.measure_halo`)."""
 
     @property
     def forward_batch(self) -> int:
@@ -231,7 +233,7 @@ class RunPlan:
         return f", each in {parts} x {parts} passes of {self.forward_tile} px"
 
     def _approximation(self) -> str:
-        exact = halo_for(self.radius, self.stride)
+        exact = self.exact_halo
         if self.halo >= exact:
             return ""
         blending = "no" if self.blend is None else self.blend.mode
@@ -310,8 +312,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
             "half precision on a CPU is many times slower; use float32"
         )
     workers, threads = engine.plan_threads(config.compute.workers, config.compute.torch_threads, device_type)
-    stride, radius = measure_tiling(model.module, model.spec.in_channels, model.path)
-    exact_halo = halo_for(radius, stride)
+    stride, radius, exact_halo = measure_tiling(model.module, model.spec.in_channels, model.path)
     halo, blend = exact_halo, None
     if config.tiling.halo is not None:
         halo = round_up(config.tiling.halo, stride)
@@ -337,7 +338,7 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
     setup_s = time.perf_counter() - started
     return RunPlan(
         config, source, model, halo, radius, stride, tiles, workers, threads, device, setup_s, levels, grid, blend,
-        mask, prints, resume, tuple(notes), engine, forward_tile,
+        mask, prints, resume, tuple(notes), engine, forward_tile, exact_halo,
     )  # fmt: skip
 
 

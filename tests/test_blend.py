@@ -293,7 +293,7 @@ def test_cli_halo_and_blend_through_the_pipeline(make_tiff: Callable[..., Path],
         args += ["--dtype", "float32"]  # the network's values, to compare with the whole-image pass
         result = CliRunner().invoke(cli, [*args, "--no-preview"])
         assert result.exit_code == 0, result.output
-        assert "below the exact 56 px halo: approximate" in result.stderr
+        assert "below the exact 48 px halo: approximate" in result.stderr
         probs = zarr.open_group(str(out), mode="r")["0"][:]
         errors[mode] = float(np.abs(probs - expected).mean())
         assert not (out / "_blend").exists()

@@ -149,7 +149,11 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
     )
     plan = prepare(config)
     assert plan.stride == 8
-    assert plan.halo % plan.stride == 0 and plan.halo >= plan.radius > 0
+    from pipeline.receptive import halo_for, measure_halo
+
+    # the one exact halo: the least that makes stride-aligned tiling exact, below the radius rounded up
+    assert plan.halo == plan.exact_halo == measure_halo(plan.model.module, 3, plan.stride) == 48
+    assert plan.halo % plan.stride == 0 and plan.halo < halo_for(plan.radius, plan.stride) == 56
     assert any(f"stride {plan.stride}" in line for line in plan.describe())
 
 
@@ -245,4 +249,4 @@ def test_inspect_model_prints_the_measured_tiling(tmp_path: Path) -> None:
     assert "architecture     torchscript" in result.stdout
     assert "stride           8" in result.stdout
     radius = int(result.stdout.split("receptive radius ")[1].split(" px")[0])
-    assert radius > 0 and f"halo             {-(-radius // 8) * 8} px" in result.stdout
+    assert radius == 51 and "halo             48 px read around every tile: the least" in result.stdout
