@@ -31,9 +31,9 @@ import zarr
 from torch import nn
 
 from pipeline import __version__
-from pipeline.checkpoint import architectures, save_checkpoint
-from pipeline.model import ModelSpec, ReferenceFCN, default_classes
-from pipeline.receptive import measure_tiling
+from pipeline.model.checkpoint import architectures, save_checkpoint
+from pipeline.model.network import ModelSpec, ReferenceFCN, default_classes
+from pipeline.model.receptive import measure_tiling
 
 FILE_TILE = 512
 # Runs argv[2:] and writes {"wall_s", "maxrss_kib", "rc"} to argv[1]; a fresh process per run so

@@ -3,13 +3,13 @@
 For the reference FCN (``ReferenceFCN(3, 3)``), FCN-8s (``FCN8s(3, 3)``) and U-Net (``UNet(3, 3)``), all
 with their default widths, seeded weights, at one tile size (default: the pipeline's), this script
 
-1. writes an fcnpipe checkpoint (:func:`pipeline.checkpoint.save_checkpoint`) and loads it back as a run
+1. writes an fcnpipe checkpoint (:func:`pipeline.model.checkpoint.save_checkpoint`) and loads it back as a run
    does, measures its stride, receptive radius and exact halo (as ``fcnpipe run`` does);
 2. times the network alone on in-memory random float32 batches of the run's forward window
    (``batch x 3 x (forward + 2 halo)²``, ``forward`` the tile or the pieces the run predicts it in,
-   :func:`pipeline.run.forward_tile_for`), counted in output (core) pixels, with the run's workers x torch
+   :func:`pipeline.run.execute.forward_tile_for`), counted in output (core) pixels, with the run's workers x torch
    threads (``thread_plan``), the workers calling the model concurrently from threads, after warm-up:
-   batch 1 against the default batch (both through :class:`pipeline.model.Predictor`, channels-last),
+   batch 1 against the default batch (both through :class:`pipeline.model.network.Predictor`, channels-last),
    then contiguous (the module called directly under ``torch.inference_mode``, softmax included)
    against channels-last (the Predictor), each pair in A B B A order so linear drift cancels;
 3. runs ``python -m pipeline run IMAGE --model CKPT -o OUT.zarr --overwrite --no-progress --no-preview
@@ -40,11 +40,11 @@ import torch
 from _common import environment, geometry, make_inputs, run_cli, write_checkpoint
 from torch import nn
 
-from pipeline.checkpoint import load_model
-from pipeline.cluster import available_cores, thread_plan
+from pipeline.compute.engine import available_cores, thread_plan
 from pipeline.config import TilingConfig
-from pipeline.model import Predictor, set_torch_threads
-from pipeline.run import forward_tile_for
+from pipeline.model.checkpoint import load_model
+from pipeline.model.network import Predictor, set_torch_threads
+from pipeline.run.execute import forward_tile_for
 
 ARCHITECTURES = ("reference_fcn", "fcn8s", "unet")
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -111,7 +111,7 @@ def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: t
     workers, _ = plan
     rng = np.random.default_rng(0)
     full = [rng.random((batch, 3, window, window), dtype=np.float32) for _ in range(workers)]
-    # the run's windows are channels-last in memory (pipeline.predict.normalize): so are the
+    # the run's windows are channels-last in memory (pipeline.compute.tasks.normalize): so are the
     # Predictor's inputs here, and the contiguous module gets contiguous ones
     interleaved = [np.ascontiguousarray(b.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) for b in full]
     single = [b[:1] for b in interleaved]

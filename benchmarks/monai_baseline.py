@@ -85,7 +85,7 @@ def run_monai(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("image")
-    parser.add_argument("model", help="a state_dict or fcnpipe checkpoint (pipeline.checkpoint.load_model)")
+    parser.add_argument("model", help="a state_dict or fcnpipe checkpoint (pipeline.model.checkpoint.load_model)")
     parser.add_argument("store", help="the Zarr array to write (replaced)")
     parser.add_argument("--tile", type=int, required=True, help="the pipeline's tile core (px)")
     parser.add_argument("--halo", type=int, required=True, help="the pipeline's halo for this network (px)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     import zarr
     from monai.inferers.utils import sliding_window_inference
 
-    from pipeline.checkpoint import load_model
+    from pipeline.model.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     network = load_model(args.model).module.to(memory_format=torch.channels_last).eval()

@@ -1,9 +1,9 @@
 """fcnpipe: gigapixel images -> per-pixel class-probability maps with a fully convolutional network.
 
-Data flows one way: :mod:`pipeline.source` (lazy TIFF reading) -> :mod:`pipeline.tiling` (cores and
-halos) -> :mod:`pipeline.model` (the network) -> :mod:`pipeline.predict` (Dask tasks) ->
-:mod:`pipeline.output` (Zarr writes) -> :mod:`pipeline.metadata` (provenance). :mod:`pipeline.run`
-wires the steps; :mod:`pipeline.cli` is the only module that knows about the command line.
+Data flows one way: :mod:`pipeline.source.tiff` (lazy TIFF reading) -> :mod:`pipeline.tiling` (cores and
+halos) -> :mod:`pipeline.model.network` (the network) -> :mod:`pipeline.compute.tasks` (Dask tasks) ->
+:mod:`pipeline.store.arrays` (Zarr writes) -> :mod:`pipeline.store.ome` (provenance). :mod:`pipeline.run.execute`
+wires the steps; :mod:`pipeline.cli.commands` is the only module that knows about the command line.
 """
 
 __version__ = "0.1.0"

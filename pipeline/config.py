@@ -2,8 +2,8 @@
 
 Precedence is defaults < YAML files (in the order given) < command-line flags. Unknown keys are
 rejected with their full key path, and every value is checked on load, so a typo fails in the
-first second of an overnight run rather than at 3 am. Only :mod:`pipeline.run` and
-:mod:`pipeline.cli` see the whole config; the other modules take the few plain values they need.
+first second of an overnight run rather than at 3 am. Only :mod:`pipeline.run.execute` and
+:mod:`pipeline.cli.commands` see the whole config; the other modules take the few plain values they need.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ BYTE_NEUTRAL: dict[str, str] = {
     "cluster": "the batch jobs that run the tasks (the whole section)",
 }
 """Config keys (or whole sections) that do not change a byte of the output, and why. Every other
-key is part of the store's fingerprint (:func:`pipeline.resume.fingerprint`), so a key added to the
+key is part of the store's fingerprint (:func:`pipeline.run.resume.fingerprint`), so a key added to the
 schema is compared by ``--resume`` and ``batch`` unless it is declared here."""
 
 

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 import torch
 
-from pipeline.model import ReferenceFCN
+from pipeline.model.network import ReferenceFCN
 
 REAL_DATA = Path(os.environ.get("FCNPIPE_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
 
@@ -69,7 +69,7 @@ def make_model(tmp_path: Path) -> Callable[..., Path]:
 def slide_and_model(folder: Path, seed: int, size: int = 4096) -> tuple[Path, Path]:
     """A ``size``^2 synthetic slide (about half background) and a seeded reference FCN's state_dict in
     ``folder``: the input of the tests that run ``fcnpipe`` as a process (resume, distributed)."""
-    from pipeline.synthetic import make_synthetic_slide
+    from pipeline.training.synthetic import make_synthetic_slide
 
     image = folder / "slide.tif"
     make_synthetic_slide(image, folder / "mask.tif", size=size, seed=seed)

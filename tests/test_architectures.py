@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.architectures import ARCHITECTURES, FCN8s, UNet, bilinear_upsampling
 from pipeline.errors import ModelError
-from pipeline.receptive import measure_stride
+from pipeline.model.architectures import ARCHITECTURES, FCN8s, UNet, bilinear_upsampling
+from pipeline.model.receptive import measure_stride
 
 NETWORKS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
     "fcn8s": (lambda: FCN8s(), 3, 2),

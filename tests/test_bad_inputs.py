@@ -18,9 +18,9 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.cli import cli
-from pipeline.model import REFERENCE_FCN, ModelSpec, ReferenceFCN, default_classes
+from pipeline.cli.commands import cli
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.network import REFERENCE_FCN, ModelSpec, ReferenceFCN, default_classes
 from tests.conftest import random_image
 
 pytestmark = pytest.mark.slow  # real processes, seconds each; the quick loop is -m 'not slow'

@@ -13,8 +13,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.batch import expand_inputs, output_paths
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
+from pipeline.run.batch import expand_inputs, output_paths
 from tests.conftest import random_image
 
 FIXED = ["--tile", "64", "--workers", "2", "--torch-threads", "1", "--no-progress", "--no-preview"]

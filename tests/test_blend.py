@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.blend import (
+from pipeline.compute.blend import (
     BLEND_GROUP,
     FLOOR,
     PARITIES,
@@ -28,12 +28,12 @@ from pipeline.blend import (
     weight_box,
     window_weights,
 )
-from pipeline.checkpoint import load_model
+from pipeline.compute.tasks import Job, build_tasks, compute_tasks, pad_to_stride
 from pipeline.errors import ConfigError
-from pipeline.model import Predictor, select_device
-from pipeline.output import LABELS, NODATA_LABEL, PROBABILITIES, OutputRef, create_store
-from pipeline.predict import Job, build_tasks, compute_tasks, pad_to_stride
-from pipeline.source import open_source, read_window
+from pipeline.model.checkpoint import load_model
+from pipeline.model.network import Predictor, select_device
+from pipeline.source.tiff import open_source, read_window
+from pipeline.store.arrays import LABELS, NODATA_LABEL, PROBABILITIES, OutputRef, create_store
 from pipeline.tiling import Tile, batched, plan_tiles
 from tests.conftest import random_image
 from tests.test_exactness import save
@@ -281,7 +281,7 @@ def test_cli_halo_and_blend_through_the_pipeline(make_tiff: Callable[..., Path],
     """``--halo N --blend gaussian`` below the exact halo: approximate, said so, closer than no blending."""
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from pipeline.cli.commands import cli
 
     image = make_tiff(random_image((150, 140, 3), seed=11), photometric="rgb")
     model = save(tmp_path, "unet")

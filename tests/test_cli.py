@@ -12,7 +12,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from tests.conftest import random_image
 
 
@@ -156,7 +156,7 @@ def test_a_closed_pipe_ends_quietly(real_data: Path, tmp_path: Path) -> None:
 
 
 def test_an_interruption_before_anything_was_written_says_so(tmp_path: Path) -> None:
-    from pipeline.cli import _interrupted
+    from pipeline.cli.commands import _interrupted
     from pipeline.errors import Interrupted
 
     with pytest.raises(Interrupted, match=r"^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):

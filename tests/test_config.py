@@ -78,7 +78,7 @@ def test_every_config_key_is_fingerprinted_or_declared_byte_neutral() -> None:
     """Walk the whole schema: changing a key changes the fingerprint unless BYTE_NEUTRAL names it
     (or its section); and BYTE_NEUTRAL names only keys that exist."""
     from pipeline.config import BYTE_NEUTRAL, RunConfig, byte_neutral, config_keys
-    from pipeline.resume import fingerprint_of
+    from pipeline.run.resume import fingerprint_of
 
     values = RunConfig().to_dict()
     base = fingerprint_of(values, "s.svs", 100, "ab")

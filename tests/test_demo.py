@@ -9,8 +9,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.demo import run_demo
+from pipeline.cli.commands import cli
+from pipeline.training.demo import run_demo
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import job_queue_cluster
+from pipeline.compute.engine import job_queue_cluster
 from pipeline.config import load_config
-from pipeline.resume import STATE_DIR
+from pipeline.run.resume import STATE_DIR
 from tests.conftest import slide_and_model
 from tests.test_resume import FIXED, assert_same_bytes, fcnpipe
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from pipeline.config import load_config
-from pipeline.estimate import estimate
-from pipeline.run import execute, prepare
-from pipeline.synthetic import make_synthetic_slide
+from pipeline.run.estimate import estimate
+from pipeline.run.execute import execute, prepare
+from pipeline.training.synthetic import make_synthetic_slide
 
 
 def disk_bytes(folder: Path) -> int:

@@ -16,15 +16,15 @@ import torch
 import zarr
 from torch import nn
 
-from pipeline.architectures import FCN8s, UNet
-from pipeline.checkpoint import load_model, save_checkpoint
+from pipeline.compute.tasks import pad_to_stride
 from pipeline.config import load_config
-from pipeline.model import REFERENCE_FCN, ModelSpec, Predictor, ReferenceFCN, default_classes, select_device
-from pipeline.output import LABELS, PROBABILITIES
-from pipeline.predict import pad_to_stride
-from pipeline.receptive import measure_stride
-from pipeline.run import RunPlan, prepare, run_pipeline
-from pipeline.source import open_source, read_window
+from pipeline.model.architectures import FCN8s, UNet
+from pipeline.model.checkpoint import load_model, save_checkpoint
+from pipeline.model.network import REFERENCE_FCN, ModelSpec, Predictor, ReferenceFCN, default_classes, select_device
+from pipeline.model.receptive import measure_stride
+from pipeline.run.execute import RunPlan, prepare, run_pipeline
+from pipeline.source.tiff import open_source, read_window
+from pipeline.store.arrays import LABELS, PROBABILITIES
 from tests.conftest import random_image
 
 NETWORKS: dict[str, Callable[[], tuple[nn.Module, str, dict[str, int]]]] = {
@@ -149,7 +149,7 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
     )
     plan = prepare(config)
     assert plan.stride == 8
-    from pipeline.receptive import halo_for, measure_halo
+    from pipeline.model.receptive import halo_for, measure_halo
 
     # the one exact halo: the least that makes stride-aligned tiling exact, below the radius rounded up
     assert plan.halo == plan.exact_halo == measure_halo(plan.model.module, 3, plan.stride) == 48
@@ -242,7 +242,7 @@ def test_precision_other_than_float32_needs_cuda(make_tiff: Callable[..., Path],
 def test_inspect_model_prints_the_measured_tiling(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from pipeline.cli.commands import cli
 
     result = CliRunner().invoke(cli, ["inspect-model", str(save(tmp_path, "torchscript-unet"))])
     assert result.exit_code == 0, result.output

@@ -15,12 +15,12 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, OutputError, SourceError
-from pipeline.export import export_cog, export_ome_tiff, export_store
-from pipeline.output import LABEL_GROUP, NODATA_LABEL
-from pipeline.run import execute, prepare
+from pipeline.products.export import export_cog, export_ome_tiff, export_store
+from pipeline.run.execute import execute, prepare
+from pipeline.store.arrays import LABEL_GROUP, NODATA_LABEL
 
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
 

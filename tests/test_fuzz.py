@@ -37,8 +37,8 @@ import tifffile
 import torch
 import zarr
 
-from pipeline.model import ReferenceFCN
-from pipeline.source import open_source
+from pipeline.model.network import ReferenceFCN
+from pipeline.source.tiff import open_source
 
 pytestmark = pytest.mark.slow  # real processes, seconds each; the quick loop is -m 'not slow'
 

@@ -28,8 +28,8 @@ import tifffile
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.model import ReferenceFCN
+from pipeline.cli.commands import cli
+from pipeline.model.network import ReferenceFCN
 from tests.conftest import REAL_DATA, random_image
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def _run(*args: object) -> None:
 
 def make_stores(folder: Path) -> dict[str, Path]:
     """The golden runs, from inputs made here (and RGB.byte.tif), into ``folder``."""
-    from pipeline.synthetic import make_synthetic_slide
+    from pipeline.training.synthetic import make_synthetic_slide
     from tests.test_exactness import save
 
     slide = folder / "slide.tif"

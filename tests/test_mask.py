@@ -14,10 +14,11 @@ import zarr
 from PIL import Image
 from rasterio.transform import Affine
 
-from pipeline import mask as mask_module
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.mask import (
+from pipeline.run.execute import execute, prepare
+from pipeline.source import mask as mask_module
+from pipeline.source.mask import (
     ChunkMask,
     block_mean,
     choose_level,
@@ -27,9 +28,8 @@ from pipeline.mask import (
     saturation,
     tissue_pixels,
 )
-from pipeline.output import NODATA_LABEL
-from pipeline.run import execute, prepare
-from pipeline.source import SourceInfo, open_source, read_masked
+from pipeline.source.tiff import SourceInfo, open_source, read_masked
+from pipeline.store.arrays import NODATA_LABEL
 from pipeline.tiling import grid_shape
 from tests.conftest import random_image
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.architectures import FCN8s, UNet
-from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ModelError
-from pipeline.model import (
+from pipeline.model.architectures import FCN8s, UNet
+from pipeline.model.checkpoint import load_model, save_checkpoint
+from pipeline.model.network import (
     ModelSpec,
     Normalization,
     OneDNNConv2d,
@@ -182,7 +182,7 @@ def test_fusion_keeps_what_it_cannot_fuse_as_it_is() -> None:
 
 
 def test_activation_bytes_per_pixel_is_the_largest_layer_output() -> None:
-    from pipeline.architectures import UNet
+    from pipeline.model.architectures import UNet
 
     assert activation_bytes_per_pixel(ReferenceFCN(3, 2, 64), 3, 1) == 64 * 4  # the hidden layer, float32
     assert activation_bytes_per_pixel(ReferenceFCN(3, 2, 8).double(), 3, 1) == 8 * 4  # as float32, as a CPU runs it
@@ -193,7 +193,7 @@ def test_activation_bytes_per_pixel_is_the_largest_layer_output() -> None:
 
 _PASSES = """
 import resource, sys, threading
-from pipeline.model import ReferenceFCN, keep_freed_memory  # first: it sets THP_MEM_ALLOC_ENABLE for torch
+from pipeline.model.network import ReferenceFCN, keep_freed_memory  # first: it sets THP_MEM_ALLOC_ENABLE for torch
 import torch
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
@@ -246,16 +246,16 @@ def test_torchscript_file_loads_with_probed_sizes(tmp_path: Path) -> None:
 
 
 def test_state_dict_with_factory(tmp_path: Path) -> None:
-    from pipeline.architectures import UNet
+    from pipeline.model.architectures import UNet
 
     path = tmp_path / "unet_weights.pt"
     torch.save(UNet().state_dict(), path)
-    loaded = load_model(path, factory="pipeline.architectures:UNet")
-    assert loaded.spec.architecture == "pipeline.architectures:UNet"
+    loaded = load_model(path, factory="pipeline.model.architectures:UNet")
+    assert loaded.spec.architecture == "pipeline.model.architectures:UNet"
     assert loaded.spec.in_channels == 3
     with pytest.raises(ModelError, match=r"factory must look like 'package.module:function'"):
         load_model(path, factory="UNet")
     with pytest.raises(ModelError, match=r"cannot build a module with factory 'nowhere.at_all:f'"):
         load_model(path, factory="nowhere.at_all:f")
-    with pytest.raises(ModelError, match=r"weights do not fit pipeline\.model:ReferenceFCN"):
-        load_model(path, factory="pipeline.model:ReferenceFCN")
+    with pytest.raises(ModelError, match=r"weights do not fit pipeline\.model\.network:ReferenceFCN"):
+        load_model(path, factory="pipeline.model.network:ReferenceFCN")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.checkpoint import load_model
-from pipeline.output import LABELS, PROBABILITIES, OutputRef, create_store
-from pipeline.predict import Job, build_tasks, normalize
-from pipeline.source import open_source
+from pipeline.compute.tasks import Job, build_tasks, normalize
+from pipeline.model.checkpoint import load_model
+from pipeline.source.tiff import open_source
+from pipeline.store.arrays import LABELS, PROBABILITIES, OutputRef, create_store
 from pipeline.tiling import plan_tiles
 from tests.conftest import random_image
 
@@ -77,9 +77,9 @@ def test_fast_argmax_quantise_and_pyramid_mean_equal_the_plain_numpy_ones() -> N
     """The hot path's rewritten arithmetic gives the bytes of the obvious formulas: argmax (first of
     equals, ties made on purpose), round(p * 254), and the 2 x 2 mean of uint8 values rounded half
     to even, in integers, against the float mean for even, odd and 1-pixel blocks."""
-    from pipeline.model import argmax_channels
-    from pipeline.output import quantize
-    from pipeline.pyramid import mean_2x2
+    from pipeline.model.network import argmax_channels
+    from pipeline.store.arrays import quantize
+    from pipeline.store.pyramid import mean_2x2
 
     rng = np.random.default_rng(7)
     for classes in (2, 3, 7):
@@ -106,7 +106,7 @@ def test_the_process_that_creates_a_store_writes_it_without_opening_it(
 ) -> None:
     """Tasks write through array handles shared by the process: the ones ``create_store`` made, for
     the store's token. A store created again at the same path, under a new token, gets its own."""
-    import pipeline.output as output
+    import pipeline.store.arrays as output
 
     opened: list[str] = []
     open_group = zarr.open_group
@@ -138,7 +138,7 @@ def test_the_process_that_creates_a_store_writes_it_without_opening_it(
 
 
 def test_delayed_call_names_the_task_and_passes_its_arguments_as_they_are() -> None:
-    from pipeline.predict import delayed_call
+    from pipeline.compute.tasks import delayed_call
 
     inner = dask.delayed(sum)([1, 2])
     task = delayed_call(lambda a, b: (a, b), [inner], {"x": 1}, key="fcnpipe-test-1")

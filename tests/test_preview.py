@@ -14,9 +14,9 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from pipeline.errors import ConfigError, OutputError
-from pipeline.preview import (
+from pipeline.products.preview import (
     INCOMPLETE_COLOR,
     LABEL_ALPHA,
     label_summary,
@@ -27,8 +27,8 @@ from pipeline.preview import (
     write_preview,
     write_store_preview,
 )
-from pipeline.source import open_source
-from pipeline.synthetic import make_synthetic_slide
+from pipeline.source.tiff import open_source
+from pipeline.training.synthetic import make_synthetic_slide
 
 COLORS = [(0, 0, 0), (230, 25, 75), (0, 130, 200)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipeline.progress import LINE_EVERY_S, Progress
+from pipeline.cli.progress import LINE_EVERY_S, Progress
 
 
 class Clock:

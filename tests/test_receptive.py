@@ -23,10 +23,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.architectures import FCN8s, UNet
 from pipeline.errors import ModelError
-from pipeline.model import ReferenceFCN
-from pipeline.receptive import halo_for, measure_halo, measure_receptive_radius, measure_stride
+from pipeline.model.architectures import FCN8s, UNet
+from pipeline.model.network import ReferenceFCN
+from pipeline.model.receptive import halo_for, measure_halo, measure_receptive_radius, measure_stride
 
 
 def _chain_3_5_1() -> nn.Module:

@@ -17,9 +17,9 @@ import pytest
 import torch
 import zarr
 
-from pipeline.lock import store_lock
-from pipeline.model import ReferenceFCN
-from pipeline.resume import STATE_DIR
+from pipeline.model.network import ReferenceFCN
+from pipeline.run.resume import STATE_DIR
+from pipeline.store.lock import store_lock
 from tests.conftest import slide_and_model
 
 pytestmark = pytest.mark.slow  # fcnpipe as processes killed and resumed: seconds each

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.errors import ModelError, OutputError
-from pipeline.model import Predictor, select_device
-from pipeline.output import LABELS, PROBABILITIES
-from pipeline.run import prepare, run_pipeline
-from pipeline.source import open_source, read_window
+from pipeline.model.checkpoint import load_model
+from pipeline.model.network import Predictor, select_device
+from pipeline.run.execute import prepare, run_pipeline
+from pipeline.source.tiff import open_source, read_window
+from pipeline.store.arrays import LABELS, PROBABILITIES
 from tests.conftest import random_image
 
 
@@ -74,7 +74,7 @@ def test_stitched_map_equals_whole_image_pass(
 
 def test_halo_is_what_makes_it_exact(make_tiff: Callable[..., Path], make_model: Callable[..., Path]) -> None:
     """Without the halo the same tiling shows seams: the test above would catch a missing halo."""
-    from pipeline.receptive import measure_receptive_radius
+    from pipeline.model.receptive import measure_receptive_radius
 
     image = make_tiff(random_image((64, 64, 3), seed=1), photometric="rgb")
     model = make_model()

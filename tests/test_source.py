@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.describe import describe_file
+from pipeline.cli.describe import describe_file
 from pipeline.errors import SourceError
-from pipeline.source import open_source, read_window
+from pipeline.source.tiff import open_source, read_window
 from tests.conftest import random_image
 
 LAYOUTS: dict[str, tuple[tuple[int, ...], str, dict[str, Any], int]] = {
@@ -186,7 +186,7 @@ def test_real_tiled_levels_are_read_tile_by_tile_and_match_tifffile(
 
     import zarr
 
-    from pipeline.source import _open_level, _TiledLevel
+    from pipeline.source.tiff import _open_level, _TiledLevel
 
     rng = np.random.default_rng(3)
     for level in range(tiled_levels):

@@ -10,8 +10,8 @@ import pytest
 import tifffile
 
 from pipeline.errors import ConfigError
-from pipeline.source import open_source, read_window
-from pipeline.synthetic import CLASS_NAMES, make_synthetic_slide, pyramid_shapes
+from pipeline.source.tiff import open_source, read_window
+from pipeline.training.synthetic import CLASS_NAMES, make_synthetic_slide, pyramid_shapes
 
 
 @pytest.mark.parametrize(

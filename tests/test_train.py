@@ -14,13 +14,13 @@ import pytest
 import tifffile
 import torch
 
-from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ConfigError, SourceError
-from pipeline.model import ModelSpec, Predictor, ReferenceFCN
-from pipeline.sampling import draw, split_pair, split_rows
-from pipeline.source import open_source
-from pipeline.synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticSlide, make_synthetic_slide
-from pipeline.train import train_from_tiffs, train_reference_fcn
+from pipeline.model.checkpoint import load_model, save_checkpoint
+from pipeline.model.network import ModelSpec, Predictor, ReferenceFCN
+from pipeline.source.tiff import open_source
+from pipeline.training.sampling import draw, split_pair, split_rows
+from pipeline.training.synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticSlide, make_synthetic_slide
+from pipeline.training.train import train_from_tiffs, train_reference_fcn
 
 FAST = {"seconds": math.inf, "steps": 150, "patch": 32, "batch": 8, "threads": 1}
 FAST_TIFFS = {"patch": 32, "batch": 8, "threads": 1, "val_patches": 16}
@@ -315,8 +315,8 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
     """``fcnpipe train`` on a synthetic slide writes a checkpoint that ``fcnpipe run`` uses."""
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
-    from pipeline.synthetic import make_synthetic_slide
+    from pipeline.cli.commands import cli
+    from pipeline.training.synthetic import make_synthetic_slide
 
     slide = make_synthetic_slide(str(tmp_path / "s.tif"), str(tmp_path / "m.tif"), size=512, tile=128, seed=2)
     model = tmp_path / "model.pt"

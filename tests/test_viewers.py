@@ -12,9 +12,9 @@ import zarr
 from click.testing import CliRunner
 from rasterio.transform import Affine
 
-from pipeline.cli import cli
-from pipeline.output import LABELS, NODATA_LABEL, PROBABILITIES
-from pipeline.pyramid import level_shapes, mean_2x2
+from pipeline.cli.commands import cli
+from pipeline.store.arrays import LABELS, NODATA_LABEL, PROBABILITIES
+from pipeline.store.pyramid import level_shapes, mean_2x2
 from tests.conftest import random_image
 
 
@@ -35,7 +35,7 @@ def svs_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         pytest.skip(f"real TIFF collection not found at {REAL_DATA}")
     import torch
 
-    from pipeline.model import ReferenceFCN
+    from pipeline.model.network import ReferenceFCN
 
     folder = tmp_path_factory.mktemp("svs")
     torch.manual_seed(0)

@@ -1,0 +1,428 @@
+"""Dask glue: one fused task per group of tiles (read with halo -> predict -> crop -> write).
+
+Each task carries only small, picklable values (a :class:`Job` and a list of tiles): paths and
+windows, never an open file or a model. The worker loads the network once and keeps it
+(:func:`predictor_for`), opens the TIFF once per thread and the Zarr arrays once per process, and
+returns a few numbers, so nothing proportional to the image ever lives in the graph or in the
+scheduler.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import dask
+import numpy as np
+
+from pipeline.compute.engine import THREADS, Engine
+from pipeline.errors import FcnpipeError
+from pipeline.model.checkpoint import load_model
+from pipeline.model.network import Predictor, argmax_channels, select_device, set_torch_threads
+from pipeline.run.resume import MARK_BEHIND, mark_done, task_id
+from pipeline.source.resample import Resampling, read_resampled
+from pipeline.source.tiff import SourceRef
+from pipeline.store.arrays import (
+    NODATA_LABEL,
+    OutputRef,
+    chunk_files,
+    nodata_value,
+    quantize,
+    reduce_core,
+    write_reduced,
+    write_stored,
+)
+from pipeline.tiling import Tile, batched, blocks_2x2, split_core, union_window
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything a task needs besides its tiles."""
+
+    source: SourceRef
+    resampling: Resampling | None
+    """How the level read maps onto the network's grid (None: pixel for pixel)."""
+    source_shape: tuple[int, int]
+    """``(Y, X)`` of the level read."""
+    output: OutputRef
+    model_path: str
+    model_sha256: str
+    model_factory: str | None
+    device: str
+    stride: int
+    """The network's total downsampling: windows are padded to multiples of it."""
+    precision: str
+    tta: bool
+    torch_threads: int
+    """Intra-op threads of each forward pass. Part of the job because the float result of a
+    convolution can differ in the last bit with the thread count: the same count everywhere gives
+    the same bytes on threads, processes and clusters."""
+    scale: float
+    """Input values are divided by this (the dtype's maximum by default)."""
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    level1: bool = False
+    """Tasks own 2 x 2 blocks of tiles and also write the pyramid level-1 chunk they make up."""
+    mark_behind: bool = False
+    """Record finished tasks from this process's background thread (:data:`MARK_BEHIND`): for
+    tasks run on threads here, whose run waits for it before completing the store."""
+    forward_batch: int = 1
+    """Windows per forward pass: on a CPU 1 (a batch of 4 held 4 x 270 MB of the reference FCN's
+    hidden activations per worker, for no speed), on a GPU more, to fill the device."""
+    forward_tile: int = 0
+    """Cut each tile's core into pieces of this side, one forward pass each (0: the whole tile).
+    See :func:`pipeline.tiling.forward_size`: on a CPU, passes whose activations glibc reuses."""
+    halo: int = 0
+    """The halo read around each piece (the run's halo)."""
+
+
+_predictors: dict[tuple[object, ...], Predictor] = {}
+_predictors_lock = threading.Lock()
+
+
+def predictor_for(job: Job) -> Predictor:
+    """The worker's network for ``job``, loaded on first use and kept for every later task."""
+    with _predictors_lock:
+        if _key(job) not in _predictors:
+            set_torch_threads(job.torch_threads)
+            loaded = load_model(job.model_path, job.model_factory)
+            device = select_device(job.device)
+            _predictors[_key(job)] = Predictor(loaded.module, device, job.precision, job.tta, job.model_path)
+        return _predictors[_key(job)]
+
+
+def _key(job: Job) -> tuple[object, ...]:
+    return (job.model_path, job.model_sha256, job.device, job.precision, job.tta)
+
+
+def adopt_model(job: Job, module: Any) -> None:
+    """Use an already loaded ``module`` for ``job`` in this process, instead of loading it again."""
+    with _predictors_lock:
+        if _key(job) not in _predictors:
+            set_torch_threads(job.torch_threads)
+            device = select_device(job.device)
+            _predictors[_key(job)] = Predictor(module, device, job.precision, job.tta, job.model_path)
+
+
+def normalize(
+    window: np.ndarray, scale: float, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> np.ndarray:
+    """``(C, Y, X)`` raw pixels -> float32 network input: ``x / scale``, then ``(x - mean) / std``.
+
+    The result keeps the window's memory order: interleaved (``YXC``) pixels give the channels-last
+    layout the network runs in, so the forward pass makes no copy of its own.
+    """
+    x: np.ndarray = np.multiply(window, np.float32(1.0 / scale), dtype=np.float32)  # one pass: cast and scale
+    if mean is not None:
+        x -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    if std is not None:
+        x /= np.asarray(std, dtype=np.float32)[:, None, None]
+    return x
+
+
+def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
+    """Zero-pad ``(C, Y, X)`` at the bottom and right to multiples of ``stride``.
+
+    The one way fcnpipe pads, for tiles and for a whole image alike: windows start on multiples
+    of the stride, so a window that reaches the image's end is padded exactly like the image.
+
+    >>> pad_to_stride(np.ones((1, 3, 5), np.float32), 4).shape
+    (1, 4, 8)
+    """
+    _, height, width = image.shape
+    pad_y, pad_x = -height % stride, -width % stride
+    if not pad_y and not pad_x:
+        return image
+    return np.pad(image, ((0, 0), (0, pad_y), (0, pad_x)))
+
+
+Windows = dict[tuple[int, int, int], list[tuple[Tile, np.ndarray]]]
+"""Network inputs ``(C, Y, X)`` of tiles (or of the pieces of tiles, :attr:`Job.forward_tile`), in
+groups of one shape and at most ``job.forward_batch`` windows, keyed by ``(Y, X, index)``: each
+group is one forward pass."""
+
+
+def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray | None, tuple[int, int]]:
+    """The normalised, stride-padded windows of ``tiles``; where the source has data; the origin.
+
+    The union of the windows is read once (neighbouring windows share file tiles), then each
+    window is normalised on its own, straight into the network's input. The validity mask covers
+    the union, whose top-left corner is the returned origin ``(y, x)``.
+    """
+    uy0, _, ux0, _ = box = union_window(tiles)
+    raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
+    by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
+    for tile in tiles:
+        for piece in split_core(tile, job.forward_tile, job.halo) if job.forward_tile else (tile,):
+            wy0, wy1, wx0, wx1 = piece.window
+            pixels = normalize(raw[:, wy0 - uy0 : wy1 - uy0, wx0 - ux0 : wx1 - ux0], job.scale, job.mean, job.std)
+            window = pad_to_stride(pixels, job.stride)
+            by_shape.setdefault(window.shape[1:], []).append((piece, window))
+    size = job.forward_batch
+    windows: Windows = {
+        (height, width, i // size): pairs[i : i + size]
+        for (height, width), pairs in by_shape.items()
+        for i in range(0, len(pairs), size)
+    }
+    return windows, valid, (uy0, ux0)
+
+
+def predict_tiles(
+    predictor: Predictor, windows: Windows, tiles: Sequence[Tile], dtype: str
+) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
+    """Every forward pass of ``windows`` (:func:`read_windows` of ``tiles``); each tile with its
+    core's probabilities as stored (``(K, y, x)`` in ``dtype``, :func:`pipeline.store.arrays.quantize`)
+    and their argmax (uint8 ``(y, x)``, taken from the full-precision probabilities).
+
+    The pieces of a cut tile are gathered into one float array and quantised and argmaxed once:
+    done piece by piece, their dozen small numpy passes cost more than the copy (16 pieces of
+    128 px: 0.50 against 0.31 ms a tile; 4 of 256 px: 0.38 against 0.33 ms).
+    """
+    parts: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
+    for pairs in windows.values():
+        inputs = [window for _, window in pairs]
+        probs = predictor(inputs[0][None] if len(inputs) == 1 else np.stack(inputs))  # one: no copy
+        for (piece, _), prob in zip(pairs, probs, strict=True):
+            cy0, cy1, cx0, cx1 = piece.crop
+            parts.setdefault((piece.row, piece.col), []).append((piece, prob[:, cy0:cy1, cx0:cx1]))
+    done = []
+    for tile in tiles:
+        pieces = parts[(tile.row, tile.col)]
+        probs = pieces[0][1]  # a whole tile: its core, no copy
+        if len(pieces) > 1:
+            y0, y1, x0, x1 = tile.core
+            probs = np.empty((probs.shape[0], y1 - y0, x1 - x0), probs.dtype)
+            for piece, part in pieces:
+                py0, py1, px0, px1 = piece.core
+                probs[:, py0 - y0 : py1 - y0, px0 - x0 : px1 - x0] = part
+        done.append((tile, quantize(probs, dtype), argmax_channels(probs[None])[0]))
+    return done
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStats:
+    """What a level-0 task returns: pixels written, and where its time went (seconds)."""
+
+    token: str
+    """The :attr:`OutputRef.token` of the store written."""
+    pixels: int
+    read_s: float
+    """Reading, decoding, resampling and normalising the windows."""
+    predict_s: float
+    """The network, softmax, argmax and quantising (:func:`predict_tiles`)."""
+    write_s: float
+    """Compressing and writing the chunks (pyramid level 1 included)."""
+    nodata_pixels: int = 0
+    """Pixels of the cores written as no data (alpha 0, GDAL_NODATA, non-finite values...)."""
+
+
+def nodata_pixels(results: Sequence[Any]) -> int:
+    """Pixels written as no data, summed over the :class:`TaskStats` in ``results``."""
+    return sum(r.nodata_pixels for r in results if isinstance(r, TaskStats))
+
+
+def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
+    """``{"read", "predict", "write"}`` seconds summed over the :class:`TaskStats` in ``results``."""
+    stats = [r for r in results if isinstance(r, TaskStats)]
+    return {
+        "read": sum(s.read_s for s in stats),
+        "predict": sum(s.predict_s for s in stats),
+        "write": sum(s.write_s for s in stats),
+    }
+
+
+def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> TaskStats:
+    """Read, predict, crop and write ``tiles``; return the pixels written and the time per stage.
+
+    ``block``: with ``job.level1``, the whole 2 x 2 block the tiles belong to (a masked tile of it is
+    left at the fill value). ``name``: record the task as finished once its chunks are on disk.
+    """
+    predictor = predictor_for(job)
+    task_started = started = time.perf_counter()
+    windows, valid, (uy0, ux0) = read_windows(job, tiles)
+    read_s = time.perf_counter() - started
+    started = time.perf_counter()
+    cores = predict_tiles(predictor, windows, tiles, job.output.dtype)
+    predict_s = time.perf_counter() - started
+    done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+    written: list[str] = []
+    nodata = 0
+    for tile, stored, core_labels in cores:
+        if valid is not None:
+            y0, y1, x0, x1 = tile.core
+            empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
+            stored[:, empty] = nodata_value(stored.dtype)
+            core_labels[empty] = NODATA_LABEL
+            nodata += int(np.count_nonzero(empty))
+        write_stored(job.output, 0, tile.core, stored, core_labels)
+        if name is not None:
+            written += chunk_files(job.output, 0, tile.core)
+        if job.level1:
+            done.append((tile, stored, core_labels))
+    if job.level1:
+        core = write_level1(job.output, block or tiles, done)
+        if name is not None:
+            written += chunk_files(job.output, 1, core)
+    if name is not None:
+        (MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
+    total_s = time.perf_counter() - task_started
+    pixels = sum(t.core_pixels for t in tiles)
+    return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s, nodata)
+
+
+def write_level1(
+    out: OutputRef, block: Sequence[Tile], done: Sequence[tuple[Tile, np.ndarray, np.ndarray]]
+) -> tuple[int, int, int, int]:
+    """Write the level-1 chunk of a 2 x 2 ``block`` of level-0 cores from the values stored for
+    the tiles in ``done``; the others hold no data. Returns the level-1 core written."""
+    y0, x0 = min(t.core[0] for t in block), min(t.core[2] for t in block)
+    y1, x1 = max(t.core[1] for t in block), max(t.core[3] for t in block)
+    dtype = done[0][1].dtype
+    probs = np.full((done[0][1].shape[0], y1 - y0, x1 - x0), nodata_value(dtype), dtype)
+    labels = np.full((y1 - y0, x1 - x0), NODATA_LABEL, np.uint8)
+    for tile, core_probs, core_labels in done:
+        cy0, cy1, cx0, cx1 = tile.core
+        probs[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = core_probs
+        labels[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = core_labels
+    core = (y0 // 2, (y1 + 1) // 2, x0 // 2, (x1 + 1) // 2)
+    write_reduced(out, 1, core, probs, labels)
+    return core
+
+
+def build_tasks(
+    job: Job,
+    tiles: Sequence[Tile],
+    batch: int,
+    keep: Callable[[Tile], bool] | None = None,
+    done: Collection[str] = (),
+    guarded: bool = False,
+) -> list[Any]:
+    """One delayed task per 2 x 2 block of tiles (``job.level1``), else per ``batch`` tiles of a row.
+
+    Tiles for which ``keep`` is false are not computed (their chunks keep the fill value); a task
+    whose name (:func:`pipeline.run.resume.task_id`) is in ``done`` finished in an earlier run.
+    ``guarded``: a failing task returns a :class:`TaskFailure` instead of raising (see there).
+    """
+    run = process_guarded if guarded else process_tiles
+    todo = []
+    for group in task_groups(tiles, job.level1, batch):
+        name = task_id(group)
+        kept = group if keep is None else [tile for tile in group if keep(tile)]
+        if name not in done and kept:
+            todo.append((group, kept, name))
+    # Dask runs independent tasks in reverse order of their keys (random ones by default): name
+    # them so that they run in the order of task_groups.
+    return [
+        delayed_call(run, job, kept, group if job.level1 else (), name, key=f"fcnpipe-{job.output.token}-{rank:09d}")
+        for rank, (group, kept, name) in zip(range(len(todo) - 1, -1, -1), todo, strict=True)
+    ]
+
+
+def delayed_call(func: Callable[..., Any], *args: Any, key: str | None = None) -> Any:
+    """``dask.delayed(func)(*args)``, named ``key`` if given, without dask searching ``args`` for
+    collections: there are none, and searching every tile and the job cost 0.4 ms a task (0.4 s
+    of a 32768² run's 1024 tasks); bound into a partial, 0.02 ms."""
+    call = dask.delayed(partial(func, *args), pure=False)
+    return call() if key is None else call(dask_key_name=key)
+
+
+def task_groups(tiles: Sequence[Tile], level1: bool, batch: int) -> list[list[Tile]]:
+    """The tiles of each level-0 task, in the order they run: 2 x 2 blocks in :func:`band_order`
+    (``level1``), else ``batch`` tiles of a row, row by row."""
+    return band_order(list(blocks_2x2(tiles))) if level1 else list(batched(tiles, batch))
+
+
+BAND = 4
+"""Rows of 2 x 2 blocks per band in :func:`band_order`."""
+
+
+def band_order(blocks: Sequence[list[Tile]]) -> list[list[Tile]]:
+    """Blocks in bands of :data:`BAND` block rows, each band column by column.
+
+    Neighbouring windows share the file tiles under their halo. In this order the tiles a task
+    needs were mostly decoded by the tasks just before it, above or to its left, and are still in
+    the small decoded-tile cache (:data:`pipeline.source.tiff.TILE_CACHE`); row by row, the tiles
+    shared with the row above were decoded a whole image width ago.
+
+    >>> from pipeline.tiling import plan_tiles
+    >>> blocks = list(blocks_2x2(plan_tiles(16, 8, 2, 1)))  # 4 block rows, 2 block columns
+    >>> [(b[0].row // 2, b[0].col // 2) for b in band_order(blocks)][:5]
+    [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1)]
+    """
+
+    def place(block: list[Tile]) -> tuple[int, int, int]:
+        row, col = block[0].row // 2, block[0].col // 2
+        return (row // BAND, col, row)
+
+    return sorted(blocks, key=place)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """What a guarded task returns instead of raising: one store's failure must not stop the
+    tasks of the other stores computed with it (``fcnpipe batch``)."""
+
+    token: str
+    """The :attr:`OutputRef.token` of the store whose task failed."""
+    message: str
+    """The one-line error; empty for a task abandoned because an earlier one of its store failed."""
+
+
+_failed: set[str] = set()
+"""Tokens of the stores a task failed for in this process: their other tasks are not started."""
+
+
+def process_guarded(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> Any:
+    """:func:`process_tiles`, returning a :class:`TaskFailure` instead of raising."""
+    if job.output.token in _failed:
+        return TaskFailure(job.output.token, "")
+    try:
+        return process_tiles(job, tiles, block, name)
+    except Exception as err:  # reported per store by the caller, in one line
+        _failed.add(job.output.token)
+        text = str(err) if isinstance(err, FcnpipeError) else f"{type(err).__name__}: {err}"
+        return TaskFailure(job.output.token, " ".join(text.split()))
+
+
+def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch: int) -> list[Any]:
+    """Tasks that make pyramid ``level`` chunk by chunk from the level above (cores of ``tiles``)."""
+
+    def reduce(group: list[Tile]) -> int:
+        return sum(reduce_core(out, level, tile.core) for tile in group)
+
+    return [delayed_call(reduce, group) for group in batched(tiles, batch)]
+
+
+def compute_tasks(
+    tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None, engine: Engine | None = None
+) -> int:
+    """:func:`compute_results`, returning the total number of pixels written."""
+    return sum(pixels_of(result) for result in compute_results(tasks, workers, on_done, engine))
+
+
+def pixels_of(result: Any) -> int:
+    """Pixels a task wrote: its int result, or its :class:`TaskStats`'s (0 for a failure)."""
+    if isinstance(result, TaskStats):
+        return result.pixels
+    return result if isinstance(result, int) else 0
+
+
+def compute_results(
+    tasks: Sequence[Any],
+    workers: int,
+    on_done: Callable[[int], None] | None = None,
+    engine: Engine | None = None,
+    gpu: bool = False,
+) -> list[Any]:
+    """Run ``tasks`` with ``engine`` (default: ``workers`` threads here); ``on_done(pixels)`` after
+    each; return what each returned, in order. ``gpu``: each task needs the worker resource GPU=1."""
+
+    def done(result: Any) -> None:
+        if on_done is not None and pixels_of(result):
+            on_done(pixels_of(result))
+
+    return (engine or THREADS).run(tasks, workers, done, gpu)

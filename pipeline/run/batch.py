@@ -1,0 +1,267 @@
+"""Many inputs, one store each, one manifest: the overnight batch.
+
+:func:`expand_inputs` turns files, folders, glob patterns and lists of paths into input files;
+:func:`output_paths` names a store after each input. :func:`run_batch` runs them and keeps a
+manifest (``manifest.json`` and ``manifest.csv`` in the output folder, rewritten atomically after
+every input) with each input's status: ``done``, ``skipped`` (its store was already complete) or
+``failed`` with the one-line reason. One bad input never stops the others.
+
+Inputs are run in *waves*: the level-0 tasks of consecutive inputs are computed together until a
+wave holds enough tasks to keep every worker busy (:data:`TASKS_PER_WORKER`), so many small
+images do not leave workers idle between them while one big slide still runs, and completes, on
+its own. A store is finished (pyramid, completion mark) as soon as its wave is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import glob
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.compute.engine import THREADS, Engine
+from pipeline.compute.tasks import TaskFailure, TaskStats, compute_results, stage_seconds
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, FcnpipeError
+from pipeline.run.execute import RunPlan, Writing, prepare
+from pipeline.store.lock import store_lock
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".bif", ".scn", ".qptiff", ".gtiff")
+TASKS_PER_WORKER = 8
+"""A wave holds at least this many tasks per worker (or is a single input)."""
+MANIFEST = "manifest"
+
+
+@dataclass
+class BatchItem:
+    """One input of a batch and what became of it."""
+
+    input: str
+    output: str
+    status: str = "pending"
+    """``pending``, ``done``, ``skipped`` (already complete) or ``failed``."""
+    reason: str = ""
+    seconds: float = 0.0
+    megapixels: float = 0.0
+    chunks: int = 0
+    chunks_skipped: int = 0
+    """Chunks without foreground, not computed."""
+    chunks_resumed: int = 0
+    """Chunks written by an earlier, interrupted run."""
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Input files from ``items``: files, folders (their TIFFs), glob patterns, and ``@list.txt``
+    files of paths (one per line, ``#`` comments), in the order given, each once.
+
+    A name that matches nothing is kept as it is, so that it is reported as failed, not dropped.
+    """
+    found: list[str] = []
+    for item in items:
+        if item.startswith("@"):
+            found += expand_inputs(_read_list(item[1:]))
+        elif os.path.isdir(item):
+            names = sorted(os.listdir(item))
+            found += [
+                os.path.join(item, n) for n in names if n.lower().endswith(TIFF_SUFFIXES) and not n.startswith(".")
+            ]
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            found += [m for m in matches if os.path.isfile(m)] or [item]
+        else:
+            found.append(item)
+    unique: dict[str, str] = {}
+    for path in found:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
+
+
+def _read_list(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = [line.split("#", 1)[0].strip() for line in file]
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the list of inputs ({err.strerror or err})") from err
+    base = os.path.dirname(path)
+    return [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line]
+
+
+def output_paths(inputs: Sequence[str], outdir: str) -> list[str]:
+    """``OUTDIR/<name>.zarr`` for each input, the name being its file name without the extension
+    (``slide.ome.tif`` -> ``slide``); names that repeat get ``-2``, ``-3``, ... in input order.
+
+    >>> output_paths(["a/s1.svs", "b/s1.tif", "c/x.ome.tiff"], "out")
+    ['out/s1.zarr', 'out/s1-2.zarr', 'out/x.zarr']
+    """
+    seen: dict[str, int] = {}
+    paths = []
+    for path in inputs:
+        name = os.path.basename(path)
+        for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        else:
+            name = os.path.splitext(name)[0]
+        seen[name] = seen.get(name, 0) + 1
+        paths.append(os.path.join(outdir, f"{name}-{seen[name]}.zarr" if seen[name] > 1 else f"{name}.zarr"))
+    return paths
+
+
+def write_manifest(outdir: str, items: Sequence[BatchItem]) -> None:
+    """``manifest.json`` and ``manifest.csv`` in ``outdir``, each replaced atomically."""
+    rows = [dataclasses.asdict(item) for item in items]
+    for item in rows:
+        item["seconds"] = round(item["seconds"], 2)
+        item["megapixels"] = round(item["megapixels"], 3)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["input"])
+    writer.writeheader()
+    writer.writerows(rows)
+    summary = {"inputs": len(items), **{s: sum(i.status == s for i in items) for s in ("done", "skipped", "failed")}}
+    for name, content in (
+        (f"{MANIFEST}.json", json.dumps({"summary": summary, "inputs": rows}, indent=1)),
+        (f"{MANIFEST}.csv", text.getvalue()),
+    ):
+        temporary = os.path.join(outdir, name + ".partial")
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(content)
+        os.replace(temporary, os.path.join(outdir, name))
+
+
+def run_batch(
+    config: RunConfig,
+    inputs: Sequence[str],
+    outdir: str,
+    on_plan: Callable[[BatchItem, RunPlan], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_item: Callable[[BatchItem], None] | None = None,
+    engine: Engine = THREADS,
+) -> list[BatchItem]:
+    """Run ``config`` on every input, one store each in ``outdir``; return the manifest's items.
+
+    ``on_plan(item, plan)`` shows each input's plan before it runs, ``on_progress(pixels)`` follows
+    the level-0 tasks of every input, ``on_item(item)`` reports each input as it ends. ``engine``
+    runs the tasks (:func:`pipeline.compute.engine.open_engine`).
+    """
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{outdir}: cannot create the output folder ({err.strerror or err})") from err
+    items = [BatchItem(path, out) for path, out in zip(inputs, output_paths(inputs, outdir), strict=True)]
+    write_manifest(outdir, items)
+
+    def report(item: BatchItem) -> None:
+        write_manifest(outdir, items)
+        if on_item is not None:
+            on_item(item)
+
+    pending = list(items)
+    while pending:
+        wave: list[tuple[BatchItem, Writing, float, contextlib.ExitStack]] = []
+        tasks: list[Any] = []
+        while pending and (not wave or len(tasks) < TASKS_PER_WORKER * wave[0][1].plan.workers):
+            item = pending.pop(0)
+            started = time.perf_counter()
+            item_config = _for_input(config, item)
+            held = contextlib.ExitStack()
+            try:
+                held.enter_context(store_lock(item.output))  # another writer: refused before planning
+                plan = prepare(item_config, engine)
+                item.megapixels = plan.megapixels
+                item.chunks, item.chunks_skipped = len(plan.tiles), plan.tiles_masked
+                if on_plan is not None:
+                    on_plan(item, plan)
+                writing = held.enter_context(Writing(plan))
+            except Exception as err:  # one bad input never stops the others: one line in the manifest
+                held.close()
+                _fail(item, _one_line(err), started)
+                report(item)
+                continue
+            if writing.result is not None:
+                held.close()
+                item.status, item.reason = "skipped", "already complete"
+                item.chunks_resumed = writing.plan.tiles_done
+                report(item)
+                continue
+            item.chunks_resumed = plan.tiles_done
+            if plan.blend is not None:  # blended stores run on their own
+                with held:
+                    _run_alone(item, writing, started, on_progress)
+                report(item)
+                continue
+            wave.append((item, writing, started, held))
+            tasks += writing.tasks(guarded=True)
+        if wave:
+            _run_wave(wave, tasks, on_progress, report)
+    return items
+
+
+def _for_input(config: RunConfig, item: BatchItem) -> RunConfig:
+    """``config`` for one input of the batch: its paths; resume unless told to overwrite."""
+    output = dataclasses.replace(config.output, path=item.output, resume=not config.output.overwrite)
+    return dataclasses.replace(config, input=dataclasses.replace(config.input, path=item.input), output=output)
+
+
+def _one_line(err: Exception) -> str:
+    return str(err) if isinstance(err, FcnpipeError) else f"internal error: {type(err).__name__}: {err}"
+
+
+def _fail(item: BatchItem, reason: str, started: float) -> None:
+    item.status, item.reason = "failed", " ".join(reason.split())
+    item.seconds = time.perf_counter() - started
+
+
+def _run_alone(item: BatchItem, writing: Writing, started: float, on_progress: Callable[[int], None] | None) -> None:
+    try:
+        writing.compute(on_progress)
+        writing.finish()
+        item.status = "done"
+        item.seconds = time.perf_counter() - started
+    except Exception as err:
+        _fail(item, _one_line(err), started)
+
+
+def _run_wave(
+    wave: Sequence[tuple[BatchItem, Writing, float, contextlib.ExitStack]],
+    tasks: Sequence[Any],
+    on_progress: Callable[[int], None] | None,
+    report: Callable[[BatchItem], None],
+) -> None:
+    """Compute ``tasks``, the level-0 tasks of every store of ``wave``, together; then finish each
+    store and release it (its :class:`Writing` and lock, held by its stack)."""
+    try:
+        compute_started = time.perf_counter()
+        plan = wave[0][1].plan
+        results = compute_results(tasks, plan.workers, on_progress, plan.engine, plan.gpu)
+        compute_s = time.perf_counter() - compute_started
+        failures: dict[str, str] = {}
+        for result in results:
+            if isinstance(result, TaskFailure) and result.message:
+                failures.setdefault(result.token, result.message)
+        total_pixels = sum(w.plan.megapixels_to_compute for _, w, _, _ in wave) or 1.0
+        for item, writing, started, held in wave:
+            token = writing.job.output.token
+            writing.stages = stage_seconds([r for r in results if isinstance(r, TaskStats) and r.token == token])
+            failure = failures.get(token)
+            if failure is not None:
+                _fail(item, failure, started)
+            else:
+                try:  # the wave's compute time, shared by pixels
+                    writing.finish(compute_s * writing.plan.megapixels_to_compute / total_pixels)
+                    item.status = "done"
+                    item.seconds = time.perf_counter() - started
+                except Exception as err:
+                    _fail(item, _one_line(err), started)
+            held.close()
+            report(item)
+    finally:
+        for _, _, _, held in wave:
+            held.close()

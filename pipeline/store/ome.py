@@ -1,0 +1,200 @@
+"""What the output says about itself: provenance and the completion mark.
+
+The root attribute ``fcnpipe`` of the output group holds the fcnpipe version, the resolved config,
+the model's sha256 and description, the input path and size, the tile and halo used, timings, and
+``complete``. ``complete`` is written ``false`` when the store is created and ``true`` only after
+every chunk is on disk, so a killed or failed run never leaves an output that looks finished.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline.store.arrays import UINT8_SCALE
+
+ATTRIBUTE = "fcnpipe"
+
+
+def provenance(
+    *,
+    config: dict[str, Any],
+    input_path: str,
+    input_size: int,
+    input_shape: tuple[int, int, int],
+    model_sha256: str,
+    model: dict[str, Any],
+    tile: int,
+    halo: int,
+    spatial: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``fcnpipe`` attribute as written when a run starts (``complete: false``)."""
+    return {
+        "version": __version__,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": config,
+        "input": {"path": input_path, "size_bytes": input_size, "shape_cyx": list(input_shape)},
+        "model": {"sha256": model_sha256, **model},
+        "tile": tile,
+        "halo": halo,
+        "spatial": spatial,
+        "complete": False,
+    }
+
+
+def write_start(path: str, record: dict[str, Any]) -> None:
+    group = zarr.open_group(path, mode="r+")
+    group.attrs[ATTRIBUTE] = record
+
+
+def mark_complete(path: str, record: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """Write the timings and ``complete: true``; the last write of a successful run."""
+    final = {**record, "timings_s": timings, "complete": True}
+    final["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    group = zarr.open_group(path, mode="r+")
+    group.attrs[ATTRIBUTE] = final
+    return final
+
+
+def read_record(path: str) -> dict[str, Any] | None:
+    """The ``fcnpipe`` attribute of a store, or None when it has none."""
+    group = zarr.open_group(path, mode="r")
+    value = group.attrs.get(ATTRIBUTE)
+    return dict(value) if isinstance(value, dict) else None
+
+
+# --- OME-NGFF, for napari, QuPath and other viewers ------------------------------------------------
+
+OME_VERSIONS = ("0.4", "0.5")
+
+
+def _scale(level: int, pixel_size: float | None, leading: int) -> list[float]:
+    size = (pixel_size or 1.0) * 2**level
+    return [1.0] * leading + [size, size]
+
+
+def _multiscale(
+    name: str, levels: int, axes: list[dict[str, str]], pixel_size: float | None, version: str
+) -> dict[str, Any]:
+    leading = len(axes) - 2
+    block: dict[str, Any] = {
+        "name": name,
+        "axes": axes,
+        "datasets": [
+            {
+                "path": str(level),
+                "coordinateTransformations": [{"type": "scale", "scale": _scale(level, pixel_size, leading)}],
+            }
+            for level in range(levels)
+        ],
+    }
+    if version == "0.4":
+        block = {"version": "0.4", **block}
+    return block
+
+
+def _space_axes(mpp: float | None) -> list[dict[str, str]]:
+    unit = {"unit": "micrometer"} if mpp is not None else {}
+    return [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}]
+
+
+def _wrap(version: str, content: dict[str, Any]) -> dict[str, Any]:
+    """0.4 puts OME keys at the top of the attributes; 0.5 nests them under ``ome`` with the version."""
+    return content if version == "0.4" else {"ome": {"version": version, **content}}
+
+
+def ome_image(
+    version: str, name: str, levels: int, class_names: list[str], colors: list[tuple[int, int, int]],
+    mpp: float | None, dtype: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Root attributes: ``multiscales`` over the probability levels and ``omero`` channel display.
+
+    Axes ``c`` (one channel per class, named after it) and ``y``, ``x`` in micrometres when the
+    source says how large a pixel is, else in pixels. Level ``k`` is ``2**k`` times coarser.
+    """
+    axes = [{"name": "c", "type": "channel"}, *_space_axes(mpp)]
+    top = UINT8_SCALE if dtype == "uint8" else 1.0
+    omero = {
+        "name": name,
+        "channels": [
+            {
+                "label": label, "color": "".join(f"{v:02X}" for v in color), "active": True,
+                "window": {"min": 0, "max": top, "start": 0, "end": top},
+            }
+            for label, color in zip(class_names, colors, strict=True)
+        ],
+        "rdefs": {"model": "color"},
+    }  # fmt: skip
+    if version == "0.4":
+        omero["version"] = "0.4"
+    multiscale = _multiscale(name, levels, axes, mpp, version)
+    multiscale["metadata"] = {"method": "mean of 2 x 2 blocks of the stored level above"}
+    return _wrap(version, {"multiscales": [multiscale], "omero": omero})
+
+
+def ome_labels_group(version: str, names: list[str]) -> dict[str, Any]:
+    """Attributes of the ``labels`` group: the names of its label images."""
+    return _wrap(version, {"labels": names})
+
+
+def ome_label_image(
+    version: str, levels: int, class_names: list[str], colors: list[tuple[int, int, int]], mpp: float | None,
+    nodata_label: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Attributes of ``labels/argmax``: its levels and one colour and name per class value.
+
+    ``nodata_label`` (where the source has no data) is transparent.
+    """
+    label: dict[str, Any] = {
+        "colors": [{"label-value": i, "rgba": [*color, 255]} for i, color in enumerate(colors)]
+        + [{"label-value": nodata_label, "rgba": [0, 0, 0, 0]}],
+        "properties": [{"label-value": i, "name": name} for i, name in enumerate(class_names)]
+        + [{"label-value": nodata_label, "name": "no data"}],
+        "source": {"image": "../../"},
+    }
+    if version == "0.4":
+        label = {"version": "0.4", **label}
+    multiscale = _multiscale("argmax", levels, _space_axes(mpp), mpp, version)
+    multiscale["metadata"] = {"method": "top-left label of 2 x 2 blocks of the level above"}
+    return _wrap(version, {"multiscales": [multiscale], "image-label": label})
+
+
+# --- GIS: georeference as GDAL and xarray read it from Zarr ------------------------------------------
+
+
+def crs_attribute(crs: str) -> dict[str, Any]:
+    """GDAL's ``_CRS`` attribute for ``"EPSG:<code>"``.
+
+    >>> crs_attribute("EPSG:32618")
+    {'url': 'http://www.opengis.net/def/crs/EPSG/0/32618'}
+    """
+    authority, code = crs.split(":")
+    return {"url": f"http://www.opengis.net/def/crs/{authority}/0/{code}"}
+
+
+def grid_mapping(crs: str | None, transform: tuple[float, ...]) -> dict[str, Any]:
+    """CF grid-mapping attributes with GDAL's ``GeoTransform`` (exact, unlike coordinates).
+
+    >>> grid_mapping("EPSG:3857", (2.0, 0.0, 100.0, 0.0, -2.0, 50.0))["GeoTransform"]
+    '100.0 2.0 0.0 50.0 0.0 -2.0'
+    """
+    a, b, c, d, e, f = transform[:6]
+    attributes: dict[str, Any] = {"GeoTransform": " ".join(repr(float(v)) for v in (c, a, b, f, d, e))}
+    if crs:
+        attributes["spatial_ref"] = crs
+    return attributes
+
+
+def pixel_centres(transform: tuple[float, ...], height: int, width: int) -> tuple[Any, Any]:
+    """``(xs, ys)``: coordinates of the centres of the columns and rows of a north-up grid.
+
+    >>> xs, ys = pixel_centres((10.0, 0.0, 100.0, 0.0, -10.0, 50.0), 2, 3)
+    >>> xs.tolist(), ys.tolist()
+    ([105.0, 115.0, 125.0], [45.0, 35.0])
+    """
+    a, _, c, _, e, f = transform[:6]
+    return c + a * (np.arange(width) + 0.5), f + e * (np.arange(height) + 0.5)
