@@ -9,7 +9,7 @@ with their default widths, seeded weights, at one tile size (default: the pipeli
    (``batch x 3 x (forward + 2 halo)²``, ``forward`` the tile or the pieces the run predicts it in,
    :func:`pipeline.run.execute.forward_tile_for`), counted in output (core) pixels, with the run's workers x torch
    threads (``thread_plan``), the workers calling the model concurrently from threads, after warm-up:
-   batch 1 against the default batch (both through :class:`pipeline.model.network.Predictor`, channels-last),
+   batch 1 against the default batch (both through :class:`pipeline.model.predictor.Predictor`, channels-last),
    then contiguous (the module called directly under ``torch.inference_mode``, softmax included)
    against channels-last (the Predictor), each pair in A B B A order so linear drift cancels;
 3. runs ``python -m pipeline run IMAGE --model CKPT -o OUT.zarr --overwrite --no-progress --no-preview
@@ -43,8 +43,8 @@ from torch import nn
 from pipeline.compute.engine import available_cores, thread_plan
 from pipeline.config import TilingConfig
 from pipeline.model.checkpoint import load_model
-from pipeline.model.network import Predictor, set_torch_threads
-from pipeline.run.execute import forward_tile_for
+from pipeline.model.predictor import Predictor, set_torch_threads
+from pipeline.run.plan import forward_tile_for
 
 ARCHITECTURES = ("reference_fcn", "fcn8s", "unet")
 Forward = Callable[[np.ndarray], np.ndarray]

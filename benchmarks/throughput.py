@@ -10,8 +10,8 @@ For each architecture (``--archs``, default the reference FCN and the U-Net) and
 2. times the network alone on in-memory random batches of the run's forward passes (the run's
    tiles per pass, 1 on a CPU, of its forward window: the tile, or the pieces it is predicted in,
    ``forward_tile_for``, plus 2 x halo), with the same workers x torch threads as the run
-   (``thread_plan``), the workers calling one shared :class:`pipeline.model.network.Predictor` concurrently
-   from threads (its allocator setting included, :func:`pipeline.model.network.keep_freed_memory`);
+   (``thread_plan``), the workers calling one shared :class:`pipeline.model.predictor.Predictor` concurrently
+   from threads (its allocator setting included, :func:`pipeline.model.predictor.keep_freed_memory`);
 3. runs the real CLI as a subprocess (``python -m pipeline run IMAGE --model M -o OUT.zarr``) under a
    small helper process that reports the child's wall time and peak RSS
    (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, exact, per measurement), and reads the store's
@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
 from _common import environment, geometry, make_inputs, run_cli, write_checkpoint
 from _report import linearity, monai_stages, overheads, plot, rss_verdict, table
@@ -53,9 +52,9 @@ from monai_baseline import machine_memory, memory_needed, run_monai
 from pipeline.compute.engine import available_cores, thread_plan
 from pipeline.config import TilingConfig
 from pipeline.model.checkpoint import load_model
-from pipeline.model.network import Predictor, set_torch_threads
-from pipeline.run.execute import forward_tile_for
-from pipeline.source.tiff import _TiledLevel
+from pipeline.model.predictor import Predictor, set_torch_threads
+from pipeline.run.plan import forward_tile_for
+from pipeline.source.pixels import Level
 
 ARCHS = ("reference", "fcn8s", "unet")
 """``reference``: ``ReferenceFCN(3, 3)`` as a bare state_dict (as before); the others: fcnpipe checkpoints."""
@@ -117,19 +116,18 @@ def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: 
 def decode_only(image: str, workers: int, min_s: float) -> dict[str, float]:
     """Mpx/s of decoding the input's file tiles alone, each once, by ``workers`` threads (round
     robin, up to the whole image or ``min_s`` seconds), through the run's own tile reader
-    (:class:`pipeline.source.tiff._TiledLevel`, without its cache). Every pipeline must decode each
+    (:class:`pipeline.source.pixels.Level`, without its cache). Every pipeline must decode each
     pixel at least once, so with the network's rate M and this rate D, no run on the same cores
     can exceed ``1 / (1/M + 1/D)``: a ratio of at most ``D / (D + M)``."""
-    tif = tifffile.TiffFile(image)
-    page = tif.pages[0]
-    level = _TiledLevel(tif, page, image, None)  # closes the TIFF too
+    level = Level.open(image, 0, 0)
+    page = level.pages[0]
     try:
         decoded = [0] * workers
         started = time.perf_counter()
 
         def loop(first: int) -> None:
             for index in range(first, len(page.dataoffsets), workers):
-                level._tile(index)
+                level._segment(page, 0, index)
                 decoded[first] += 1
                 if time.perf_counter() - started >= min_s:
                     return

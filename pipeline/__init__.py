@@ -1,9 +1,12 @@
 """fcnpipe: gigapixel images -> per-pixel class-probability maps with a fully convolutional network.
 
-Data flows one way: :mod:`pipeline.source.tiff` (lazy TIFF reading) -> :mod:`pipeline.tiling` (cores and
-halos) -> :mod:`pipeline.model.network` (the network) -> :mod:`pipeline.compute.tasks` (Dask tasks) ->
-:mod:`pipeline.store.arrays` (Zarr writes) -> :mod:`pipeline.store.ome` (provenance). :mod:`pipeline.run.execute`
-wires the steps; :mod:`pipeline.cli.commands` is the only module that knows about the command line.
+Data flows one way, and so do the imports: :mod:`pipeline.source` reads the input, :mod:`pipeline.tiling`
+cuts it into cores and halos, :mod:`pipeline.model` runs the network, :mod:`pipeline.compute` runs the
+tasks, :mod:`pipeline.store` writes the Zarr store and its metadata; :mod:`pipeline.run` wires them into
+one run, :mod:`pipeline.products` makes TIFFs and pictures from the store, :mod:`pipeline.training`
+makes networks, and :mod:`pipeline.cli` is the only package that knows about the command line. At the
+bottom, :mod:`pipeline.errors`, :mod:`pipeline.parse`, :mod:`pipeline.config` and :mod:`pipeline.files`
+serve them all. ``tests/test_structure.py`` keeps it so.
 """
 
 __version__ = "0.1.0"

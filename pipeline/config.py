@@ -2,8 +2,9 @@
 
 Precedence is defaults < YAML files (in the order given) < command-line flags. Unknown keys are
 rejected with their full key path, and every value is checked on load, so a typo fails in the
-first second of an overnight run rather than at 3 am. Only :mod:`pipeline.run.execute` and
-:mod:`pipeline.cli.commands` see the whole config; the other modules take the few plain values they need.
+first second of an overnight run rather than at 3 am. Only :mod:`pipeline.run` and :mod:`pipeline.cli`
+see the whole config; the other modules take the few plain values they need. How values are read
+and checked is :mod:`pipeline.parse`'s.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import dataclasses
 import math
 import os
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
 from pipeline.errors import ConfigError
+from pipeline.parse import merge, parse_dataclass, parse_int, parse_number, read_yaml
 
 OutputDtype = Literal["float32", "float16", "uint8"]
 OutputFormat = Literal["ome-zarr-0.4", "ome-zarr-0.5"]
@@ -28,24 +27,17 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["float32", "float16", "bfloat16"]
 Tta = Literal["none", "flips"]
 BlendMode = Literal["none", "gaussian", "cosine"]
+MaskKind = Literal["auto", "none", "image"]
 
 
 def _positive(value: int | None, key: str, most: int = 2**20) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(f"Expected a positive integer for {key!r}. Got {value} instead.")
-    _at_most(value, key, most)
+    """Every size is bounded: a mistyped 100000000000000000000 fails here, not after hours."""
+    if value is not None:
+        parse_int(value, key, minimum=1, maximum=most)
 
 
 def _non_negative(value: int, key: str, most: int = 2**20) -> None:
-    if value < 0:
-        raise ConfigError(f"Expected a non-negative integer for {key!r}. Got {value} instead.")
-    _at_most(value, key, most)
-
-
-def _at_most(value: int | None, key: str, most: int) -> None:
-    """Every size is bounded: a mistyped 100000000000000000000 fails here, not after hours."""
-    if value is not None and value > most:
-        raise ConfigError(f"Expected at most {most} for {key!r}. Got {value} instead.")
+    parse_int(value, key, minimum=0, maximum=most)
 
 
 MAX_TILE = 8192
@@ -53,8 +45,8 @@ MAX_TILE = 8192
 
 
 def _finite_positive(value: float | None, key: str) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"Expected a positive number for {key!r}. Got {value} instead.")
+    if value is not None:
+        parse_number(value, key, positive=True)
 
 
 @dataclass(frozen=True)
@@ -195,8 +187,20 @@ class MaskConfig:
     def __post_init__(self) -> None:
         if not self.mode:
             raise ConfigError("Expected auto, none or a mask image path for 'mask.mode'. Got '' instead.")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise ConfigError(f"Expected a number in [0, 1] for 'mask.threshold'. Got {self.threshold} instead.")
+        if self.threshold is not None:
+            parse_number(self.threshold, "mask.threshold", minimum=0, maximum=1)
+
+    @property
+    def kind(self) -> MaskKind:
+        """``auto``, ``none``, or ``image`` (:attr:`mode` is the path of a mask image)."""
+        if self.mode == "auto":
+            return "auto"
+        return "none" if self.mode == "none" else "image"
+
+    @property
+    def image(self) -> str | None:
+        """The mask image's path, for :attr:`kind` ``image``."""
+        return None if self.mode in ("auto", "none") else self.mode
 
 
 @dataclass(frozen=True)
@@ -360,98 +364,10 @@ def load_config(
     for file in files:
         data = read_yaml(file)
         try:
-            parse(RunConfig, data, "")  # each file valid on its own, so errors can name it
+            parse_dataclass(RunConfig, data, "")  # each file valid on its own, so errors can name it
         except ConfigError as err:
             raise ConfigError(f"{os.fspath(file)}: {err}") from err
         merged = merge(merged, data)
     merged = merge(merged, dict(overrides or {}))
-    config: RunConfig = parse(RunConfig, merged, "")
+    config: RunConfig = parse_dataclass(RunConfig, merged, "")
     return config
-
-
-def read_yaml(file: str | os.PathLike[str]) -> dict[str, Any]:
-    name = os.fspath(file)
-    try:
-        with open(name, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as err:
-        raise ConfigError(f"{name}: cannot read config ({err.strerror})") from err
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{name}: not a YAML config: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})"
-        ) from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{name}: not valid YAML ({' '.join(str(err).split())})") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: a config must be a mapping of sections, got {type(data).__name__}")
-    return dict(data)
-
-
-def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict update: ``extra`` wins, sections merge key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse(cls: type[Any], data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"Expected a mapping for config section {where or '<root>'!r}. Got {data!r} instead.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
-        raise ConfigError(f"Unknown config key {key!r}. Known keys here: {', '.join(sorted(names))}.")
-    values = {}
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for name in names & set(data):
-        key = f"{where}.{name}" if where else name
-        empty = data[name] == [] and defaults[name] == ()  # an empty list where that is the default
-        values[name] = () if empty else _value(hints[name], data[name], key)
-    return cls(**values)
-
-
-def _value(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return parse(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _value(inner, value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"Expected one of {', '.join(map(str, args))} for {key!r}. Got {value!r} instead.")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not value:
-            kind = "strings" if args[0] is str else "numbers"
-            raise ConfigError(f"Expected a list of {kind} for {key!r}. Got {value!r} instead.")
-        return tuple(_value(args[0], v, key) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"Expected true or false for {key!r}. Got {value!r} instead.")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"Expected an integer for {key!r}. Got {value!r} instead.")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"Expected a number for {key!r}. Got {value!r} instead.")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"Expected a string for {key!r}. Got {value!r} instead.")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a programming error, not a user's

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
+from pipeline.parse import parse_int
 
 Box = tuple[int, int, int, int]
 """``(y0, y1, x0, x1)``: half-open pixel ranges, rows then columns."""
@@ -56,13 +57,6 @@ class Tile:
         return (y1 - y0) * (x1 - x0)
 
 
-def parse_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an int > 0, or raise a ConfigError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"Expected a positive integer for {name}. Got {value!r} instead.")
-    return value
-
-
 def round_up(value: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= ``value``.
 
@@ -84,12 +78,11 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -
     that every tile sees the same sampling phase as the whole image, hence ``tile`` must be a
     multiple of ``stride`` and the halo is rounded up to one.
     """
-    parse_positive_int(height, "image height")
-    parse_positive_int(width, "image width")
-    parse_positive_int(tile, "tile size")
-    parse_positive_int(stride, "network stride")
-    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
-        raise ConfigError(f"Expected a non-negative integer for halo. Got {halo!r} instead.")
+    parse_int(height, "image height", minimum=1)
+    parse_int(width, "image width", minimum=1)
+    parse_int(tile, "tile size", minimum=1)
+    parse_int(stride, "network stride", minimum=1)
+    parse_int(halo, "halo", minimum=0)
     if tile % stride:
         raise ConfigError(
             f"Tile size {tile} is not a multiple of the network's stride {stride}; use {round_up(tile, stride)}."
@@ -170,7 +163,7 @@ def batched(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
     >>> [[(t.row, t.col) for t in group] for group in batched(plan_tiles(8, 12, 4, 1), 2)]
     [[(0, 0), (0, 1)], [(0, 2)], [(1, 0), (1, 1)], [(1, 2)]]
     """
-    parse_positive_int(size, "batch size")
+    parse_int(size, "batch size", minimum=1)
     group: list[Tile] = []
     for tile in tiles:
         if group and (len(group) == size or tile.row != group[0].row):

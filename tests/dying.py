@@ -59,7 +59,7 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
 
 if __name__ == "__main__":
     sys.addaudithook(_hook)
-    from pipeline.cli.commands import main
+    from pipeline.cli import main
 
     sys.argv = ["fcnpipe", *sys.argv[1:]]
     main()

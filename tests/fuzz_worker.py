@@ -16,7 +16,7 @@ import sys
 def serve() -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli.commands import cli
+    from pipeline.cli import cli
 
     for line in sys.stdin:
         request = json.loads(line)

@@ -103,9 +103,9 @@ def test_registry_and_strides() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: FCN8s(width=0), "positive integer for width. Got 0"),
-        (lambda: UNet(depth=-1), "positive integer for depth. Got -1"),
-        (lambda: UNet(num_classes=True), "positive integer for num_classes. Got True"),
+        (lambda: FCN8s(width=0), "positive integer for 'width'. Got 0"),
+        (lambda: UNet(depth=-1), "positive integer for 'depth'. Got -1"),
+        (lambda: UNet(num_classes=True), "positive integer for 'num_classes'. Got True"),
         (lambda: bilinear_upsampling(2, 3), "even upsampling factor >= 2. Got 3"),
     ],
     ids=["width", "depth", "bool-classes", "odd-factor"],

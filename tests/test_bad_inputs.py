@@ -18,7 +18,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.network import REFERENCE_FCN, ModelSpec, ReferenceFCN, default_classes
 from tests.conftest import random_image

@@ -13,27 +13,27 @@ import pytest
 import zarr
 
 from pipeline.compute.blend import (
-    BLEND_GROUP,
     FLOOR,
-    PARITIES,
     Blend,
     blend_chunk,
     build_blend_tasks,
     build_merge_tasks,
     check_blend,
-    create_blend_arrays,
     parity,
     predict_blended,
-    remove_blend_arrays,
     weight_box,
     window_weights,
 )
-from pipeline.compute.tasks import Job, build_tasks, compute_tasks, pad_to_stride
+from pipeline.compute.engine import THREADS
+from pipeline.compute.job import Job
+from pipeline.compute.tasks import build_tasks, compute_tasks, pad_to_stride
 from pipeline.errors import ConfigError
 from pipeline.model.checkpoint import load_model
-from pipeline.model.network import Predictor, select_device
-from pipeline.source.tiff import open_source, read_window
-from pipeline.store.arrays import LABELS, NODATA_LABEL, PROBABILITIES, OutputRef, create_store
+from pipeline.model.predictor import Predictor, select_device
+from pipeline.source.pixels import read_window
+from pipeline.source.tiff import open_source
+from pipeline.store.arrays import BLEND_GROUP, PARITIES, create_blend_arrays, create_store, remove_blend_arrays
+from pipeline.store.layout import LABELS, NODATA_LABEL, PROBABILITIES, OutputRef
 from pipeline.tiling import Tile, batched, plan_tiles
 from tests.conftest import random_image
 from tests.test_exactness import save
@@ -96,7 +96,8 @@ def _blended(image: Path, net: Net, out: Path, tile: int, halo: int, mode: str) 
     """Probabilities and labels of a blended run."""
     job, shape = _job(image, net, out, tile)
     blend = check_blend(tile, halo, job.stride, mode)
-    predict_blended(job, plan_tiles(*shape, tile, halo, job.stride), 3, shape, blend, batch=2, workers=2)
+    tiles = plan_tiles(*shape, tile, halo, job.stride)
+    predict_blended(job, tiles, classes=3, image_shape=shape, blend=blend, batch=2, workers=2, engine=THREADS)
     store = zarr.open_group(str(out), mode="r")
     return store[PROBABILITIES][:], store[LABELS][:]
 
@@ -104,7 +105,7 @@ def _blended(image: Path, net: Net, out: Path, tile: int, halo: int, mode: str) 
 def _plain(image: Path, net: Net, out: Path, tile: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and labels of plain tiling with ``halo``."""
     job, shape = _job(image, net, out, tile)
-    compute_tasks(build_tasks(job, plan_tiles(*shape, tile, halo, job.stride), 2), 2)
+    compute_tasks(build_tasks(job, plan_tiles(*shape, tile, halo, job.stride), 2), THREADS, workers=2)
     store = zarr.open_group(str(out), mode="r")
     return store[PROBABILITIES][:], store[LABELS][:]
 
@@ -233,13 +234,13 @@ def test_no_two_phase_one_tasks_write_one_chunk_and_the_arrays_go(
             for cy in range(y0 // chunk, (y1 - 1) // chunk + 1):
                 for cx in range(x0 // chunk, (x1 - 1) // chunk + 1):
                     assert claimed.setdefault((parity(t), cy, cx), task) == task, (t, cy, cx)
-    create_blend_arrays(str(out), 3, shape, blend)
-    compute_tasks(build_blend_tasks(job, tiles, shape, blend, 2), 2)
+    create_blend_arrays(str(out), 3, shape, blend.chunk)
+    compute_tasks(build_blend_tasks(job, tiles, shape, blend, 2), THREADS, workers=2)
     for name in PARITIES:
         folder = out / BLEND_GROUP / name / "weight"
         written = {tuple(int(i) for i in key.split(".")) for key in os.listdir(folder) if not key.startswith(".")}
         assert written == {(cy, cx) for p, cy, cx in claimed if p == name}  # the keys zarr wrote are those
-    compute_tasks(build_merge_tasks(job, tiles, 2), 2)
+    compute_tasks(build_merge_tasks(job, tiles, 2), THREADS, workers=2)
     remove_blend_arrays(str(out))
     assert not (out / BLEND_GROUP).exists()
     assert BLEND_GROUP not in zarr.open_group(str(out), mode="r")
@@ -261,10 +262,10 @@ def test_no_data_stays_no_data(make_tiff: Callable[..., Path], make_model: Calla
 REFUSALS = [
     (64, 40, 8, "gaussian", "more than half the tile size 64.*at most 32 or a tile of at least 80"),
     (64, 12, 8, "cosine", "not a multiple of the network's stride 8.*use 8 or 16"),
-    (64, 16, 8, "linear", "Expected one of none, gaussian, cosine for the blend mode. Got 'linear'"),
+    (64, 16, 8, "linear", "Expected one of none, gaussian, cosine for 'blend mode'. Got 'linear'"),
     (15, 4, 1, "cosine", "even tile size.*Got 15 instead; use 16"),
     (60, 8, 8, "cosine", "Tile size 60 is not a multiple of the network's stride 8; use 64"),
-    (64, -8, 8, "cosine", "non-negative integer for the halo. Got -8"),
+    (64, -8, 8, "cosine", "non-negative integer for 'halo'. Got -8"),
 ]
 
 
@@ -281,7 +282,7 @@ def test_cli_halo_and_blend_through_the_pipeline(make_tiff: Callable[..., Path],
     """``--halo N --blend gaussian`` below the exact halo: approximate, said so, closer than no blending."""
     from click.testing import CliRunner
 
-    from pipeline.cli.commands import cli
+    from pipeline.cli import cli
 
     image = make_tiff(random_image((150, 140, 3), seed=11), photometric="rgb")
     model = save(tmp_path, "unet")

@@ -12,7 +12,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from tests.conftest import random_image
 
 
@@ -156,8 +156,37 @@ def test_a_closed_pipe_ends_quietly(real_data: Path, tmp_path: Path) -> None:
 
 
 def test_an_interruption_before_anything_was_written_says_so(tmp_path: Path) -> None:
-    from pipeline.cli.commands import _interrupted
+    from pipeline.cli.run import _interrupted
     from pipeline.errors import Interrupted
 
     with pytest.raises(Interrupted, match=r"^nothing was written$"), _interrupted(str(tmp_path / "o.zarr"), False):
         raise KeyboardInterrupt
+
+
+def test_options_left_out_leave_the_config_alone(tmp_path: Path) -> None:
+    """Every shared option, a boolean ``--x/--no-x`` pair included, is None when not given, so the
+    YAML's value (or the default) stands; each given one reaches its config key."""
+    import click
+
+    from pipeline.cli.options import PROGRESS, RESUME, RUN_OPTIONS, click_option, load, run_options
+
+    seen: dict[str, object] = {}
+
+    @click.command()
+    @run_options
+    @click_option(RESUME)
+    @click_option(PROGRESS)
+    def probe(configs: tuple[str, ...], **given: object) -> None:
+        seen.update(given)
+        seen["config"] = load(configs, given)
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("compute:\n  progress: false\n  workers: 3\noutput:\n  resume: true\n")
+    assert CliRunner().invoke(probe, ["-c", str(yaml)]).exit_code == 0
+    assert {k: v for k, v in seen.items() if k != "config" and v is not None} == {}
+    config = seen["config"]
+    assert config.compute.progress is False and config.compute.workers == 3 and config.output.resume is True  # type: ignore[attr-defined]
+    assert CliRunner().invoke(probe, ["-c", str(yaml), "--progress", "--workers", "2"]).exit_code == 0
+    config = seen["config"]
+    assert config.compute.progress is True and config.compute.workers == 2  # type: ignore[attr-defined]
+    assert {option.dest for option in [*RUN_OPTIONS, RESUME, PROGRESS]} <= set(seen)

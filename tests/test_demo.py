@@ -9,13 +9,13 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from pipeline.training.demo import run_demo
 
 
 @pytest.mark.slow
 def test_demo_learns_the_synthetic_classes(tmp_path: Path) -> None:
-    result = run_demo(str(tmp_path), size=1024, seed=1, progress=False, train_steps=50)
+    result = run_demo(str(tmp_path), size=1024, seed=1, progress=None, train_steps=50)
     assert set(result.ious) == {"background", "stroma", "nuclei"}
     assert result.mean_iou >= 0.9, result.ious
     assert result.training is not None and [e.patches for e in result.training.history] == [80] * 5  # 50 x 8 patches
@@ -44,13 +44,13 @@ def test_the_demo_trains_the_same_checkpoint_every_time(tmp_path: Path) -> None:
     import torch
 
     threads = torch.get_num_threads()
-    first = run_demo(str(tmp_path / "a"), size=512, seed=3, progress=False, train_steps=12)
+    first = run_demo(str(tmp_path / "a"), size=512, seed=3, progress=None, train_steps=12)
     torch.set_num_threads(1)  # the caller's threads must not matter
     try:
-        second = run_demo(str(tmp_path / "b"), size=512, seed=3, progress=False, train_steps=12)
+        second = run_demo(str(tmp_path / "b"), size=512, seed=3, progress=None, train_steps=12)
     finally:
         torch.set_num_threads(threads)
     assert first.model_sha256 == second.model_sha256 and len(first.model_sha256) == 64
     assert first.ious == second.ious
-    other = run_demo(str(tmp_path / "c"), size=512, seed=4, progress=False, train_steps=12)
+    other = run_demo(str(tmp_path / "c"), size=512, seed=4, progress=None, train_steps=12)
     assert other.model_sha256 != first.model_sha256

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.compute.engine import job_queue_cluster
 from pipeline.config import load_config
-from pipeline.run.resume import STATE_DIR
+from pipeline.store.safety import STATE_DIR
 from tests.conftest import slide_and_model
 from tests.test_resume import FIXED, assert_same_bytes, fcnpipe
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from pipeline.config import load_config
 from pipeline.run.estimate import estimate
-from pipeline.run.execute import execute, prepare
+from pipeline.run.execute import execute
+from pipeline.run.plan import prepare
 from pipeline.training.synthetic import make_synthetic_slide
 
 
@@ -43,4 +44,4 @@ def test_plan_prints_chunks_mask_eta_memory_and_size_and_writes_nothing(
     actual = disk_bytes(store)
     assert 0.5 < expected.output_bytes / actual < 2, (expected.output_bytes, actual)  # from one sample
     assert expected.forward_s > 0 and expected.read_s > 0 and expected.encode_s > 0
-    assert result_run.tiles_computed == plan.tiles_to_compute == 64 - plan.tiles_masked
+    assert result_run.chunks_computed == plan.chunks_to_compute == 64 - plan.chunks_background

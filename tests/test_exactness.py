@@ -16,15 +16,19 @@ import torch
 import zarr
 from torch import nn
 
+from pipeline.cli.report import plan_lines
 from pipeline.compute.tasks import pad_to_stride
 from pipeline.config import load_config
 from pipeline.model.architectures import FCN8s, UNet
 from pipeline.model.checkpoint import load_model, save_checkpoint
-from pipeline.model.network import REFERENCE_FCN, ModelSpec, Predictor, ReferenceFCN, default_classes, select_device
+from pipeline.model.network import REFERENCE_FCN, ModelSpec, ReferenceFCN, default_classes
+from pipeline.model.predictor import Predictor, select_device
 from pipeline.model.receptive import measure_stride
-from pipeline.run.execute import RunPlan, prepare, run_pipeline
-from pipeline.source.tiff import open_source, read_window
-from pipeline.store.arrays import LABELS, PROBABILITIES
+from pipeline.run.execute import run_pipeline
+from pipeline.run.plan import RunPlan, prepare
+from pipeline.source.pixels import read_window
+from pipeline.source.tiff import open_source
+from pipeline.store.layout import LABELS, PROBABILITIES
 from tests.conftest import random_image
 
 NETWORKS: dict[str, Callable[[], tuple[nn.Module, str, dict[str, int]]]] = {
@@ -154,7 +158,7 @@ def test_plan_reports_measured_field_and_stride(make_tiff: Callable[..., Path], 
     # the one exact halo: the least that makes stride-aligned tiling exact, below the radius rounded up
     assert plan.halo == plan.exact_halo == measure_halo(plan.model.module, 3, plan.stride) == 48
     assert plan.halo % plan.stride == 0 and plan.halo < halo_for(plan.radius, plan.stride) == 56
-    assert any(f"stride {plan.stride}" in line for line in plan.describe())
+    assert any(f"stride {plan.stride}" in line for line in plan_lines(plan))
 
 
 @pytest.mark.slow
@@ -181,7 +185,7 @@ def test_plan_predicts_tiles_in_passes_whose_activations_stay_in_the_cache(
     # stay in the cache, so each 512 px tile runs as 4 x 4 passes of 130 x 130 (4.3 MB)
     reference = plan(wide)
     assert reference.forward_tile == 128
-    assert any("each in 4 x 4 passes of 128 px" in line for line in reference.describe())
+    assert any("each in 4 x 4 passes of 128 px" in line for line in plan_lines(reference))
     assert plan(wide, tile=128).forward_tile == 0  # 130 x 130 windows fit: whole tiles
     assert plan(wide, tile=1024).forward_tile == 128
     assert plan(wide, forward_tile=256).forward_tile == 256  # as configured
@@ -242,7 +246,7 @@ def test_precision_other_than_float32_needs_cuda(make_tiff: Callable[..., Path],
 def test_inspect_model_prints_the_measured_tiling(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli.commands import cli
+    from pipeline.cli import cli
 
     result = CliRunner().invoke(cli, ["inspect-model", str(save(tmp_path, "torchscript-unet"))])
     assert result.exit_code == 0, result.output

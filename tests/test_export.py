@@ -15,12 +15,15 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, OutputError, SourceError
-from pipeline.products.export import export_cog, export_ome_tiff, export_store
-from pipeline.run.execute import execute, prepare
-from pipeline.store.arrays import LABEL_GROUP, NODATA_LABEL
+from pipeline.products.cog import export_cog
+from pipeline.products.export import export_store
+from pipeline.products.ome_tiff import export_ome_tiff
+from pipeline.run.execute import execute
+from pipeline.run.plan import prepare
+from pipeline.store.layout import LABEL_GROUP, NODATA_LABEL
 
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
 
@@ -204,7 +207,7 @@ def test_an_existing_output_is_kept_without_overwrite_and_replaced_with_it(
 ) -> None:
     out = tmp_path / ("map.ome.tif" if kind == "ome-tiff" else "map.tif")
     out.write_bytes(b"keep me")
-    with pytest.raises(OutputError, match=re.escape(f"{out}: already exists; pass --overwrite")):
+    with pytest.raises(OutputError, match=re.escape(f"{out}: already exists; set overwrite to true")):
         export_store(str(rgb_store), str(out), kind=kind)
     assert out.read_bytes() == b"keep me"
     export_store(str(rgb_store), str(out), kind=kind, overwrite=True)
@@ -216,11 +219,11 @@ def test_an_existing_output_is_kept_without_overwrite_and_replaced_with_it(
 
 def test_bad_options_are_refused_before_anything_is_written(rgb_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "map.tif"
-    with pytest.raises(ConfigError, match=re.escape("Expected one of cog, ome-tiff for --as. Got 'png' instead.")):
+    with pytest.raises(ConfigError, match=re.escape("Expected one of cog, ome-tiff for 'kind'. Got 'png' instead.")):
         export_store(str(rgb_store), str(out), kind="png")
     with pytest.raises(ConfigError, match="applies to probabilities only"):
         export_store(str(rgb_store), str(out), what="labels", dtype="float32")
-    with pytest.raises(ConfigError, match="for dtype"):
+    with pytest.raises(ConfigError, match="for 'dtype'"):
         export_store(str(rgb_store), str(out), dtype="float16")
     with pytest.raises(OutputError, match="cannot write beside it"):
         export_store(str(rgb_store), str(tmp_path / "no" / "such" / "map.tif"))
@@ -247,8 +250,8 @@ def test_the_kind_comes_from_the_name_and_a_mismatch_is_refused(rgb_store: Path,
     with tifffile.TiffFile(ome) as tif:
         assert tif.is_ome
     for args, message in (
-        (["-o", str(tmp_path / "y.ome.tif"), "--as", "cog"], "--as cog writes a GeoTIFF, whose name ends in .tif"),
-        (["-o", str(tmp_path / "y.tif"), "--as", "ome-tiff"], "whose name ends in .ome.tif; use -o"),
+        (["-o", str(tmp_path / "y.ome.tif"), "--as", "cog"], f"name ends in .tif; pass -o {tmp_path / 'y.tif'}"),
+        (["-o", str(tmp_path / "y.tif"), "--as", "ome-tiff"], "name ends in .ome.tif; pass -o"),
         (["-o", str(tmp_path / "y.png")], "name it .tif for a Cloud-Optimized GeoTIFF (GIS) or .ome.tif"),
     ):
         result = CliRunner().invoke(cli, ["export", str(rgb_store), *args])

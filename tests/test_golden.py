@@ -28,7 +28,7 @@ import tifffile
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from pipeline.model.network import ReferenceFCN
 from tests.conftest import REAL_DATA, random_image
 

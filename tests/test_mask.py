@@ -16,20 +16,22 @@ from rasterio.transform import Affine
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.run.execute import execute, prepare
+from pipeline.run.execute import execute
+from pipeline.run.plan import prepare
 from pipeline.source import mask as mask_module
-from pipeline.source.mask import (
-    ChunkMask,
+from pipeline.source.foreground import (
+    affordable_level,
     block_mean,
-    choose_level,
     chunk_mask_from_pixels,
-    foreground_mask,
+    mask_level,
     otsu_threshold,
     saturation,
     tissue_pixels,
 )
-from pipeline.source.tiff import SourceInfo, open_source, read_masked
-from pipeline.store.arrays import NODATA_LABEL
+from pipeline.source.mask import ChunkMask, foreground_mask
+from pipeline.source.pixels import read_masked
+from pipeline.source.tiff import SourceInfo, open_source
+from pipeline.store.layout import NODATA_LABEL
 from pipeline.tiling import grid_shape
 from tests.conftest import random_image
 
@@ -243,11 +245,11 @@ def test_chunk_mask_reports_what_it_skips() -> None:
 
 def test_level_choice() -> None:
     levels = [(8192, 8192), (2048, 2048), (512, 512), (128, 128)]
-    assert choose_level(levels, (8192, 8192), 512) == 3  # 8 px per chunk
-    assert choose_level(levels, (8192, 8192), 64) == 2  # 4 px per chunk
-    assert choose_level(levels[1:], (2048, 2048), 2) == 0  # none has 4: the finest
-    assert choose_level(levels[:1], (8192, 8192), 512) is None  # only 64 Mpx: too costly for a mask
-    assert choose_level(levels[:1], (8192, 8192), 512, max_pixels=None) == 0
+    assert mask_level(levels, (8192, 8192), 512) == 3  # 8 px per chunk
+    assert mask_level(levels, (8192, 8192), 64) == 2  # 4 px per chunk
+    assert mask_level(levels[1:], (2048, 2048), 2) == 0  # none has 4: the finest
+    assert affordable_level(levels[:1], (8192, 8192), 512) is None  # only 64 Mpx: too costly for a mask
+    assert mask_level(levels[:1], (8192, 8192), 512) == 0
 
 
 # --- a tissue mask from a slide ---------------------------------------------------------------------------------
@@ -279,8 +281,8 @@ def test_given_threshold_is_used(slide: tuple[Path, np.ndarray]) -> None:
     source = open_source(path)
     high = foreground_mask("auto", source, (2048, 3072), 256, threshold=0.9)
     assert high is not None and "saturation > 0.900 (given)" in high.method and not high.keep.any()
-    with pytest.raises(ConfigError, match="threshold between 0 and 1"):
-        foreground_mask("auto", source, (2048, 3072), 256, threshold=1.5)
+    with pytest.raises(ConfigError, match=r"Expected a number in \[0, 1\] for 'mask.threshold'"):
+        load_config(overrides={"mask": {"threshold": 1.5}})  # the config checks it; the mask trusts it
 
 
 @pytest.mark.parametrize("tissue", [True, False], ids=["all-tissue", "all-glass"])
@@ -387,7 +389,7 @@ def test_user_png_of_another_size(tmp_path: Path, source: SourceInfo) -> None:
     marks = np.zeros((250, 325), np.uint8)  # a quarter of the 1000 x 1300 grid
     marks[100:110, 200:210] = 255  # chunk (1, 3)
     Image.fromarray(marks).save(tmp_path / "mask.png")
-    chunk_mask = foreground_mask(str(tmp_path / "mask.png"), source, (1000, 1300), 256)
+    chunk_mask = foreground_mask("image", source, (1000, 1300), 256, image=str(tmp_path / "mask.png"))
     assert chunk_mask is not None and chunk_mask.method == f"user mask: {tmp_path / 'mask.png'} (250 x 325 px)"
     assert list(zip(*np.nonzero(chunk_mask.keep), strict=True)) == [(1, 3)]
 
@@ -398,7 +400,7 @@ def test_user_tiff_pyramid_reads_a_coarse_level(tmp_path: Path, source: SourceIn
     with tifffile.TiffWriter(tmp_path / "mask.ome.tif", ome=True) as tif:  # as QuPath exports label pyramids
         tif.write(marks, tile=(256, 256), subifds=1)
         tif.write(marks[::8, ::8], tile=(256, 256), subfiletype=1)
-    chunk_mask = foreground_mask(str(tmp_path / "mask.ome.tif"), source, (1000, 1300), 256)
+    chunk_mask = foreground_mask("image", source, (1000, 1300), 256, image=str(tmp_path / "mask.ome.tif"))
     assert chunk_mask is not None and "(level 1, 250 x 325 px)" in chunk_mask.method
     assert list(zip(*np.nonzero(chunk_mask.keep), strict=True)) == [(1, 3)]
 
@@ -412,7 +414,7 @@ def test_large_user_tiff_is_reduced_band_by_band(
     marks[450, 3] = 7  # one pixel: grid row 900, column 6 -> chunk (3, 0)
     marks[10, 600] = 7  # grid row 20, column 1200 -> chunk (0, 4)
     tifffile.imwrite(tmp_path / "big.tif", marks)
-    chunk_mask = foreground_mask(str(tmp_path / "big.tif"), source, (1000, 1300), 256)
+    chunk_mask = foreground_mask("image", source, (1000, 1300), 256, image=str(tmp_path / "big.tif"))
     assert chunk_mask is not None and "84 x 109 px" in chunk_mask.method
     assert list(zip(*np.nonzero(chunk_mask.keep), strict=True)) == [(0, 4), (3, 0)]
 
@@ -420,16 +422,16 @@ def test_large_user_tiff_is_reduced_band_by_band(
 def test_bad_user_masks_name_the_file(tmp_path: Path, source: SourceInfo) -> None:
     missing = tmp_path / "nowhere.png"
     with pytest.raises(ConfigError, match=rf"^{missing}: no such mask file$"):
-        foreground_mask(str(missing), source, (100, 100), 32)
+        foreground_mask("image", source, (100, 100), 32, image=str(missing))
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'notes.png'}: cannot read the mask: "):
-        foreground_mask(str(tmp_path / "notes.png"), source, (100, 100), 32)
+        foreground_mask("image", source, (100, 100), 32, image=str(tmp_path / "notes.png"))
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\xff" * 20)
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'broken.tif'}: cannot read the mask: "):
-        foreground_mask(str(tmp_path / "broken.tif"), source, (100, 100), 32)
+        foreground_mask("image", source, (100, 100), 32, image=str(tmp_path / "broken.tif"))
     Image.fromarray(np.ones((100, 150), np.uint8)).save(tmp_path / "wide.png")
     with pytest.raises(ConfigError, match=r"mask is 100 x 150 px but the image grid is 100 x 100 px"):
-        foreground_mask(str(tmp_path / "wide.png"), source, (100, 100), 32)
+        foreground_mask("image", source, (100, 100), 32, image=str(tmp_path / "wide.png"))
 
 
 # --- a masked run -----------------------------------------------------------------------------------------------
@@ -457,10 +459,10 @@ def test_masked_run_computes_only_tissue_chunks_and_matches_the_unmasked_run(
     expected = chunks_with(tissue, 256)
     masked, full = results["auto"], results["none"]
     assert expected.mean() < 0.3  # the slide is more than 70% glass
-    assert masked.tiles_computed == expected.sum() and masked.tiles_masked == (~expected).sum()
-    assert full.tiles_computed == expected.size and full.tiles_masked == 0
-    assert masked.tiles_computed < full.tiles_computed / 2  # less than half the model work
-    counts = f"{masked.tiles_computed} of {full.tiles_computed} chunks"
+    assert masked.chunks_computed == expected.sum() and masked.chunks_background == (~expected).sum()
+    assert full.chunks_computed == expected.size and full.chunks_background == 0
+    assert masked.chunks_computed < full.chunks_computed / 2  # less than half the model work
+    counts = f"{masked.chunks_computed} of {full.chunks_computed} chunks"
     print(f"masked: {counts}, {masked.seconds:.2f} s against {full.seconds:.2f} s")
     a, b = zarr.open_group(stores["auto"], mode="r"), zarr.open_group(stores["none"], mode="r")
     for row, col in np.ndindex(*expected.shape):
@@ -473,4 +475,4 @@ def test_masked_run_computes_only_tissue_chunks_and_matches_the_unmasked_run(
             assert (probs == 255).all() and (labels == NODATA_LABEL).all()  # no data in uint8
             assert not (stores["auto"] / "0" / "0" / str(row) / str(col)).exists()
     assert (stores["none"] / "0" / "0" / "0" / "0").exists()
-    assert masked.record["mask"]["chunks_skipped"] == (~expected).sum()
+    assert masked.record.mask is not None and masked.record.mask["chunks_skipped"] == (~expected).sum()

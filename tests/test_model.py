@@ -14,16 +14,8 @@ import torch
 from pipeline.errors import ModelError
 from pipeline.model.architectures import FCN8s, UNet
 from pipeline.model.checkpoint import load_model, save_checkpoint
-from pipeline.model.network import (
-    ModelSpec,
-    Normalization,
-    OneDNNConv2d,
-    Predictor,
-    ReferenceFCN,
-    activation_bytes_per_pixel,
-    fuse_for_cpu,
-    select_device,
-)
+from pipeline.model.network import ModelSpec, Normalization, ReferenceFCN
+from pipeline.model.predictor import OneDNNConv2d, Predictor, activation_bytes_per_pixel, fuse_for_cpu, select_device
 
 
 def test_plain_state_dict_sizes_are_inferred(tmp_path: Path) -> None:
@@ -193,7 +185,8 @@ def test_activation_bytes_per_pixel_is_the_largest_layer_output() -> None:
 
 _PASSES = """
 import resource, sys, threading
-from pipeline.model.network import ReferenceFCN, keep_freed_memory  # first: it sets THP_MEM_ALLOC_ENABLE for torch
+from pipeline.model.network import ReferenceFCN  # first: it sets THP_MEM_ALLOC_ENABLE for torch
+from pipeline.model.predictor import keep_freed_memory
 import torch
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
@@ -228,7 +221,7 @@ def test_kept_freed_memory_spares_each_forward_pass_its_page_faults() -> None:
 def test_unavailable_device_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the error path is for machines without it")
-    with pytest.raises(ModelError, match="no CUDA GPU; use --device cpu"):
+    with pytest.raises(ModelError, match=r"no CUDA GPU; set compute.device to cpu"):
         select_device("cuda")
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.compute.tasks import Job, build_tasks, normalize
+from pipeline.compute.job import Job
+from pipeline.compute.tasks import build_tasks, normalize
 from pipeline.model.checkpoint import load_model
 from pipeline.source.tiff import open_source
-from pipeline.store.arrays import LABELS, PROBABILITIES, OutputRef, create_store
+from pipeline.store.arrays import create_store
+from pipeline.store.layout import LABELS, PROBABILITIES, OutputRef
 from pipeline.tiling import plan_tiles
 from tests.conftest import random_image
 
@@ -24,21 +26,21 @@ def _job(image: Path, model: Path, out: Path, tile: int) -> tuple[Job, list[obje
     loaded = load_model(model)
     create_store(str(out), loaded.spec.num_classes, [info.shape[1:]], tile, "float32", overwrite=False)
     job = Job(
-        info.ref,
-        None,
-        info.shape[1:],
-        OutputRef(str(out), "float32"),
-        str(model),
-        loaded.sha256,
-        None,
-        "cpu",
-        1,
-        "float32",
-        False,
-        1,
-        255.0,
-        None,
-        None,
+        source=info.ref,
+        resampling=None,
+        source_shape=info.shape[1:],
+        output=OutputRef(str(out), "float32"),
+        model_path=str(model),
+        model_sha256=loaded.sha256,
+        model_factory=None,
+        device="cpu",
+        stride=1,
+        precision="float32",
+        tta=False,
+        torch_threads=1,
+        scale=255.0,
+        mean=None,
+        std=None,
     )
     return job, build_tasks(job, plan_tiles(info.shape[1], info.shape[2], tile, halo=1), batch=2)
 
@@ -77,8 +79,8 @@ def test_fast_argmax_quantise_and_pyramid_mean_equal_the_plain_numpy_ones() -> N
     """The hot path's rewritten arithmetic gives the bytes of the obvious formulas: argmax (first of
     equals, ties made on purpose), round(p * 254), and the 2 x 2 mean of uint8 values rounded half
     to even, in integers, against the float mean for even, odd and 1-pixel blocks."""
-    from pipeline.model.network import argmax_channels
-    from pipeline.store.arrays import quantize
+    from pipeline.model.predictor import argmax_channels
+    from pipeline.store.layout import quantize
     from pipeline.store.pyramid import mean_2x2
 
     rng = np.random.default_rng(7)

@@ -10,8 +10,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli.commands import cli
-from pipeline.store.arrays import LABELS, NODATA_LABEL, PROBABILITIES
+from pipeline.cli import cli
+from pipeline.store.layout import LABELS, NODATA_LABEL, PROBABILITIES
 
 READABLE = [
     # (file, extra flags, model input channels, expected (Y, X))
@@ -81,7 +81,8 @@ def test_ndpi_levels_read_as_tifffile_decodes_them(real_data: Path) -> None:
     header: the tiled reader decodes them with it, to tifffile's own pixels."""
     import tifffile
 
-    from pipeline.source.tiff import open_source, read_window
+    from pipeline.source.pixels import read_window
+    from pipeline.source.tiff import open_source
 
     path = real_data / "test3-TRITC-2-560.ndpi"
     with tifffile.TiffFile(path) as tif:

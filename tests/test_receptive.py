@@ -149,7 +149,7 @@ def test_the_callers_module_and_torch_state_are_untouched() -> None:
 
 def test_halo_for_rounds_up_to_the_stride() -> None:
     assert [halo_for(r, 8) for r in (0, 1, 8, 51)] == [0, 8, 8, 56]
-    with pytest.raises(ModelError, match=r"integer >= 1 for stride\. Got 0"):
+    with pytest.raises(ModelError, match=r"positive integer for 'stride'\. Got 0"):
         halo_for(3, 0)
 
 

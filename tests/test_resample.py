@@ -15,12 +15,13 @@ import zarr
 from click.testing import CliRunner
 from rasterio.transform import Affine
 
-from pipeline.cli.commands import cli
+from pipeline.cli import cli
 from pipeline.model.checkpoint import load_model, save_checkpoint
-from pipeline.model.network import REFERENCE_FCN, ModelSpec, Predictor, ReferenceFCN, default_classes, select_device
+from pipeline.model.network import REFERENCE_FCN, ModelSpec, ReferenceFCN, default_classes
+from pipeline.model.predictor import Predictor, select_device
 from pipeline.source.resample import Resampling, area_weights, read_resampled
 from pipeline.source.tiff import open_source
-from pipeline.store.arrays import PROBABILITIES
+from pipeline.store.layout import PROBABILITIES
 from tests.conftest import random_image
 
 

@@ -18,8 +18,7 @@ import torch
 import zarr
 
 from pipeline.model.network import ReferenceFCN
-from pipeline.run.resume import STATE_DIR
-from pipeline.store.lock import store_lock
+from pipeline.store.safety import STATE_DIR, store_lock
 from tests.conftest import slide_and_model
 
 pytestmark = pytest.mark.slow  # fcnpipe as processes killed and resumed: seconds each
@@ -149,7 +148,7 @@ def test_resume_refuses_another_model_or_config(slide: tuple[Path, Path], tmp_pa
     assert "tiling.tile: 128 -> 256" in retiled.stderr and "output.dtype: uint8 -> float32" in retiled.stderr
     plain = fcnpipe("run", image, "-m", model, "-o", store, *FIXED)
     assert plain.returncode != 0 and "already exists and is incomplete (an interrupted run)" in plain.stderr
-    assert "pass --resume to continue it, or --overwrite to start again" in plain.stderr
+    assert "pass --resume to continue it, or pass --overwrite to start again" in plain.stderr
     assert not completed(store)
 
 
@@ -376,7 +375,7 @@ def test_ctrl_c_says_how_to_continue_and_resume_completes(
     log = (tmp_path / "out.log").read_text()
     assert "WARNING interrupted:" in log and "--resume" in log
     again = fcnpipe(*args)
-    assert again.returncode == 1 and "pass --resume to continue it, or --overwrite to start again" in again.stderr
+    assert again.returncode == 1 and "pass --resume to continue it, or pass --overwrite to start again" in again.stderr
     resumed = fcnpipe(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_bytes(reference[0], store)

@@ -12,10 +12,12 @@ import zarr
 from pipeline.config import load_config
 from pipeline.errors import ModelError, OutputError
 from pipeline.model.checkpoint import load_model
-from pipeline.model.network import Predictor, select_device
-from pipeline.run.execute import prepare, run_pipeline
-from pipeline.source.tiff import open_source, read_window
-from pipeline.store.arrays import LABELS, PROBABILITIES
+from pipeline.model.predictor import Predictor, select_device
+from pipeline.run.execute import run_pipeline
+from pipeline.run.plan import prepare
+from pipeline.source.pixels import read_window
+from pipeline.source.tiff import open_source
+from pipeline.store.layout import LABELS, PROBABILITIES
 from tests.conftest import random_image
 
 
@@ -137,7 +139,7 @@ def test_existing_output_needs_overwrite(
     model = make_model()
     out = tmp_path / "o.zarr"
     run(image, model, out)
-    with pytest.raises(OutputError, match="already exists and is complete; pass --overwrite"):
+    with pytest.raises(OutputError, match=r"already exists and is complete; set output.overwrite to true"):
         run(image, model, out)
     run(image, model, out, output={"overwrite": True})
     (tmp_path / "notes").mkdir()

@@ -10,7 +10,8 @@ import pytest
 import tifffile
 
 from pipeline.errors import ConfigError
-from pipeline.source.tiff import open_source, read_window
+from pipeline.source.pixels import read_window
+from pipeline.source.tiff import open_source
 from pipeline.training.synthetic import CLASS_NAMES, make_synthetic_slide, pyramid_shapes
 
 

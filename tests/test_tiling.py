@@ -52,7 +52,7 @@ def test_stride_alignment_rounds_halo_and_checks_tile() -> None:
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True], ids=["zero", "negative", "float", "bool"])
 def test_bad_tile_size_is_a_config_error(bad: object) -> None:
-    with pytest.raises(ConfigError, match="positive integer for tile size"):
+    with pytest.raises(ConfigError, match="positive integer for 'tile size'"):
         plan_tiles(10, 10, bad, 1)  # type: ignore[arg-type]
 
 

@@ -16,7 +16,8 @@ import torch
 
 from pipeline.errors import ConfigError, SourceError
 from pipeline.model.checkpoint import load_model, save_checkpoint
-from pipeline.model.network import ModelSpec, Predictor, ReferenceFCN
+from pipeline.model.network import ModelSpec, ReferenceFCN
+from pipeline.model.predictor import Predictor
 from pipeline.source.tiff import open_source
 from pipeline.training.sampling import draw, split_pair, split_rows
 from pipeline.training.synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticSlide, make_synthetic_slide
@@ -315,7 +316,7 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
     """``fcnpipe train`` on a synthetic slide writes a checkpoint that ``fcnpipe run`` uses."""
     from click.testing import CliRunner
 
-    from pipeline.cli.commands import cli
+    from pipeline.cli import cli
     from pipeline.training.synthetic import make_synthetic_slide
 
     slide = make_synthetic_slide(str(tmp_path / "s.tif"), str(tmp_path / "m.tif"), size=512, tile=128, seed=2)

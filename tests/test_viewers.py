@@ -12,8 +12,8 @@ import zarr
 from click.testing import CliRunner
 from rasterio.transform import Affine
 
-from pipeline.cli.commands import cli
-from pipeline.store.arrays import LABELS, NODATA_LABEL, PROBABILITIES
+from pipeline.cli import cli
+from pipeline.store.layout import LABELS, NODATA_LABEL, PROBABILITIES
 from pipeline.store.pyramid import level_shapes, mean_2x2
 from tests.conftest import random_image
 

@@ -37,7 +37,8 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Megapixels done out of a total that may grow (a batch adds each input's as it is planned).
+    """Work done (megapixels, or ``unit``) out of a total that may grow (a batch adds each input's as
+    it is planned).
 
     ``enabled=False`` shows nothing. ``stream`` (stderr by default) decides between the bar (a
     terminal) and lines given to ``say``. ``clock`` is for tests.
@@ -50,7 +51,10 @@ class Progress:
         say: Callable[[str], None],
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "Mpx",
+        desc: str = "",
     ) -> None:
+        self.unit = unit
         self.total = max(0.0, total_mpx)
         self.done = 0.0
         self.say = say
@@ -65,9 +69,13 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=self.total, unit="Mpx", file=self.stream, dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]",
-            )  # fmt: skip
+                total=self.total,
+                unit=unit,
+                desc=desc or None,
+                file=self.stream,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} " + unit + " [{elapsed}<{remaining}, {rate_fmt}]",
+            )
 
     def add_total(self, mpx: float) -> None:
         """More work: another input of a batch was planned."""
@@ -84,6 +92,12 @@ class Progress:
             self.bar.update(step)
         elif self.enabled and self.total > 0:
             self._maybe_line()
+
+    def advance_to(self, done: float, total: float) -> None:
+        """The work done is now ``done`` of ``total`` (a callback's view: training, the demo)."""
+        if total != self.total:
+            self.add_total(total - self.total)
+        self.update(done - self.done)
 
     def clear(self) -> None:
         """Make room for a line printed by someone else (the bar is redrawn after it)."""
@@ -102,13 +116,13 @@ class Progress:
         self.close()
 
     def line(self) -> str:
-        """``progress  40% 812.3/2030.7 Mpx, 12.4 Mpx/s, 1:38:12 left``."""
+        """``progress  40% 812.3/2030.7 Mpx, 12.4 Mpx/s, 1:38:12 elapsed, 2:27:18 left``."""
         elapsed = max(self.clock() - self.started, 1e-9)
         rate = self.done / elapsed
         fraction = self.done / self.total if self.total else 1.0
         left = "unknown" if rate <= 0 else duration((self.total - self.done) / rate)
         return (
-            f"progress {fraction:4.0%} {self.done:.1f}/{self.total:.1f} Mpx, {rate:.2f} Mpx/s, "
+            f"progress {fraction:4.0%} {self.done:.1f}/{self.total:.1f} {self.unit}, {rate:.2f} {self.unit}/s, "
             f"{duration(elapsed)} elapsed, {left} left"
         )
 

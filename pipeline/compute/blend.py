@@ -57,26 +57,32 @@ The temporary arrays hold about ``((tile + N) / tile) ** 2`` times the output's 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 
+from pipeline.compute import state
 from pipeline.compute.engine import Engine
-from pipeline.compute.tasks import Job, compute_tasks, delayed_call, predictor_for, read_windows
-from pipeline.errors import ConfigError, OutputError
-from pipeline.store.arrays import write_core
-from pipeline.tiling import Box, Tile, batched, parse_positive_int
+from pipeline.compute.job import Job
+from pipeline.compute.tasks import compute_tasks, delayed_call, read_windows
+from pipeline.errors import ConfigError
+from pipeline.parse import parse_choice, parse_int
+from pipeline.store.arrays import (
+    PARITIES,
+    blend_arrays,
+    create_blend_arrays,
+    remove_blend_arrays,
+    write_blend,
+    write_core,
+)
+from pipeline.tiling import Box, Tile, batched
 
 BLEND_MODES = ("none", "gaussian", "cosine")
-BLEND_GROUP = "_blend"
+
 FLOOR = 1e-6
 """Smallest weight inside a window: every covered pixel has a positive sum of weights."""
-PARITIES = ("00", "01", "10", "11")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +107,10 @@ def check_blend(tile: int, halo: int, stride: int, mode: str) -> Blend:
     >>> check_blend(512, 64, 32, "cosine")
     Blend(tile=512, halo=64, mode='cosine')
     """
-    parse_positive_int(tile, "tile size")
-    parse_positive_int(stride, "network stride")
-    if mode not in BLEND_MODES:
-        raise ConfigError(f"Expected one of {', '.join(BLEND_MODES)} for the blend mode. Got {mode!r} instead.")
-    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
-        raise ConfigError(f"Expected a non-negative integer for the halo. Got {halo!r} instead.")
+    parse_int(tile, "tile size", minimum=1)
+    parse_int(stride, "network stride", minimum=1)
+    parse_choice(mode, "blend mode", BLEND_MODES)
+    parse_int(halo, "halo", minimum=0)
     if tile % stride:
         raise ConfigError(
             f"Tile size {tile} is not a multiple of the network's stride {stride}; use {-(-tile // stride) * stride}."
@@ -205,46 +209,15 @@ def parity(t: Tile) -> str:
     return f"{t.row % 2}{t.col % 2}"
 
 
-def create_blend_arrays(path: str, classes: int, shape: tuple[int, int], blend: Blend) -> None:
-    """Create (or replace) the empty ``_blend`` arrays in the store at ``path``, in its Zarr format.
-
-    For each parity ``ab``: ``_blend/ab/sum`` ``(classes, Y, X)`` and ``_blend/ab/weight`` ``(Y, X)``,
-    float32, fill value 0, chunks :func:`blend_chunk` a side.
-    """
-    height, width = shape
-    chunk = (min(blend.chunk, height), min(blend.chunk, width))
-    try:
-        root = zarr.open_group(path, mode="r+")
-        group = root.create_group(BLEND_GROUP, overwrite=True)
-        for name in PARITIES:
-            sub = group.create_group(name)
-            sub.create_array("sum", shape=(classes, height, width), chunks=(classes, *chunk), dtype="float32",
-                             fill_value=0.0)  # fmt: skip
-            sub.create_array("weight", shape=(height, width), chunks=chunk, dtype="float32", fill_value=0.0)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot create the temporary blend arrays ({err.strerror or err})") from err
-
-
-def remove_blend_arrays(path: str) -> None:
-    """Delete the ``_blend`` group of the store at ``path``, if it is there."""
-    shutil.rmtree(os.path.join(path, BLEND_GROUP), ignore_errors=True)
-
-
-def _blend_arrays(job: Job) -> dict[str, tuple[Any, Any]]:
-    """The ``(sum, weight)`` arrays of each parity."""
-    group = zarr.open_group(os.path.join(job.output.path, BLEND_GROUP), mode="r+")
-    return {name: (group[f"{name}/sum"], group[f"{name}/weight"]) for name in PARITIES}
-
-
 def blend_tiles(job: Job, tiles: Sequence[Tile], image_shape: tuple[int, int], blend: Blend) -> int:
     """Phase 1: predict the windows of ``tiles``; write ``w * p`` and ``w`` into their parity's arrays.
 
     The union of the windows is read once; windows of equal padded shape share a forward pass.
     ``w`` is 0 where the source has no data. Returns the number of core pixels, for progress.
     """
-    predictor = predictor_for(job)
+    predictor = state.predictor_for(job)
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
-    arrays = _blend_arrays(job)
+    arrays = blend_arrays(job.output.path)
     for pairs in windows.values():
         probs = predictor(np.stack([window for _, window in pairs]))
         for (t, _), prob in zip(pairs, probs, strict=True):
@@ -255,18 +228,8 @@ def blend_tiles(job: Job, tiles: Sequence[Tile], image_shape: tuple[int, int], b
             if valid is not None:
                 weight *= valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
             weighted = prob[:, y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] * weight
-            _write(arrays[parity(t)], box, weighted, weight, job.output.path)
+            write_blend(arrays[parity(t)], box, weighted, weight, job.output.path)
     return sum(t.core_pixels for t in tiles)
-
-
-def _write(arrays: tuple[Any, Any], box: Box, weighted: np.ndarray, weight: np.ndarray, path: str) -> None:
-    y0, y1, x0, x1 = box
-    sums, weights = arrays
-    try:
-        sums[:, y0:y1, x0:x1] = weighted
-        weights[y0:y1, x0:x1] = weight
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write blend window at rows {y0}-{y1}, columns {x0}-{x1} ({err})") from err
 
 
 def merge_tiles(job: Job, tiles: Sequence[Tile]) -> int:
@@ -276,7 +239,7 @@ def merge_tiles(job: Job, tiles: Sequence[Tile]) -> int:
     :data:`pipeline.store.arrays.NODATA_LABEL`).
     Returns the number of pixels written.
     """
-    arrays = _blend_arrays(job)
+    arrays = blend_arrays(job.output.path)
     classes = arrays[PARITIES[0]][0].shape[0]
     for t in tiles:
         y0, y1, x0, x1 = t.core
@@ -307,22 +270,25 @@ def build_merge_tasks(job: Job, tiles: Sequence[Tile], batch: int) -> list[Any]:
 def predict_blended(
     job: Job,
     tiles: Sequence[Tile],
+    *,
     classes: int,
     image_shape: tuple[int, int],
     blend: Blend,
     batch: int,
     workers: int,
+    engine: Engine,
     on_progress: Callable[[int], None] | None = None,
-    engine: Engine | None = None,
 ) -> int:
     """Both phases on ``tiles`` (planned with ``halo=blend.halo``), then the temporary arrays removed.
 
     ``on_progress(pixels)`` follows phase 1, the forward passes. Returns the pixels written. The
     temporary arrays are removed on failure too: they are up to twice the output's size.
     """
-    create_blend_arrays(job.output.path, classes, image_shape, blend)
+    create_blend_arrays(job.output.path, classes, image_shape, blend.chunk)
     try:
-        compute_tasks(build_blend_tasks(job, tiles, image_shape, blend, batch), workers, on_progress, engine)
-        return compute_tasks(build_merge_tasks(job, tiles, batch), workers, None, engine)
+        compute_tasks(
+            build_blend_tasks(job, tiles, image_shape, blend, batch), engine, workers=workers, on_done=on_progress
+        )
+        return compute_tasks(build_merge_tasks(job, tiles, batch), engine, workers=workers)
     finally:
         remove_blend_arrays(job.output.path)

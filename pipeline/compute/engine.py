@@ -36,7 +36,7 @@ from pipeline.config import JOB_QUEUES, ClusterConfig, ComputeConfig
 from pipeline.errors import ClusterError, ConfigError, FcnpipeError
 
 if TYPE_CHECKING:
-    from pipeline.compute.tasks import Job
+    from pipeline.compute.job import Job
 
 log = logging.getLogger("fcnpipe")
 
@@ -86,7 +86,7 @@ class Engine:
 
     def share_model(self, job: Job, module: Any) -> None:
         """Make ``module`` the network of ``job`` wherever its tasks run."""
-        from pipeline.compute.tasks import adopt_model
+        from pipeline.compute.state import adopt_model  # loads torch: not for a cluster's client alone
 
         adopt_model(job, module)
 

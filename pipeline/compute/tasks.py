@@ -9,103 +9,26 @@ scheduler.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
 
-from pipeline.compute.engine import THREADS, Engine
+from pipeline.compute import state
+from pipeline.compute.job import Job, TaskFailure, TaskStats, task_id
 from pipeline.errors import FcnpipeError
-from pipeline.model.checkpoint import load_model
-from pipeline.model.network import Predictor, argmax_channels, select_device, set_torch_threads
-from pipeline.run.resume import MARK_BEHIND, mark_done, task_id
-from pipeline.source.resample import Resampling, read_resampled
-from pipeline.source.tiff import SourceRef
-from pipeline.store.arrays import (
-    NODATA_LABEL,
-    OutputRef,
-    chunk_files,
-    nodata_value,
-    quantize,
-    reduce_core,
-    write_reduced,
-    write_stored,
-)
+from pipeline.model.predictor import Predictor, argmax_channels
+from pipeline.source.resample import read_resampled
+from pipeline.store.arrays import chunk_files, reduce_core, write_reduced, write_stored
+from pipeline.store.layout import NODATA_LABEL, OutputRef, nodata_value, quantize
+from pipeline.store.safety import mark_done
 from pipeline.tiling import Tile, batched, blocks_2x2, split_core, union_window
 
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """Everything a task needs besides its tiles."""
-
-    source: SourceRef
-    resampling: Resampling | None
-    """How the level read maps onto the network's grid (None: pixel for pixel)."""
-    source_shape: tuple[int, int]
-    """``(Y, X)`` of the level read."""
-    output: OutputRef
-    model_path: str
-    model_sha256: str
-    model_factory: str | None
-    device: str
-    stride: int
-    """The network's total downsampling: windows are padded to multiples of it."""
-    precision: str
-    tta: bool
-    torch_threads: int
-    """Intra-op threads of each forward pass. Part of the job because the float result of a
-    convolution can differ in the last bit with the thread count: the same count everywhere gives
-    the same bytes on threads, processes and clusters."""
-    scale: float
-    """Input values are divided by this (the dtype's maximum by default)."""
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    level1: bool = False
-    """Tasks own 2 x 2 blocks of tiles and also write the pyramid level-1 chunk they make up."""
-    mark_behind: bool = False
-    """Record finished tasks from this process's background thread (:data:`MARK_BEHIND`): for
-    tasks run on threads here, whose run waits for it before completing the store."""
-    forward_batch: int = 1
-    """Windows per forward pass: on a CPU 1 (a batch of 4 held 4 x 270 MB of the reference FCN's
-    hidden activations per worker, for no speed), on a GPU more, to fill the device."""
-    forward_tile: int = 0
-    """Cut each tile's core into pieces of this side, one forward pass each (0: the whole tile).
-    See :func:`pipeline.tiling.forward_size`: on a CPU, passes whose activations glibc reuses."""
-    halo: int = 0
-    """The halo read around each piece (the run's halo)."""
-
-
-_predictors: dict[tuple[object, ...], Predictor] = {}
-_predictors_lock = threading.Lock()
-
-
-def predictor_for(job: Job) -> Predictor:
-    """The worker's network for ``job``, loaded on first use and kept for every later task."""
-    with _predictors_lock:
-        if _key(job) not in _predictors:
-            set_torch_threads(job.torch_threads)
-            loaded = load_model(job.model_path, job.model_factory)
-            device = select_device(job.device)
-            _predictors[_key(job)] = Predictor(loaded.module, device, job.precision, job.tta, job.model_path)
-        return _predictors[_key(job)]
-
-
-def _key(job: Job) -> tuple[object, ...]:
-    return (job.model_path, job.model_sha256, job.device, job.precision, job.tta)
-
-
-def adopt_model(job: Job, module: Any) -> None:
-    """Use an already loaded ``module`` for ``job`` in this process, instead of loading it again."""
-    with _predictors_lock:
-        if _key(job) not in _predictors:
-            set_torch_threads(job.torch_threads)
-            device = select_device(job.device)
-            _predictors[_key(job)] = Predictor(module, device, job.precision, job.tta, job.model_path)
+if TYPE_CHECKING:
+    from pipeline.compute.engine import Engine
 
 
 def normalize(
@@ -203,28 +126,6 @@ def predict_tiles(
     return done
 
 
-@dataclass(frozen=True, slots=True)
-class TaskStats:
-    """What a level-0 task returns: pixels written, and where its time went (seconds)."""
-
-    token: str
-    """The :attr:`OutputRef.token` of the store written."""
-    pixels: int
-    read_s: float
-    """Reading, decoding, resampling and normalising the windows."""
-    predict_s: float
-    """The network, softmax, argmax and quantising (:func:`predict_tiles`)."""
-    write_s: float
-    """Compressing and writing the chunks (pyramid level 1 included)."""
-    nodata_pixels: int = 0
-    """Pixels of the cores written as no data (alpha 0, GDAL_NODATA, non-finite values...)."""
-
-
-def nodata_pixels(results: Sequence[Any]) -> int:
-    """Pixels written as no data, summed over the :class:`TaskStats` in ``results``."""
-    return sum(r.nodata_pixels for r in results if isinstance(r, TaskStats))
-
-
 def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
     """``{"read", "predict", "write"}`` seconds summed over the :class:`TaskStats` in ``results``."""
     stats = [r for r in results if isinstance(r, TaskStats)]
@@ -235,13 +136,18 @@ def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
     }
 
 
+def nodata_pixels(results: Sequence[Any]) -> int:
+    """Pixels written as no data, summed over the :class:`TaskStats` in ``results``."""
+    return sum(r.nodata_pixels for r in results if isinstance(r, TaskStats))
+
+
 def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> TaskStats:
     """Read, predict, crop and write ``tiles``; return the pixels written and the time per stage.
 
     ``block``: with ``job.level1``, the whole 2 x 2 block the tiles belong to (a masked tile of it is
     left at the fill value). ``name``: record the task as finished once its chunks are on disk.
     """
-    predictor = predictor_for(job)
+    predictor = state.predictor_for(job)
     task_started = started = time.perf_counter()
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
     read_s = time.perf_counter() - started
@@ -268,7 +174,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
         if name is not None:
             written += chunk_files(job.output, 1, core)
     if name is not None:
-        (MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
+        (state.MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
     total_s = time.perf_counter() - task_started
     pixels = sum(t.core_pixels for t in tiles)
     return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s, nodata)
@@ -345,7 +251,7 @@ def band_order(blocks: Sequence[list[Tile]]) -> list[list[Tile]]:
 
     Neighbouring windows share the file tiles under their halo. In this order the tiles a task
     needs were mostly decoded by the tasks just before it, above or to its left, and are still in
-    the small decoded-tile cache (:data:`pipeline.source.tiff.TILE_CACHE`); row by row, the tiles
+    the small decoded-tile cache (:data:`pipeline.source.pixels.TILE_CACHE`); row by row, the tiles
     shared with the row above were decoded a whole image width ago.
 
     >>> from pipeline.tiling import plan_tiles
@@ -361,29 +267,14 @@ def band_order(blocks: Sequence[list[Tile]]) -> list[list[Tile]]:
     return sorted(blocks, key=place)
 
 
-@dataclass(frozen=True, slots=True)
-class TaskFailure:
-    """What a guarded task returns instead of raising: one store's failure must not stop the
-    tasks of the other stores computed with it (``fcnpipe batch``)."""
-
-    token: str
-    """The :attr:`OutputRef.token` of the store whose task failed."""
-    message: str
-    """The one-line error; empty for a task abandoned because an earlier one of its store failed."""
-
-
-_failed: set[str] = set()
-"""Tokens of the stores a task failed for in this process: their other tasks are not started."""
-
-
 def process_guarded(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> Any:
     """:func:`process_tiles`, returning a :class:`TaskFailure` instead of raising."""
-    if job.output.token in _failed:
+    if state.failed(job.output.token):
         return TaskFailure(job.output.token, "")
     try:
         return process_tiles(job, tiles, block, name)
     except Exception as err:  # reported per store by the caller, in one line
-        _failed.add(job.output.token)
+        state.fail(job.output.token)
         text = str(err) if isinstance(err, FcnpipeError) else f"{type(err).__name__}: {err}"
         return TaskFailure(job.output.token, " ".join(text.split()))
 
@@ -398,10 +289,10 @@ def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch:
 
 
 def compute_tasks(
-    tasks: Sequence[Any], workers: int, on_done: Callable[[int], None] | None = None, engine: Engine | None = None
+    tasks: Sequence[Any], engine: Engine, *, workers: int, on_done: Callable[[int], None] | None = None
 ) -> int:
     """:func:`compute_results`, returning the total number of pixels written."""
-    return sum(pixels_of(result) for result in compute_results(tasks, workers, on_done, engine))
+    return sum(pixels_of(result) for result in compute_results(tasks, engine, workers=workers, on_done=on_done))
 
 
 def pixels_of(result: Any) -> int:
@@ -413,16 +304,17 @@ def pixels_of(result: Any) -> int:
 
 def compute_results(
     tasks: Sequence[Any],
+    engine: Engine,
+    *,
     workers: int,
     on_done: Callable[[int], None] | None = None,
-    engine: Engine | None = None,
     gpu: bool = False,
 ) -> list[Any]:
-    """Run ``tasks`` with ``engine`` (default: ``workers`` threads here); ``on_done(pixels)`` after
-    each; return what each returned, in order. ``gpu``: each task needs the worker resource GPU=1."""
+    """Run ``tasks`` with ``engine`` (``workers`` tasks at once on threads); ``on_done(pixels)``
+    after each; return what each returned, in order. ``gpu``: each task needs the worker resource GPU=1."""
 
     def done(result: Any) -> None:
         if on_done is not None and pixels_of(result):
             on_done(pixels_of(result))
 
-    return (engine or THREADS).run(tasks, workers, done, gpu)
+    return engine.run(tasks, workers, done, gpu)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 if TYPE_CHECKING:
-    from pipeline.compute.tasks import Job
+    from pipeline.compute.job import Job
 
 
 class ModelPlugin(WorkerPlugin):  # type: ignore[misc]
@@ -23,9 +23,9 @@ class ModelPlugin(WorkerPlugin):  # type: ignore[misc]
         self.data = data
 
     def setup(self, worker: Any) -> None:
-        from pipeline.compute.tasks import adopt_model
+        from pipeline.compute.state import adopt_model
         from pipeline.model.checkpoint import load_model
-        from pipeline.model.network import set_torch_threads
+        from pipeline.model.predictor import set_torch_threads
 
         folder = getattr(worker, "local_directory", None) or os.getcwd()
         suffix = os.path.splitext(self.job.model_path)[1]

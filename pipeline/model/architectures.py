@@ -26,13 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
-
-
-def _positive(value: int, name: str) -> int:
-    """``value`` if it is an int > 0, else a ModelError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ModelError(f"Expected a positive integer for {name}. Got {value!r} instead.")
-    return value
+from pipeline.parse import parse_int
 
 
 def _he_init(layer: nn.Conv2d | nn.ConvTranspose2d, fan_in: int, gain: float = 2.0) -> None:
@@ -105,9 +99,9 @@ class FCN8s(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 16) -> None:
         super().__init__()
-        _positive(in_channels, "in_channels")
-        _positive(num_classes, "num_classes")
-        _positive(width, "width")
+        parse_int(in_channels, "in_channels", minimum=1, error=ModelError)
+        parse_int(num_classes, "num_classes", minimum=1, error=ModelError)
+        parse_int(width, "width", minimum=1, error=ModelError)
         channels = [in_channels] + [width * m for m in (1, 2, 4, 8, 8)]
         self.stages = nn.ModuleList(
             nn.Sequential(*_conv_relu(channels[i], channels[i + 1]), nn.MaxPool2d(2)) for i in range(5)
@@ -162,10 +156,10 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 16, depth: int = 3) -> None:
         super().__init__()
-        _positive(in_channels, "in_channels")
-        _positive(num_classes, "num_classes")
-        _positive(width, "width")
-        _positive(depth, "depth")
+        parse_int(in_channels, "in_channels", minimum=1, error=ModelError)
+        parse_int(num_classes, "num_classes", minimum=1, error=ModelError)
+        parse_int(width, "width", minimum=1, error=ModelError)
+        parse_int(depth, "depth", minimum=1, error=ModelError)
         self.depth = depth
         self.stride = 2**depth
         """Total downsampling factor, ``2**depth``: tiles must start on, and be sized in, multiples of it."""

@@ -27,14 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
-from pipeline.model.network import (
-    REFERENCE_FCN,
-    LoadedModel,
-    ModelSpec,
-    Normalization,
-    ReferenceFCN,
-    default_classes,
-)
+from pipeline.model.network import REFERENCE_FCN, LoadedModel, ModelSpec, Normalization, ReferenceFCN, default_classes
 
 CHECKPOINT_FORMAT = "fcnpipe-checkpoint"
 CHECKPOINT_VERSION = 1

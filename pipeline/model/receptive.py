@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.parse import parse_int
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 """``(B, C, H, W)`` -> ``(B, K, H, W)``: an eager or TorchScript module, or a wrapper of one."""
@@ -63,8 +64,8 @@ def halo_for(radius: int, stride: int) -> int:
     >>> halo_for(51, 8), halo_for(1, 1), halo_for(0, 32)
     (56, 1, 0)
     """
-    _check_int(radius, "receptive radius", minimum=0)
-    _check_int(stride, "stride", minimum=1)
+    parse_int(radius, "receptive radius", minimum=0, error=ModelError)
+    parse_int(stride, "stride", minimum=1, error=ModelError)
     return -(-radius // stride) * stride
 
 
@@ -80,8 +81,8 @@ def measure_stride(module: nn.Module, in_channels: int, max_stride: int = 64) ->
     ``s`` is not fully convolutional (global pooling, attention, a layer that reads the input
     size) or has a stride (or radius) too large for ``max_stride``: a ModelError.
     """
-    _check_int(in_channels, "in_channels", minimum=1)
-    _check_int(max_stride, "max_stride", minimum=1)
+    parse_int(in_channels, "in_channels", minimum=1, error=ModelError)
+    parse_int(max_stride, "max_stride", minimum=1, error=ModelError)
     if max_stride & (max_stride - 1):
         raise ModelError(f"Expected a power of two for max_stride. Got {max_stride} instead.")
     net, dtype = _probe_copy(module, in_channels, _round_up(32, max_stride))
@@ -142,9 +143,9 @@ def _per_axis(
     module: nn.Module, in_channels: int, stride: int, max_radius: int, refine: Callable[[_Probe, int, int, int], int]
 ) -> list[int]:
     """``refine(probe, cell extent, input length, max_radius)`` for rows, then columns, of a float64 copy."""
-    _check_int(in_channels, "in_channels", minimum=1)
-    _check_int(stride, "stride", minimum=1)
-    _check_int(max_radius, "max_radius", minimum=1)
+    parse_int(in_channels, "in_channels", minimum=1, error=ModelError)
+    parse_int(stride, "stride", minimum=1, error=ModelError)
+    parse_int(max_radius, "max_radius", minimum=1, error=ModelError)
     net, dtype = _probe_copy(module, in_channels, _round_up(32, stride))
     generator = torch.Generator().manual_seed(_SEED)
     extents = []
@@ -335,8 +336,3 @@ def _round_up(value: int, multiple: int) -> int:
 
 def _shape(x: torch.Tensor) -> str:
     return "(" + ", ".join(str(n) for n in x.shape) + ")"
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"Expected an integer >= {minimum} for {name}. Got {value!r} instead.")

@@ -5,7 +5,7 @@ full-resolution array at once. :func:`label_thumbnail` walks the chunk grid of a
 and keeps every ``stride``-th pixel of each chunk, so memory is one chunk plus the thumbnail
 however large the map is; chunks that hold no sampled pixel are never read. :func:`source_thumbnail`
 reads the smallest pyramid level that is still large enough, window by window. PNGs are encoded
-with imagecodecs; Pillow only draws the legend's text.
+and the legend's text drawn with Pillow.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import imagecodecs
 import numpy as np
-import zarr
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import ConfigError, OutputError, SourceError
-from pipeline.source.tiff import SourceInfo, open_source, read_window
-from pipeline.store.arrays import LABEL_GROUP, NODATA_LABEL, beside, is_store
-from pipeline.store.ome import ATTRIBUTE
+from pipeline.source.pixels import read_window
+from pipeline.source.tiff import SourceInfo, open_source
+from pipeline.store.layout import NODATA_LABEL, beside
+from pipeline.store.reading import StoreReader, open_store
 
 LABEL_ALPHA = 0.45  # opacity of the class colours over the input: classes read at a glance, tissue shows
 _GAP = 8  # px of white between the two panels
@@ -109,12 +108,12 @@ def _sampled(start: int, stop: int, stride: int) -> tuple[slice, slice] | None:
     return slice(first - start, stop - start, stride), slice(first // stride, first // stride + count)
 
 
-def choose_level(levels: Sequence[tuple[int, int]], max_size: int) -> int:
+def preview_level(levels: Sequence[tuple[int, int]], max_size: int) -> int:
     """The smallest level whose larger side is at least ``max_size``, else level 0 (the largest).
 
-    >>> choose_level([(8192, 8192), (4096, 4096), (2048, 2048), (1024, 1024), (512, 512)], 1024)
+    >>> preview_level([(8192, 8192), (4096, 4096), (2048, 2048), (1024, 1024), (512, 512)], 1024)
     3
-    >>> choose_level([(800, 600), (400, 300)], 1024)
+    >>> preview_level([(800, 600), (400, 300)], 1024)
     0
     """
     large_enough = [index for index, shape in enumerate(levels) if max(shape) >= max_size]
@@ -124,12 +123,12 @@ def choose_level(levels: Sequence[tuple[int, int]], max_size: int) -> int:
 def source_thumbnail(info: SourceInfo, max_size: int = 1024) -> np.ndarray:
     """``(3, h, w)`` uint8 thumbnail of the input, largest side at most ``max_size`` pixels.
 
-    Reads the level :func:`choose_level` picks, in windows of about 2048 px, keeping every
+    Reads the level :func:`preview_level` picks, in windows of about 2048 px, keeping every
     ``stride``-th pixel. Grey is repeated to three channels, two channels get a zero third, more
     than three keep the first three; non-uint8 data is scaled by the thumbnail's own min and max.
     """
     shapes = [level.shape for level in info.levels]
-    level = choose_level(shapes, max_size)
+    level = preview_level(shapes, max_size)
     ref = replace(info.ref, level=level)
     height, width = shapes[level]
     stride = stride_for((height, width), max_size)
@@ -206,8 +205,7 @@ def _write_png(png_path: str | os.PathLike[str], canvas: np.ndarray) -> str:
     """Encode ``canvas`` (``(H, W, 3)`` uint8) as a PNG at ``png_path``; return the path."""
     path = os.fspath(png_path)
     try:
-        with open(path, "wb") as fh:
-            fh.write(imagecodecs.png_encode(canvas))
+        Image.fromarray(canvas).save(path, format="PNG")
     except OSError as err:
         raise OutputError(f"{path}: cannot write the preview ({err.strerror or err})") from err
     return path
@@ -255,9 +253,9 @@ def write_store_preview(
     their inputs), the one ``h x w`` panel is the labels in full colour on white, and the legend
     says why. Raises OutputError naming ``store_path`` if it is not an fcnpipe store.
     """
-    group, summary = read_store_summary(store_path)
-    level = readable_level(group, summary, max_size)
-    labels, counts = label_summary(group[f"{LABEL_GROUP}/{level}"], max_size)
+    reader, summary = read_store_summary(store_path)
+    level = readable_level(reader, summary, max_size)
+    labels, counts = label_summary(reader.labels[level], max_size)
     thumbnail, note = _input_thumbnail(summary, max_size)
     image = np.full((*labels.shape, 3), 255, np.uint8) if thumbnail is None else np.moveaxis(thumbnail, 0, -1)
     labels = resize_nearest(labels, *image.shape[:2])
@@ -270,58 +268,33 @@ def write_store_preview(
     return _write_png(png_path, np.concatenate([panels, legend]))
 
 
-def read_store_summary(store_path: str | os.PathLike[str]) -> tuple[Any, StoreSummary]:
-    """The Zarr group of an fcnpipe output store, opened read-only, and its :class:`StoreSummary`."""
-    path = os.fspath(store_path)
-    if not is_store(path):
-        raise OutputError(f"{path}: not an fcnpipe output store (no Zarr group there)")
-    try:
-        group = zarr.open_group(path, mode="r")
-        record = group.attrs.get(ATTRIBUTE)
-        shapes: list[tuple[int, int]] = []
-        while f"{LABEL_GROUP}/{len(shapes)}" in group:
-            height, width = group[f"{LABEL_GROUP}/{len(shapes)}"].shape
-            shapes.append((int(height), int(width)))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise OutputError(f"{path}: cannot read the output store ({type(err).__name__}: {err})") from err
-    if not isinstance(record, dict) or not shapes:
-        raise OutputError(f"{path}: not an fcnpipe output store (no '{ATTRIBUTE}' attribute or {LABEL_GROUP}/0)")
-    try:
-        classes, run_input = record["model"]["classes"], record["config"]["input"]
-        return group, StoreSummary(
-            input_path=str(record["input"]["path"]),
-            series=int(run_input["series"]),
-            level=int((record.get("spatial") or {}).get("level_read", run_input["level"] or 0)),
-            class_names=tuple(str(c["name"]) for c in classes),
-            class_colors=tuple((int(c["color"][0]), int(c["color"][1]), int(c["color"][2])) for c in classes),
-            complete=record.get("complete") is True,
-            label_shapes=tuple(shapes),
-            input_shape=_read_shape(record, shapes[0]),
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise OutputError(f"{path}: its '{ATTRIBUTE}' attribute is malformed ({type(err).__name__}: {err})") from err
+def read_store_summary(store_path: str | os.PathLike[str]) -> tuple[StoreReader, StoreSummary]:
+    """An fcnpipe output store, finished or not, opened for reading, and its :class:`StoreSummary`."""
+    reader = open_store(os.fspath(store_path), complete=False)
+    record = reader.record
+    return reader, StoreSummary(
+        input_path=record.input_path,
+        series=record.series,
+        level=record.level_read,
+        class_names=tuple(c.name for c in record.classes),
+        class_colors=tuple(c.color for c in record.classes),
+        complete=record.complete,
+        label_shapes=tuple((int(a.shape[0]), int(a.shape[1])) for a in reader.labels),
+        input_shape=record.input_shape[1:],
+    )
 
 
-def _read_shape(record: dict[str, Any], labels: tuple[int, int]) -> tuple[int, int]:
-    """``(Y, X)`` of the input level a run read, from its record (``input.shape_cyx``)."""
-    shape = (record.get("input") or {}).get("shape_cyx")
-    if isinstance(shape, list) and len(shape) == 3:
-        return (int(shape[1]), int(shape[2]))
-    return labels
-
-
-def readable_level(group: Any, summary: StoreSummary, max_size: int) -> int:
-    """The label level to preview: :func:`choose_level`'s, or a finer one for an unfinished run.
+def readable_level(reader: StoreReader, summary: StoreSummary, max_size: int) -> int:
+    """The label level to preview: :func:`preview_level`'s, or a finer one for an unfinished run.
 
     Coarse levels are built after level 0 is done, so a run stopped early left them empty or partly
-    written: then the coarsest level at most :func:`choose_level`'s whose share of written chunks is
-    at least level 0's is read (else level 0): slower, but it shows all that was predicted.
+    written: then the coarsest level at most :func:`preview_level`'s whose share of written chunks
+    is at least level 0's is read (else level 0): slower, but it shows all that was predicted.
     """
-    preferred = choose_level(summary.label_shapes, max_size)
+    preferred = preview_level(summary.label_shapes, max_size)
     if summary.complete:
         return preferred
-    arrays = [group[f"{LABEL_GROUP}/{level}"] for level in range(preferred + 1)]
-    written = [array.nchunks_initialized / array.nchunks for array in arrays]  # all-no-data chunks are not stored
+    written = [reader.written(level) for level in range(preferred + 1)]  # all-no-data chunks are not stored
     return next((level for level in range(preferred, 0, -1) if written[level] >= written[0]), 0)
 
 
@@ -372,8 +345,10 @@ def _legend_text(summary: StoreSummary, level: int, counts: np.ndarray) -> tuple
     labelled = counts[:NODATA_LABEL].sum() / max(1, counts.sum())
     title = f"{name}: {height} x {width} px; labels level {level} ({level_y} x {level_x} px), {labelled:.1%} labelled"
     shares = class_shares(counts, len(summary.class_names))
-    texts = [f"{name}  {share:.1%}" if share >= 0.001 or not share else f"{name}  <0.1%" for name, share in
-             zip(summary.class_names, shares, strict=True)]  # fmt: skip
+    texts = [
+        f"{name}  {share:.1%}" if share >= 0.001 or not share else f"{name}  <0.1%"
+        for name, share in zip(summary.class_names, shares, strict=True)
+    ]
     return title, list(zip(summary.class_colors, texts, strict=True))
 
 

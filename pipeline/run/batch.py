@@ -3,8 +3,9 @@
 :func:`expand_inputs` turns files, folders, glob patterns and lists of paths into input files;
 :func:`output_paths` names a store after each input. :func:`run_batch` runs them and keeps a
 manifest (``manifest.json`` and ``manifest.csv`` in the output folder, rewritten atomically after
-every input) with each input's status: ``done``, ``skipped`` (its store was already complete) or
-``failed`` with the one-line reason. One bad input never stops the others.
+every input) with each input's status: ``done``, ``already complete`` (its store was complete and
+made with the same input, model and config, so it was kept) or ``failed`` with the one-line
+reason. One bad input never stops the others.
 
 Inputs are run in *waves*: the level-0 tasks of consecutive inputs are computed together until a
 wave holds enough tasks to keep every worker busy (:data:`TASKS_PER_WORKER`), so many small
@@ -26,12 +27,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.compute import state
 from pipeline.compute.engine import THREADS, Engine
-from pipeline.compute.tasks import TaskFailure, TaskStats, compute_results, stage_seconds
+from pipeline.compute.job import TaskFailure
+from pipeline.compute.tasks import compute_results
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FcnpipeError
-from pipeline.run.execute import RunPlan, Writing, prepare
-from pipeline.store.lock import store_lock
+from pipeline.files import atomic_write
+from pipeline.run.execute import StoreWriter
+from pipeline.run.plan import RunPlan, prepare
+from pipeline.store.safety import store_lock
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".bif", ".scn", ".qptiff", ".gtiff")
 TASKS_PER_WORKER = 8
@@ -46,15 +51,18 @@ class BatchItem:
     input: str
     output: str
     status: str = "pending"
-    """``pending``, ``done``, ``skipped`` (already complete) or ``failed``."""
+    """``pending``, ``done``, ``already complete`` or ``failed``."""
     reason: str = ""
     seconds: float = 0.0
     megapixels: float = 0.0
     chunks: int = 0
-    chunks_skipped: int = 0
-    """Chunks without foreground, not computed."""
+    chunks_background: int = 0
+    """Chunks without foreground: neither computed nor stored."""
     chunks_resumed: int = 0
     """Chunks written by an earlier, interrupted run."""
+
+
+STATUSES = ("done", "already complete", "failed")
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:
@@ -125,15 +133,9 @@ def write_manifest(outdir: str, items: Sequence[BatchItem]) -> None:
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["input"])
     writer.writeheader()
     writer.writerows(rows)
-    summary = {"inputs": len(items), **{s: sum(i.status == s for i in items) for s in ("done", "skipped", "failed")}}
-    for name, content in (
-        (f"{MANIFEST}.json", json.dumps({"summary": summary, "inputs": rows}, indent=1)),
-        (f"{MANIFEST}.csv", text.getvalue()),
-    ):
-        temporary = os.path.join(outdir, name + ".partial")
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(content)
-        os.replace(temporary, os.path.join(outdir, name))
+    summary = {"inputs": len(items), **{s: sum(i.status == s for i in items) for s in STATUSES}}
+    atomic_write(os.path.join(outdir, f"{MANIFEST}.json"), json.dumps({"summary": summary, "inputs": rows}, indent=1))
+    atomic_write(os.path.join(outdir, f"{MANIFEST}.csv"), text.getvalue())
 
 
 def run_batch(
@@ -165,43 +167,59 @@ def run_batch(
 
     pending = list(items)
     while pending:
-        wave: list[tuple[BatchItem, Writing, float, contextlib.ExitStack]] = []
+        wave: list[_Open] = []
         tasks: list[Any] = []
-        while pending and (not wave or len(tasks) < TASKS_PER_WORKER * wave[0][1].plan.workers):
+        while pending and (not wave or len(tasks) < TASKS_PER_WORKER * wave[0].writer.plan.workers):
             item = pending.pop(0)
-            started = time.perf_counter()
-            item_config = _for_input(config, item)
-            held = contextlib.ExitStack()
-            try:
-                held.enter_context(store_lock(item.output))  # another writer: refused before planning
-                plan = prepare(item_config, engine)
-                item.megapixels = plan.megapixels
-                item.chunks, item.chunks_skipped = len(plan.tiles), plan.tiles_masked
-                if on_plan is not None:
-                    on_plan(item, plan)
-                writing = held.enter_context(Writing(plan))
-            except Exception as err:  # one bad input never stops the others: one line in the manifest
-                held.close()
-                _fail(item, _one_line(err), started)
+            opened = _open(item, config, engine, on_plan)
+            if opened is None:  # failed: said in the manifest
                 report(item)
-                continue
-            if writing.result is not None:
-                held.close()
-                item.status, item.reason = "skipped", "already complete"
-                item.chunks_resumed = writing.plan.tiles_done
+            elif opened.writer.result is not None:
+                opened.held.close()
+                item.status = "already complete"
+                item.seconds = time.perf_counter() - opened.started
                 report(item)
-                continue
-            item.chunks_resumed = plan.tiles_done
-            if plan.blend is not None:  # blended stores run on their own
-                with held:
-                    _run_alone(item, writing, started, on_progress)
+            elif opened.writer.plan.blend is not None:  # blended stores run on their own
+                with opened.held:
+                    _run_alone(opened, on_progress)
                 report(item)
-                continue
-            wave.append((item, writing, started, held))
-            tasks += writing.tasks(guarded=True)
+            else:
+                wave.append(opened)
+                tasks += opened.writer.tasks(guarded=True)
         if wave:
             _run_wave(wave, tasks, on_progress, report)
     return items
+
+
+@dataclass(frozen=True)
+class _Open:
+    """An input of a batch whose store is open for writing."""
+
+    item: BatchItem
+    writer: StoreWriter
+    started: float
+    held: contextlib.ExitStack
+    """The store's lock and writer, released together."""
+
+
+def _open(
+    item: BatchItem, config: RunConfig, engine: Engine, on_plan: Callable[[BatchItem, RunPlan], None] | None
+) -> _Open | None:
+    """Lock, plan and open ``item``'s store (another writer is refused before planning); None, and
+    ``item`` failed with the reason, if that fails."""
+    started, held = time.perf_counter(), contextlib.ExitStack()
+    try:
+        held.enter_context(store_lock(item.output))
+        plan = prepare(_for_input(config, item), engine)
+        item.megapixels, item.chunks, item.chunks_background = plan.megapixels, plan.chunks, plan.chunks_background
+        item.chunks_resumed = plan.chunks_resumed
+        if on_plan is not None:
+            on_plan(item, plan)
+        return _Open(item, held.enter_context(StoreWriter(plan)), started, held)
+    except Exception as err:  # one bad input never stops the others: one line in the manifest
+        held.close()
+        _fail(item, _one_line(err), started)
+        return None
 
 
 def _for_input(config: RunConfig, item: BatchItem) -> RunConfig:
@@ -219,49 +237,56 @@ def _fail(item: BatchItem, reason: str, started: float) -> None:
     item.seconds = time.perf_counter() - started
 
 
-def _run_alone(item: BatchItem, writing: Writing, started: float, on_progress: Callable[[int], None] | None) -> None:
+def _run_alone(opened: _Open, on_progress: Callable[[int], None] | None) -> None:
     try:
-        writing.compute(on_progress)
-        writing.finish()
-        item.status = "done"
-        item.seconds = time.perf_counter() - started
+        opened.writer.compute(on_progress)
+        opened.writer.finish()
+        opened.item.status = "done"
+        opened.item.seconds = time.perf_counter() - opened.started
     except Exception as err:
-        _fail(item, _one_line(err), started)
+        _fail(opened.item, _one_line(err), opened.started)
 
 
 def _run_wave(
-    wave: Sequence[tuple[BatchItem, Writing, float, contextlib.ExitStack]],
+    wave: Sequence[_Open],
     tasks: Sequence[Any],
     on_progress: Callable[[int], None] | None,
     report: Callable[[BatchItem], None],
 ) -> None:
     """Compute ``tasks``, the level-0 tasks of every store of ``wave``, together; then finish each
-    store and release it (its :class:`Writing` and lock, held by its stack)."""
+    store and release it (its writer and lock)."""
     try:
         compute_started = time.perf_counter()
-        plan = wave[0][1].plan
-        results = compute_results(tasks, plan.workers, on_progress, plan.engine, plan.gpu)
+        plan = wave[0].writer.plan
+        results = compute_results(tasks, plan.engine, workers=plan.workers, on_done=on_progress, gpu=plan.gpu)
         compute_s = time.perf_counter() - compute_started
         failures: dict[str, str] = {}
         for result in results:
             if isinstance(result, TaskFailure) and result.message:
                 failures.setdefault(result.token, result.message)
-        total_pixels = sum(w.plan.megapixels_to_compute for _, w, _, _ in wave) or 1.0
-        for item, writing, started, held in wave:
-            token = writing.job.output.token
-            writing.stages = stage_seconds([r for r in results if isinstance(r, TaskStats) and r.token == token])
-            failure = failures.get(token)
-            if failure is not None:
-                _fail(item, failure, started)
-            else:
-                try:  # the wave's compute time, shared by pixels
-                    writing.finish(compute_s * writing.plan.megapixels_to_compute / total_pixels)
-                    item.status = "done"
-                    item.seconds = time.perf_counter() - started
-                except Exception as err:
-                    _fail(item, _one_line(err), started)
-            held.close()
-            report(item)
+        total_pixels = sum(opened.writer.plan.megapixels_to_compute for opened in wave) or 1.0
+        for opened in wave:
+            _finish(opened, results, failures, compute_s / total_pixels)
+            opened.held.close()
+            report(opened.item)
     finally:
-        for _, _, _, held in wave:
-            held.close()
+        for opened in wave:
+            opened.held.close()
+
+
+def _finish(opened: _Open, results: list[Any], failures: dict[str, str], seconds_per_mpx: float) -> None:
+    """Finish one store of a wave whose tasks ran (or fail it with its first task's error)."""
+    writer, item = opened.writer, opened.item
+    token = writer.job.output.token
+    writer.took(results)
+    failure = failures.get(token)
+    if failure is not None:
+        state.forget(token)
+        _fail(item, failure, opened.started)
+        return
+    try:  # the wave's compute time, shared by pixels
+        writer.finish(seconds_per_mpx * writer.plan.megapixels_to_compute)
+        item.status = "done"
+        item.seconds = time.perf_counter() - opened.started
+    except Exception as err:
+        _fail(item, _one_line(err), opened.started)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pipeline.compute.tasks import predict_tiles, read_windows
-from pipeline.model.network import Predictor, select_device, set_torch_threads
+from pipeline.model.predictor import Predictor, select_device, set_torch_threads
+from pipeline.run.plan import RunPlan
 from pipeline.store.arrays import encoded_size
 from pipeline.tiling import Tile
-
-if TYPE_CHECKING:
-    from pipeline.run.execute import RunPlan
 
 PYRAMID_FACTOR = 4 / 3
 """Pixels of all pyramid levels over those of level 0: 1 + 1/4 + 1/16 + ..."""
@@ -45,24 +42,11 @@ class Estimate:
     def tile_s(self) -> float:
         return self.read_s + self.forward_s + self.encode_s
 
-    def describe(self) -> list[str]:
-        total = self.tile_s or float("nan")
-        return [
-            f"measure {self.tiles_sampled} sample tiles: {self.tile_s * 1e3:.0f} ms per tile "
-            f"(read {self.read_s / total:.0%}, network {self.forward_s / total:.0%}, "
-            f"compress {self.encode_s / total:.0%})",
-            f"expect  ETA {format_duration(self.eta_s)}, peak memory {self.peak_rss_mib:.0f} MiB, "
-            f"output {format_bytes(self.output_bytes)} on disk",
-        ]
-
 
 def estimate(plan: RunPlan) -> Estimate:
     """Time one task's worth of tiles of ``plan`` and scale it to the whole run; writes nothing."""
-    from pipeline.run.execute import make_job
-
-    pending = plan.pending()
     sample = _sample(plan)
-    job = make_job(plan, "", "estimate")
+    job = plan.job("", "estimate")
     set_torch_threads(plan.torch_threads)
     predictor = Predictor(plan.model.module, select_device(plan.device), job.precision, job.tta, plan.model.path)
     before = reset_peak_rss()
@@ -80,13 +64,13 @@ def estimate(plan: RunPlan) -> Estimate:
     task_mib = max(0.0, peak_rss_mib() - before)
     n = len(sample)
     per_tile = (read_s + forward_s + encode_s) / n
-    kept = len(plan.tiles) - plan.tiles_masked
+    kept = plan.chunks - plan.chunks_background
     return Estimate(
         tiles_sampled=n,
         read_s=read_s / n,
         forward_s=forward_s / n,
         encode_s=encode_s / n,
-        eta_s=per_tile * len(pending) / plan.workers,
+        eta_s=per_tile * plan.chunks_to_compute / plan.workers,
         peak_rss_mib=before + plan.workers * task_mib,
         output_bytes=int(size / n * kept * PYRAMID_FACTOR),
     )
@@ -137,32 +121,3 @@ def _status_mib(field: str) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def format_duration(seconds: float) -> str:
-    """``3 h 05 min``, ``4 min 10 s``, ``12 s``.
-
-    >>> format_duration(11100), format_duration(250), format_duration(12.4)
-    ('3 h 05 min', '4 min 10 s', '12 s')
-    """
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
-
-
-def format_bytes(size: float) -> str:
-    """``512 B``, ``1.5 KiB``, ... ``3.0 GiB``.
-
-    >>> format_bytes(512), format_bytes(1536), format_bytes(3.2e9)
-    ('512 B', '1.5 KiB', '3.0 GiB')
-    """
-    if size < 1024:
-        return f"{size:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            break
-    return f"{size:.1f} {unit}"

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, option
 from pipeline.source.georef import Georeference
-from pipeline.source.tiff import SourceInfo, SourceRef, open_source, read_masked
+from pipeline.source.pixels import SourceRef, read_masked
+from pipeline.source.tiff import SourceInfo, open_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +100,14 @@ def native_grid(source: SourceInfo, note: str | None = None) -> Grid:
 
 
 def choose_grid(
-    source0: SourceInfo, level_chosen: bool, mpp: float | None, gsd: float | None, explicit: bool,
+    source0: SourceInfo,
+    *,
+    level_chosen: bool,
+    mpp: float | None,
+    gsd: float | None,
+    explicit: bool,
     tolerance: float = 0.0,
-) -> Grid:  # fmt: skip
+) -> Grid:
     """Read at ``mpp`` (slides) or ``gsd`` (rasters): the coarsest level at least that fine, resampled.
 
     ``source0`` is the input opened at the user's level, or at level 0. ``level_chosen``: the
@@ -110,17 +116,18 @@ def choose_grid(
     than the checkpoint) turns the latter into an error. A level whose pixel size is within
     ``tolerance`` (a fraction) of the target on both axes is read as it is, at its own scale.
     """
-    if level_chosen or (mpp is None and gsd is None):
+    target = mpp if mpp is not None else gsd
+    if level_chosen or target is None:
         return native_grid(source0)
     path, series = source0.path, source0.ref.series
     per_pixel = _level0_pixel_size(source0, "mpp" if mpp is not None else "gsd")
-    target = mpp if mpp is not None else gsd
-    assert target is not None
     what = "micrometres per pixel" if mpp is not None else "CRS units per pixel"
     if per_pixel is None:
         message = f"{path}: records no {'microns per pixel' if mpp is not None else 'pixel size'}"
         if explicit:
-            raise SourceError(f"{message}; cannot read it at {target:g} {what} (pass --level instead)")
+            raise SourceError(
+                f"{message}; cannot read it at {target:g} {what} ({option('input.level', 0)} to read a level as it is)"
+            )
         return native_grid(source0, f"{message}: reading level 0 as it is, not at the model's {target:g} {what}")
     size_x, size_y = per_pixel
     downsamples = [nominal_downsample(source0.levels[0].shape, lv.shape) for lv in source0.levels]

@@ -1,61 +1,30 @@
-"""Open a TIFF lazily and read windows of it as ``(C, Y, X)`` arrays.
+"""Open a TIFF lazily: what it holds, before any pixel is read.
 
-This module owns tifffile. :func:`open_source` parses only the file's directory (IFDs and tags),
-never pixel data, and returns a :class:`SourceInfo` with everything a run or ``fcnpipe inspect``
-needs. Pixels are read by :func:`read_window`, which takes a small picklable :class:`SourceRef`
-(a path and a choice of series and level) instead of an open file: the same task graph then runs
-on threads, processes or a distributed cluster, and each thread opens the file itself, once.
-
-Channel layout: whatever the file's axes (``YXS`` for RGB, ``CYX`` for OME, ``TCYX`` for ScanImage),
-windows come back as ``(C, Y, X)``. Axes other than Y, X and the channel axis (time, depth, ...)
-are read at index 0. An alpha band (TIFF ExtraSamples = associated/unassociated alpha) is dropped.
+:func:`open_source` parses only the file's directory (IFDs and tags), never pixel data, and
+returns a :class:`SourceInfo` with everything a run or ``fcnpipe inspect`` needs: the level's
+shape, channels and dtype, its pyramid, its pixel size (SVS, OME, resolution tags) or its GeoTIFF
+georeference, and where it says it holds no data (alpha, GDAL_NODATA, a GDAL internal mask).
+Malformed metadata is warned about and ignored; a file that cannot be read fails here, naming
+itself, so that a run fails before it starts. Pixels are read by :mod:`pipeline.source.pixels`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tifffile
-import zarr
 
 from pipeline.errors import SourceError, warn
 from pipeline.source.georef import Georeference, from_geokeys, ome_mpp, resolution_mpp, svs_mpp
-from pipeline.tiling import cells_under
+from pipeline.source.pixels import SPATIAL, SourceRef, layout_problem, one_line
 
-SPATIAL = "YX"
 CHANNEL_AXES = "SC"
 _ALPHA = {tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA}
 GDAL_NODATA = 42113
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRef:
-    """What a task needs to read pixels: small, picklable, no open file handle."""
-
-    path: str
-    series: int
-    level: int
-    axes: str
-    """Axes of the level as tifffile reports them, e.g. ``"YXS"``."""
-    channel_axis: str | None
-    """The axis holding channels (``"S"`` or ``"C"``), or None for a single-channel image."""
-    channels: int
-    """Channels kept (alpha dropped); ``read_window`` returns this many."""
-    alpha: bool = False
-    """The channel axis ends with an alpha band (0 = no data) after the kept channels."""
-    nodata: float | None = None
-    """GDAL_NODATA: a pixel whose every kept channel equals it holds no data."""
-    mask_series: int | None = None
-    """Series holding a GDAL internal mask (PhotometricInterpretation MASK) of this level's size."""
-    cache_tiles: bool = False
-    """Keep recently decoded file tiles (:data:`TILE_CACHE`): for reads in tile order, where
-    neighbouring windows share the tiles under their halo; not for random patches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +122,9 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
         raise SourceError(f"{path}: series {series} has axes {axes!r}, not an image with Y and X")
     _check_decodable(page, path)
     _check_not_truncated(lvl, path, file_size)
+    problem = layout_problem(lvl)
+    if problem is not None:
+        raise SourceError(f"{path}: series {series} level {level} cannot be read window by window: {problem}")
 
     channel_axes = [a for a in axes if a in CHANNEL_AXES and lvl.shape[axes.index(a)] > 1]
     if len(channel_axes) > 1:
@@ -321,242 +293,3 @@ def _microns_per_pixel(tif: tifffile.TiffFile, page: Any, path: str) -> float | 
     except (ValueError, TypeError, ZeroDivisionError, OverflowError, IndexError) as err:
         warn(f"{path}: its resolution metadata cannot be read ({one_line(err)}); ignored")
         return None
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its message with newlines folded, or its type if it has none."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
-# --- reading pixels -------------------------------------------------------------------------------
-
-_OPEN_LIMIT = 8
-_local = threading.local()
-
-
-class _TileCache:
-    """Decoded file tiles, shared by the threads of a process, least recently used dropped first.
-
-    A task's window (a 2 x 2 block of cores and its halo) touches a ring of file tiles for the
-    halo's pixel or two; the next task along the row needs half of them again. Keeping the last
-    few dozen decoded tiles halves the JPEG decoding of a slide, for memory that does not depend
-    on the image's size.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.items: OrderedDict[tuple[object, ...], Any] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: tuple[object, ...]) -> Any:
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[object, ...], value: Any, size: int) -> None:
-        with self.lock:
-            if key in self.items or size > self.max_bytes:
-                return
-            self.items[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self.items.popitem(last=False)
-                self.bytes -= dropped
-
-
-TILE_CACHE = _TileCache(max_bytes=32 * 2**20)
-
-
-class _DecodedTiles(zarr.storage.WrapperStore):  # type: ignore[misc]
-    """tifffile's Zarr store (which returns *decoded* tiles) with :data:`TILE_CACHE` in front."""
-
-    def __init__(self, store: Any, name: tuple[object, ...]) -> None:
-        super().__init__(store)
-        self.name = name
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        if byte_range is not None:
-            return await self._store.get(key, prototype, byte_range)
-        cached = TILE_CACHE.get((*self.name, key))
-        if cached is not None:
-            return cached[0]
-        value = await self._store.get(key, prototype, byte_range)
-        if value is not None:
-            TILE_CACHE.put((*self.name, key), value, len(value))
-        return value
-
-
-class _TiledLevel:
-    """A level that is one tiled TIFF page, read tile by tile with tifffile's own decoder.
-
-    tifffile's Zarr interface (:func:`_open_level`'s general case) assembles a window through
-    zarr's asynchronous machinery, which cost about as much again as decoding the JPEG tiles
-    (2.5 against 1.2 ms per 512 x 512 tile). Here a window is the decoded file tiles it overlaps,
-    copied into place; tile bytes are read with ``os.pread``, so the threads share no file position.
-    """
-
-    def __init__(self, tif: tifffile.TiffFile, page: Any, path: str, name: tuple[object, ...] | None) -> None:
-        self.tif = tif
-        self.decode = page.decode
-        self.tables = page.jpegtables
-        self.header = page.jpegheader
-        """The JPEG header an NDPI strip's restart-marker tiles are decoded with (else None)."""
-        self.offsets, self.counts = page.dataoffsets, page.databytecounts
-        self.tile = (page.tilelength, page.tilewidth)
-        self.across = -(-page.imagewidth // page.tilewidth)
-        self.samples = page.samplesperpixel
-        self.dtype = page.dtype
-        self.name = name
-        """Key of this level in :data:`TILE_CACHE`; None: decoded tiles are not kept."""
-        self.fd = os.open(path, os.O_RDONLY)
-
-    @staticmethod
-    def of(tif: tifffile.TiffFile, ref: SourceRef) -> Any:
-        """The level's page if it can be read this way: one tiled page that is the whole level."""
-        level = tif.series[ref.series].levels[ref.level]
-        page = level.pages[0] if len(level.pages) == 1 else None
-        if not isinstance(page, tifffile.TiffPage) or not page.is_tiled or page.imagedepth != 1:
-            return None
-        if ref.axes == "YXS" and page.planarconfig == tifffile.PLANARCONFIG.CONTIG and page.samplesperpixel > 1:
-            shape: tuple[int, ...] = (page.imagelength, page.imagewidth, page.samplesperpixel)
-        elif ref.axes == "YX" and page.samplesperpixel == 1:
-            shape = (page.imagelength, page.imagewidth)
-        else:
-            return None
-        return page if tuple(level.shape) == shape else None
-
-    def __getitem__(self, index: tuple[Any, ...]) -> np.ndarray:
-        """``[y0:y1, x0:x1]`` or ``[y0:y1, x0:x1, s0:s1]``, as the Zarr view would return it."""
-        rows, cols = index[0], index[1]
-        (y0, y1), (x0, x1) = (rows.start, rows.stop), (cols.start, cols.stop)
-        th, tw = self.tile
-        out = np.empty((y1 - y0, x1 - x0, self.samples), self.dtype)
-        for row, col, (a0, a1, b0, b1) in cells_under((y0, y1, x0, x1), self.tile):
-            tile = self._tile(row * self.across + col)
-            target = out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-            if tile is None:
-                target[...] = 0  # a tile the file does not store (a sparse COG): tifffile's fill
-            else:
-                target[...] = tile[a0 - row * th : a1 - row * th, b0 - col * tw : b1 - col * tw]
-        return out[..., index[2]] if len(index) > 2 else out[..., 0]
-
-    def _tile(self, index: int) -> np.ndarray | None:
-        key = None if self.name is None else (*self.name, index)
-        if key is not None:
-            cached = TILE_CACHE.get(key)
-            if cached is not None:
-                return cached[0]  # type: ignore[no-any-return]
-        count = int(self.counts[index])
-        if not count:
-            return None
-        data = os.pread(self.fd, count, int(self.offsets[index]))
-        if len(data) < count:
-            raise SourceError(f"tile {index} ends past the end of the file")
-        decoded = self.decode(data, index, jpegtables=self.tables, jpegheader=self.header)[0]
-        tile: np.ndarray = decoded.reshape(*self.tile, self.samples)
-        if key is not None:
-            TILE_CACHE.put(key, tile, tile.nbytes)
-        return tile
-
-    def close(self) -> None:
-        os.close(self.fd)
-        self.tif.close()
-
-
-def _open_level(ref: SourceRef) -> Any:
-    """This thread's view of ``ref``'s level, opened once and kept (a few files per thread): a
-    :class:`_TiledLevel` where the level is one tiled page, else tifffile's Zarr view."""
-    cache: OrderedDict[tuple[str, int, int, bool], Any] | None = getattr(_local, "cache", None)
-    if cache is None:
-        cache = _local.cache = OrderedDict()
-    key = (ref.path, ref.series, ref.level, ref.cache_tiles)
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key][1]
-    name = None
-    if ref.cache_tiles:
-        stat = os.stat(ref.path)  # a file rewritten at the same path must not meet its old tiles
-        name = (*key, stat.st_mtime_ns, stat.st_size)
-    tif = tifffile.TiffFile(ref.path)
-    try:
-        page = _TiledLevel.of(tif, ref)
-    except BaseException:
-        tif.close()
-        raise
-    if page is not None:
-        level = _TiledLevel(tif, page, ref.path, name)
-        cache[key] = (level, level)
-    else:
-        tif.close()
-        store = tifffile.imread(ref.path, aszarr=True, series=ref.series, level=ref.level)
-        if name is not None:
-            store = _DecodedTiles(store, name)
-        cache[key] = (store, zarr.open_array(store, mode="r"))
-    while len(cache) > _OPEN_LIMIT:
-        old_store, _ = cache.popitem(last=False)[1]
-        old_store.close()
-    return cache[key][1]
-
-
-def read_window(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Pixels of ``box = (y0, y1, x0, x1)`` as a ``(C, y1 - y0, x1 - x0)`` array of the file's dtype.
-
-    Decodes only the tiles or strips that overlap the box. A tile that cannot be decoded raises
-    SourceError naming the file and the window.
-    """
-    return _read(ref, box)[: ref.channels]
-
-
-def read_masked(ref: SourceRef, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`read_window`, and where the source has data: ``(Y, X)`` bool, or None if everywhere.
-
-    No data means alpha 0, 0 in a GDAL internal mask, every channel equal to GDAL_NODATA, or a
-    non-finite value (NaN, infinity) in any channel of a float image, which is returned as 0.
-    """
-    data = _read(ref, box)
-    valid = None
-    if ref.alpha:
-        valid = data[ref.channels] != 0
-    if ref.mask_series is not None:
-        mask_ref = SourceRef(ref.path, ref.mask_series, ref.level, "YX", None, 1)
-        in_mask = _read(mask_ref, box)[0] != 0
-        valid = in_mask if valid is None else valid & in_mask
-    if ref.nodata is not None and not math.isnan(ref.nodata):  # NaN: below, with every non-finite value
-        has_data = (data[: ref.channels] != np.asarray(ref.nodata, dtype=data.dtype)).any(axis=0)
-        valid = has_data if valid is None else valid & has_data
-    kept = data[: ref.channels]
-    if np.issubdtype(kept.dtype, np.floating):
-        finite = np.isfinite(kept).all(axis=0)
-        if not finite.all():  # no data, and zeros for the network: a NaN would spread over its receptive field
-            kept[:, ~finite] = 0
-            valid = finite if valid is None else valid & finite
-    return kept, valid
-
-
-def _read(ref: SourceRef, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Every channel of the box, alpha included, as ``(C, Y, X)``."""
-    y0, y1, x0, x1 = box
-    index: list[int | slice] = []
-    for axis in ref.axes:
-        if axis == "Y":
-            index.append(slice(y0, y1))
-        elif axis == "X":
-            index.append(slice(x0, x1))
-        elif axis == ref.channel_axis:
-            index.append(slice(0, ref.channels + int(ref.alpha)))
-        else:
-            index.append(0)
-    try:
-        data = np.asarray(_open_level(ref)[tuple(index)])
-    except Exception as err:  # any codec or I/O failure in this window: report it with its place
-        raise SourceError(
-            f"{ref.path}: cannot read pixels of level {ref.level} at rows {y0}-{y1}, columns {x0}-{x1}: {one_line(err)}"
-        ) from err
-    kept = [a for a in ref.axes if a in SPATIAL or a == ref.channel_axis]
-    if ref.channel_axis is None:
-        return data[np.newaxis] if kept == ["Y", "X"] else data.T[np.newaxis]
-    return np.transpose(data, [kept.index(ref.channel_axis), kept.index("Y"), kept.index("X")])

@@ -1,21 +1,10 @@
-"""The output store: Zarr arrays created once, then written one chunk at a time.
-
-Layout of the group at the output path (OME-Zarr; Zarr format 2 for OME-NGFF 0.4, 3 for 0.5):
-
-* ``0``, ``1``, ...: probabilities, shape ``(C, Y, X)`` halving level by level, chunks
-  ``(C, tile, tile)``; float32/float16, or uint8 holding ``round(p * 254)``;
-* ``labels/argmax/0``, ``1``, ...: the argmax of the full-precision probabilities, ``(Y, X)``
-  uint8, :data:`NODATA_LABEL` where the source has no data;
-* ``x``, ``y`` (and the same in ``labels/argmax``): pixel-centre coordinates, for a GeoTIFF input.
-
-No data (a chunk the mask skipped, a pixel the source marks as no data) is the arrays' fill value,
-and nothing else is: NaN for float probabilities, 255 for uint8 probabilities and labels
-(:func:`nodata_value`). A probability of 0 is a value like any other, so readers that take the fill
-value as missing (xarray's ``_FillValue``, GDAL's NoData, QGIS) hide only what has no data.
+"""The store's arrays: created once, then written and read one chunk at a time, as files.
 
 Level-0 chunks are the tile cores of :mod:`pipeline.tiling` and each coarser chunk is made from
 the 2 x 2 chunks above it, so every task writes whole chunks that no other task touches, and
-nothing ever holds a whole map. This module owns zarr for writing.
+nothing ever holds a whole map. Chunks are encoded here and written as files (a zarr
+``__setitem__`` cost several times the encoding), each whole or not at all
+(:func:`pipeline.files.atomic_write`). Blended runs keep their scratch arrays here too.
 """
 
 from __future__ import annotations
@@ -24,9 +13,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numcodecs
@@ -34,157 +21,11 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.errors import ConfigError, OutputError
+from pipeline.errors import OutputError, option
+from pipeline.files import atomic_write
+from pipeline.store.layout import LABEL_GROUP, NODATA_LABEL, NODATA_UINT8, OutputRef, nodata_value, quantize
 from pipeline.store.pyramid import mean_2x2, subsample_2x2
-from pipeline.tiling import cells_under
-
-STORE_FORMAT = 2
-"""The layout and encoding of the stored values; raised whenever a byte of the same run would change
-(2: uint8 probabilities hold round(p * 254), no data is the fill value). Part of the fingerprint, so a
-store of another format is never resumed or reused."""
-PROBABILITIES = "0"
-LABEL_GROUP = "labels/argmax"
-LABELS = f"{LABEL_GROUP}/0"
-NODATA_LABEL = 255
-"""Label where there is no data (alpha 0, GDAL_NODATA, a chunk without foreground); at most 254 classes."""
-UINT8_SCALE = 254
-"""uint8 probabilities hold ``round(p * 254)``, so that 255 is free to mean no data, as in the labels."""
-NODATA_UINT8 = 255
-
-
-def nodata_value(dtype: Any) -> float | int:
-    """The value of no data in an array of stored probabilities (its fill value): 255 or NaN.
-
-    >>> nodata_value("uint8"), nodata_value("float32")
-    (255, nan)
-    """
-    return NODATA_UINT8 if np.dtype(dtype) == np.uint8 else float("nan")
-
-
-def is_nodata(values: np.ndarray) -> np.ndarray:
-    """Where stored values (probabilities or labels) are no data.
-
-    >>> is_nodata(np.array([0, 255], np.uint8)).tolist(), is_nodata(np.array([0.0, np.nan])).tolist()
-    ([False, True], [False, True])
-    """
-    if values.dtype == np.uint8:
-        is_fill: np.ndarray = values == NODATA_UINT8
-        return is_fill
-    is_nan: np.ndarray = np.isnan(values)
-    return is_nan
-
-
-@dataclass(frozen=True, slots=True)
-class OutputRef:
-    """What a task needs to write: small and picklable."""
-
-    path: str
-    dtype: str
-    """``float32``, ``float16`` or ``uint8`` for the probabilities."""
-    token: str = ""
-    """Unique per created store: handles cached for an earlier store at the same path are not reused."""
-
-
-def beside(store: str | os.PathLike[str], suffix: str) -> str:
-    """A file beside ``store``, named after it: ``.zarr`` replaced by ``suffix`` (preview, log).
-
-    >>> beside("/data/slide1.zarr/", ".preview.png"), beside("out", ".log")
-    ('/data/slide1.preview.png', 'out.log')
-    """
-    path = os.path.normpath(os.fspath(store))
-    return (path[:-5] if path.lower().endswith(".zarr") else path) + suffix
-
-
-_TIFF_NAMES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf", ".tf8")
-_OTHER_FILES = (".png", ".jpg", ".jpeg", ".svs", ".ndpi", ".h5", ".hdf5", ".nc", ".npy", ".geojson", ".gpkg", ".json")
-
-
-def check_store_path(path: str) -> None:
-    """Refuse an output path whose name says it is a file of another kind: a run writes a Zarr store,
-    which is a folder (``OUT.zarr``), and a folder named ``out.tif`` misleads every tool after it.
-
-    >>> check_store_path("maps/s1.zarr"), check_store_path("maps/s1")
-    (None, None)
-    >>> try:
-    ...     check_store_path("s1.tif")
-    ... except ConfigError as err:
-    ...     print(str(err).split("; ")[1])
-    run with -o s1.zarr, then fcnpipe export s1.zarr -o s1.tif
-    """
-    name = os.path.basename(os.path.normpath(path))
-    lower = name.lower()
-    for suffix in _TIFF_NAMES:
-        if lower.endswith(suffix):
-            stem = os.path.join(os.path.dirname(path), name[: -len(suffix)] + ".zarr")
-            raise ConfigError(
-                f"{path}: fcnpipe run writes a Zarr store (a folder, e.g. {stem}), not a TIFF; "
-                f"run with -o {stem}, then fcnpipe export {stem} -o {path}"
-            )
-    for suffix in _OTHER_FILES:
-        if lower.endswith(suffix):
-            raise ConfigError(
-                f"{path}: fcnpipe run writes a Zarr store (a folder), not a {suffix} file; name it "
-                f"{os.path.join(os.path.dirname(path), name[: -len(suffix)])}.zarr"
-            )
-
-
-def is_store(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", "zarr.json"))
-
-
-def is_empty_folder(path: str) -> bool:
-    """A folder with nothing in it (a store never begun): replacing it loses nothing."""
-    return os.path.isdir(path) and not os.listdir(path)
-
-
-CREATING, REMOVING = ".creating-", ".removing-"
-"""Infixes of the hidden folders beside a store: one being built, an old one being deleted."""
-
-
-def _beside_hidden(path: str, infix: str, token: str) -> str:
-    folder, name = os.path.split(os.path.normpath(path))
-    return os.path.join(folder, f".{name}{infix}{token}")
-
-
-@contextmanager
-def staged_store(path: str, token: str) -> Iterator[str]:
-    """A folder to build a new store in, which replaces ``path`` whole when the block ends.
-
-    A store never exists half-made at ``path``: it is built in a hidden folder beside it, then
-    renamed into place (an existing store at ``path`` is first renamed aside, then deleted), so a
-    kill or a full disk at any moment of the creation leaves either what was there before or the
-    whole new store; the hidden folders a kill leaves behind are removed by the next run
-    (:func:`remove_leftovers`). On an error the staging folder is removed.
-    """
-    staging = _beside_hidden(path, CREATING, token)
-    try:
-        try:
-            yield staging
-            if os.path.lexists(path):
-                old = _beside_hidden(path, REMOVING, token)
-                os.rename(path, old)
-                os.rename(staging, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(staging, path)
-        except OSError as err:
-            raise OutputError(f"{path}: cannot create the output store ({err.strerror or err})") from err
-    finally:
-        if os.path.lexists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def remove_leftovers(path: str) -> int:
-    """Remove the hidden folders that runs killed while creating or replacing ``path`` left beside
-    it; return how many. Only for a process that holds the store's lock."""
-    folder, name = os.path.split(os.path.normpath(path))
-    removed = 0
-    for entry in os.listdir(folder or "."):
-        if entry.startswith((f".{name}{CREATING}", f".{name}{REMOVING}")):
-            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-            removed += 1
-    return removed
-
+from pipeline.tiling import Box, cells_under
 
 _BLOSC = {
     False: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),  # float probabilities
@@ -231,7 +72,7 @@ def create_store(
     """
     if os.path.lexists(path):
         if not overwrite:
-            raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+            raise OutputError(f"{path}: already exists; {option('output.overwrite')} to replace it")
         shutil.rmtree(path)
     named = final_path or path
     if classes >= NODATA_LABEL:
@@ -243,15 +84,25 @@ def create_store(
         for level, (height, width) in enumerate(levels):
             chunks = (min(tile, height), min(tile, width))
             probabilities = group.create_array(
-                str(level), shape=(classes, height, width), chunks=(classes, *chunks), dtype=dtype,
-                fill_value=nodata_value(dtype), attributes=_fill_attribute(v3, dtype),
-                dimension_names=("c", "y", "x") if v3 else None, **_compressor(zarr_format, _bitshuffle(dtype)),
-            )  # fmt: skip
+                str(level),
+                shape=(classes, height, width),
+                chunks=(classes, *chunks),
+                dtype=dtype,
+                fill_value=nodata_value(dtype),
+                attributes=_fill_attribute(v3, dtype),
+                dimension_names=("c", "y", "x") if v3 else None,
+                **_compressor(zarr_format, _bitshuffle(dtype)),
+            )
             label_array = labels.create_array(
-                str(level), shape=(height, width), chunks=chunks, dtype="uint8", fill_value=NODATA_LABEL,
+                str(level),
+                shape=(height, width),
+                chunks=chunks,
+                dtype="uint8",
+                fill_value=NODATA_LABEL,
                 attributes=_fill_attribute(v3, "uint8"),
-                dimension_names=("y", "x") if v3 else None, **_compressor(zarr_format, bitshuffle=True),
-            )  # fmt: skip
+                dimension_names=("y", "x") if v3 else None,
+                **_compressor(zarr_format, bitshuffle=True),
+            )
             _keep_arrays(OutputRef(named, dtype, token), level, (probabilities, label_array))
     except OSError as err:
         raise OutputError(f"{named}: cannot create the output store ({err.strerror or err})") from err
@@ -268,29 +119,11 @@ def encoded_size(stored: np.ndarray, labels: np.ndarray) -> int:
     return sum(len(_BLOSC[_bitshuffle(v.dtype)].encode(np.ascontiguousarray(v))) for v in (stored, labels))
 
 
-def quantize(probs: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Probabilities in [0, 1] as stored: unchanged, float16, or ``round(p * 254)`` as uint8; into
-    ``out`` (of that dtype and shape) if given. The probabilities must be finite.
-
-    >>> quantize(np.array([0.0, 0.5, 1.0], np.float32), "uint8").tolist()
-    [0, 127, 254]
-    """
-    if dtype == "uint8":
-        scaled: np.ndarray = np.multiply(probs, float(UINT8_SCALE))
-        np.rint(scaled, out=scaled)  # in place: each fresh 3 MB temporary costs its page faults
-        if out is None:
-            return scaled.astype(np.uint8)
-        out[...] = scaled
-        return out
-    if out is None:
-        return probs.astype(dtype, copy=False)
-    out[...] = probs
-    return out
-
-
 _HANDLES_KEPT = 32
 """Array handles kept per process (two per level and store): a batch's stores, a few levels each."""
+
 _handles: OrderedDict[tuple[OutputRef, int], tuple[Any, Any]] = OrderedDict()
+
 _handles_lock = threading.Lock()
 
 
@@ -307,6 +140,12 @@ def _arrays(out: OutputRef, level: int) -> tuple[Any, Any]:
         found = (group[str(level)], group[f"{LABEL_GROUP}/{level}"])
         _keep_arrays(out, level, found)
     return found
+
+
+def clear_handles() -> None:
+    """Forget every array handle this process keeps (:func:`pipeline.compute.state.reset`)."""
+    with _handles_lock:
+        _handles.clear()
 
 
 def _keep_arrays(out: OutputRef, level: int, arrays: tuple[Any, Any]) -> None:
@@ -360,7 +199,8 @@ def _put_chunk(path: str, array: Any, core: tuple[int, int, int, int], values: n
     stored, as zarr does not store it (``write_empty_chunks=False``)."""
     y0, y1, x0, x1 = core
     cy, cx = array.chunks[-2:]
-    assert y0 % cy == 0 and x0 % cx == 0 and y1 - y0 <= cy and x1 - x0 <= cx, "a core is one whole chunk"
+    if y0 % cy or x0 % cx or y1 - y0 > cy or x1 - x0 > cx:  # the tiling's invariant: never a user's mistake
+        raise ValueError(f"core {core} is not one whole {cy} x {cx} chunk of {array.path}")
     fill = array.fill_value
     target = _chunk_path(path, array, core)
     if _all_fill(values, fill):
@@ -372,19 +212,7 @@ def _put_chunk(path: str, array: Any, core: tuple[int, int, int, int], values: n
         full = np.full((*values.shape[:-2], cy, cx), fill, dtype)
         full[..., : values.shape[-2], : values.shape[-1]] = values
         values = full
-    data = _BLOSC[_bitshuffle(dtype)].encode(np.ascontiguousarray(values, dtype))
-    temporary = f"{target}.{threading.get_ident()}.partial"
-    try:
-        _write_file(temporary, data)
-    except FileNotFoundError:  # the first chunk of its row: make the folder (not a stat per chunk)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        _write_file(temporary, data)
-    os.replace(temporary, target)
-
-
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
+    atomic_write(target, _BLOSC[_bitshuffle(dtype)].encode(np.ascontiguousarray(values, dtype)))
 
 
 def _all_fill(values: np.ndarray, fill: Any) -> bool:
@@ -466,9 +294,14 @@ def write_georeference_arrays(path: str, group_path: str, xs: np.ndarray, ys: np
     for name, values in (("x", xs), ("y", ys)):
         options = {"dimension_names": [name]} if zarr_format == 3 else {}
         array = target.create_array(
-            name, shape=values.shape, chunks=values.shape, dtype="float64", fill_value=0.0,
-            **_compressor(zarr_format, bitshuffle=False), **options,
-        )  # fmt: skip
+            name,
+            shape=values.shape,
+            chunks=values.shape,
+            dtype="float64",
+            fill_value=0.0,
+            **_compressor(zarr_format, bitshuffle=False),
+            **options,
+        )
         array[:] = values
         if zarr_format == 2:
             array.attrs["_ARRAY_DIMENSIONS"] = [name]
@@ -481,3 +314,53 @@ def update_attributes(path: str, node: str, attributes: dict[str, Any]) -> None:
     group = zarr.open_group(path, mode="r+")
     target = group if node in ("", "/") else group[node]
     target.attrs.update(attributes)
+
+
+# --- blended runs' scratch arrays ----------------------------------------------------------------
+
+BLEND_GROUP = "_blend"
+
+PARITIES = ("00", "01", "10", "11")
+
+
+def create_blend_arrays(path: str, classes: int, shape: tuple[int, int], side: int) -> None:
+    """Create (or replace) the empty ``_blend`` arrays in the store at ``path``, in its Zarr format.
+
+    For each parity ``ab``: ``_blend/ab/sum`` ``(classes, Y, X)`` and ``_blend/ab/weight`` ``(Y, X)``,
+    float32, fill value 0, chunks ``side`` a side (:func:`pipeline.compute.blend.blend_chunk`).
+    """
+    height, width = shape
+    chunk = (min(side, height), min(side, width))
+    try:
+        root = zarr.open_group(path, mode="r+")
+        group = root.create_group(BLEND_GROUP, overwrite=True)
+        for name in PARITIES:
+            sub = group.create_group(name)
+            sub.create_array(
+                "sum", shape=(classes, height, width), chunks=(classes, *chunk), dtype="float32", fill_value=0.0
+            )
+            sub.create_array("weight", shape=(height, width), chunks=chunk, dtype="float32", fill_value=0.0)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create the temporary blend arrays ({err.strerror or err})") from err
+
+
+def remove_blend_arrays(path: str) -> None:
+    """Delete the ``_blend`` group of the store at ``path``, if it is there."""
+    shutil.rmtree(os.path.join(path, BLEND_GROUP), ignore_errors=True)
+
+
+def blend_arrays(path: str) -> dict[str, tuple[Any, Any]]:
+    """The ``(sum, weight)`` arrays of each parity of the store at ``path``, to read and write."""
+    group = zarr.open_group(os.path.join(path, BLEND_GROUP), mode="r+")
+    return {name: (group[f"{name}/sum"], group[f"{name}/weight"]) for name in PARITIES}
+
+
+def write_blend(arrays: tuple[Any, Any], box: Box, weighted: np.ndarray, weight: np.ndarray, path: str) -> None:
+    """``w * p`` and ``w`` of one window's ``box`` into a parity's arrays (:func:`blend_arrays`)."""
+    y0, y1, x0, x1 = box
+    sums, weights = arrays
+    try:
+        sums[:, y0:y1, x0:x1] = weighted
+        weights[y0:y1, x0:x1] = weight
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write blend window at rows {y0}-{y1}, columns {x0}-{x1} ({err})") from err

@@ -1,73 +1,20 @@
-"""What the output says about itself: provenance and the completion mark.
+"""Metadata for the tools people open a store with: OME-NGFF for viewers, CF and GDAL for GIS.
 
-The root attribute ``fcnpipe`` of the output group holds the fcnpipe version, the resolved config,
-the model's sha256 and description, the input path and size, the tile and halo used, timings, and
-``complete``. ``complete`` is written ``false`` when the store is created and ``true`` only after
-every chunk is on disk, so a killed or failed run never leaves an output that looks finished.
+* OME-NGFF 0.4 (Zarr v2) or 0.5 (Zarr v3): ``multiscales`` over the probability levels with one
+  channel per class (``omero``), and the label image ``labels/argmax`` with a colour and a name per
+  class value, no data transparent (napari, QuPath, ome-zarr-py);
+* for a GeoTIFF input, on the level-0 arrays: ``x``/``y`` pixel-centre coordinates and a CF grid
+  mapping with GDAL's exact ``GeoTransform``, and GDAL's ``_CRS`` (GDAL, QGIS, rioxarray).
 """
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import numpy as np
-import zarr
 
-from pipeline import __version__
-from pipeline.store.arrays import UINT8_SCALE
-
-ATTRIBUTE = "fcnpipe"
-
-
-def provenance(
-    *,
-    config: dict[str, Any],
-    input_path: str,
-    input_size: int,
-    input_shape: tuple[int, int, int],
-    model_sha256: str,
-    model: dict[str, Any],
-    tile: int,
-    halo: int,
-    spatial: dict[str, Any],
-) -> dict[str, Any]:
-    """The ``fcnpipe`` attribute as written when a run starts (``complete: false``)."""
-    return {
-        "version": __version__,
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "config": config,
-        "input": {"path": input_path, "size_bytes": input_size, "shape_cyx": list(input_shape)},
-        "model": {"sha256": model_sha256, **model},
-        "tile": tile,
-        "halo": halo,
-        "spatial": spatial,
-        "complete": False,
-    }
-
-
-def write_start(path: str, record: dict[str, Any]) -> None:
-    group = zarr.open_group(path, mode="r+")
-    group.attrs[ATTRIBUTE] = record
-
-
-def mark_complete(path: str, record: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    """Write the timings and ``complete: true``; the last write of a successful run."""
-    final = {**record, "timings_s": timings, "complete": True}
-    final["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    group = zarr.open_group(path, mode="r+")
-    group.attrs[ATTRIBUTE] = final
-    return final
-
-
-def read_record(path: str) -> dict[str, Any] | None:
-    """The ``fcnpipe`` attribute of a store, or None when it has none."""
-    group = zarr.open_group(path, mode="r")
-    value = group.attrs.get(ATTRIBUTE)
-    return dict(value) if isinstance(value, dict) else None
-
-
-# --- OME-NGFF, for napari, QuPath and other viewers ------------------------------------------------
+from pipeline.store.arrays import update_attributes, write_georeference_arrays
+from pipeline.store.layout import LABEL_GROUP, LABELS, NODATA_LABEL, PROBABILITIES, UINT8_SCALE
 
 OME_VERSIONS = ("0.4", "0.5")
 
@@ -108,9 +55,14 @@ def _wrap(version: str, content: dict[str, Any]) -> dict[str, Any]:
 
 
 def ome_image(
-    version: str, name: str, levels: int, class_names: list[str], colors: list[tuple[int, int, int]],
-    mpp: float | None, dtype: str,
-) -> dict[str, Any]:  # fmt: skip
+    version: str,
+    name: str,
+    levels: int,
+    class_names: list[str],
+    colors: list[tuple[int, int, int]],
+    mpp: float | None,
+    dtype: str,
+) -> dict[str, Any]:
     """Root attributes: ``multiscales`` over the probability levels and ``omero`` channel display.
 
     Axes ``c`` (one channel per class, named after it) and ``y``, ``x`` in micrometres when the
@@ -122,13 +74,15 @@ def ome_image(
         "name": name,
         "channels": [
             {
-                "label": label, "color": "".join(f"{v:02X}" for v in color), "active": True,
+                "label": label,
+                "color": "".join(f"{v:02X}" for v in color),
+                "active": True,
                 "window": {"min": 0, "max": top, "start": 0, "end": top},
             }
             for label, color in zip(class_names, colors, strict=True)
         ],
         "rdefs": {"model": "color"},
-    }  # fmt: skip
+    }
     if version == "0.4":
         omero["version"] = "0.4"
     multiscale = _multiscale(name, levels, axes, mpp, version)
@@ -142,9 +96,13 @@ def ome_labels_group(version: str, names: list[str]) -> dict[str, Any]:
 
 
 def ome_label_image(
-    version: str, levels: int, class_names: list[str], colors: list[tuple[int, int, int]], mpp: float | None,
+    version: str,
+    levels: int,
+    class_names: list[str],
+    colors: list[tuple[int, int, int]],
+    mpp: float | None,
     nodata_label: int,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Attributes of ``labels/argmax``: its levels and one colour and name per class value.
 
     ``nodata_label`` (where the source has no data) is transparent.
@@ -161,6 +119,42 @@ def ome_label_image(
     multiscale = _multiscale("argmax", levels, _space_axes(mpp), mpp, version)
     multiscale["metadata"] = {"method": "top-left label of 2 x 2 blocks of the level above"}
     return _wrap(version, {"multiscales": [multiscale], "image-label": label})
+
+
+def write_viewer_metadata(
+    path: str,
+    *,
+    version: str,
+    name: str,
+    levels: int,
+    class_names: list[str],
+    class_colors: list[tuple[int, int, int]],
+    mpp: float | None,
+    dtype: str,
+) -> None:
+    """The OME-NGFF attributes of the store at ``path``: the image (``name``: the input's file name),
+    the labels group and the label image."""
+    update_attributes(path, "", ome_image(version, name, levels, class_names, class_colors, mpp, dtype))
+    update_attributes(path, "labels", ome_labels_group(version, ["argmax"]))
+    label = ome_label_image(version, levels, class_names, class_colors, mpp, NODATA_LABEL)
+    update_attributes(path, LABEL_GROUP, label)
+
+
+def write_gis_metadata(
+    path: str, *, version: str, crs: str | None, transform: tuple[float, ...], shape: tuple[int, int]
+) -> None:
+    """Coordinates, the CF grid mapping and GDAL's ``_CRS`` on the level-0 arrays of the store at
+    ``path``, whose grid is ``shape`` ``(Y, X)`` pixels with the GDAL affine ``transform``."""
+    height, width = shape
+    xs, ys = pixel_centres(transform, height, width)
+    for group, array, dims in (("", PROBABILITIES, ["c", "y", "x"]), (LABEL_GROUP, LABELS, ["y", "x"])):
+        write_georeference_arrays(path, group, xs, ys, grid_mapping(crs, transform))
+        attributes: dict[str, object] = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
+        if crs:
+            attributes["_CRS"] = crs_attribute(crs)
+        if version == "0.4":
+            attributes["_ARRAY_DIMENSIONS"] = dims
+        update_attributes(path, array, attributes)
 
 
 # --- GIS: georeference as GDAL and xarray read it from Zarr ------------------------------------------

@@ -16,21 +16,23 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.model.checkpoint import file_sha256
 from pipeline.model.network import REFERENCE_FCN
 from pipeline.products.preview import write_store_preview
-from pipeline.run.execute import run_pipeline
-from pipeline.source.tiff import SourceRef, open_source, read_window
-from pipeline.store.arrays import LABELS
+from pipeline.run.execute import execute
+from pipeline.run.plan import prepare
+from pipeline.source.pixels import SourceRef, read_window
+from pipeline.source.tiff import open_source
+from pipeline.store.reading import open_store
 from pipeline.training.sampling import confusion, iou_per_class
 from pipeline.training.synthetic import SyntheticSlide, make_synthetic_slide
-from pipeline.training.train import TrainResult, train_from_tiffs
+from pipeline.training.train import Progress, TrainResult, train_from_tiffs
 
 HIDDEN = 64
 PATCH = 128
@@ -69,13 +71,14 @@ def run_demo(
     workdir: str,
     size: int = 8192,
     seed: int = 0,
-    progress: bool = True,
+    progress: DemoProgress | None = None,
     log: Callable[[str], None] | None = None,
     train_steps: int = TRAIN_STEPS,
 ) -> DemoResult:
     """Synthesize a ``size x size`` slide in ``workdir``, train, run the pipeline, score, preview.
 
-    ``progress`` shows tqdm bars for training and prediction (on a terminal only); ``log`` receives
+    ``progress(step, done, total)`` follows the training (``"training"``, patches) and the
+    prediction (``"predicting"``, megapixels); ``log`` receives
     one line as each step starts and each training epoch ends. Training is ``train_steps`` steps of
     ``BATCH`` patches on :data:`TRAIN_THREADS` threads, seeded by ``seed``: the same slide, the
     same checkpoint bytes and the same scores on every run of the same code, on any machine
@@ -99,13 +102,13 @@ def run_demo(
             f"training the reference FCN for {train_steps} steps of {BATCH} patches on the whole slide "
             f"(last {VAL_FRACTION:.0%} of rows: validation)"
         )
-        training = train_model(slide, model_path, seed, train_steps, progress, say)
+        training = train_model(slide, model_path, seed, train_steps, _phase(progress, "training"), say)
     say(f"running the pipeline on the whole slide into {store}")
     with _timer(timings, "predict"):
-        store = predict_slide(slide.image_path, model_path, store, progress=progress)
+        store = predict_slide(slide.image_path, model_path, store, progress=_phase(progress, "predicting"))
     say("scoring against the ground truth")
     with _timer(timings, "score"):
-        predicted = zarr.open_group(store, mode="r")[LABELS]
+        predicted = open_store(store, complete=True).labels[0]
         ious = iou_per_class(confusion_by_bands(predicted, mask_ref, len(slide.class_names)))
     with _timer(timings, "preview"):
         write_store_preview(store, preview)
@@ -125,7 +128,12 @@ def run_demo(
 
 
 def train_model(
-    slide: SyntheticSlide, model_path: str, seed: int, steps: int, progress: bool, log: Callable[[str], None]
+    slide: SyntheticSlide,
+    model_path: str,
+    seed: int,
+    steps: int,
+    progress: Progress | None,
+    log: Callable[[str], None],
 ) -> TrainResult:
     """Train the reference FCN on ``slide`` with :func:`~pipeline.training.train.train_from_tiffs`; save it.
 
@@ -168,22 +176,28 @@ def training_schedule(steps: int) -> tuple[int, int]:
     return epochs, math.ceil(total / epochs)
 
 
-def predict_slide(slide_path: str, model_path: str, store: str, *, progress: bool) -> str:
-    """Run the full pipeline with default settings, replacing ``store``; return its absolute path."""
+def predict_slide(slide_path: str, model_path: str, store: str, *, progress: Progress | None = None) -> str:
+    """Run the full pipeline with default settings, replacing ``store``; return its absolute path.
+    ``progress(done, total)`` follows the megapixels predicted."""
     config = load_config(
         overrides={
             "input": {"path": slide_path},
             "model": {"path": model_path},
             "output": {"path": store, "overwrite": True},
-            "compute": {"progress": progress},
         }
     )
-    _, height, width = open_source(slide_path).shape
-    with _pixel_progress(height * width, progress) as on_progress:
-        return run_pipeline(config, on_progress=on_progress).output_path
+    plan = prepare(config)
+    total, done = plan.megapixels_to_compute, [0.0]
+
+    def on_pixels(pixels: int) -> None:
+        done[0] += pixels / 1e6
+        if progress is not None:
+            progress(min(done[0], total), total)
+
+    return execute(plan, on_pixels).output_path
 
 
-def confusion_by_bands(predicted: zarr.Array, truth: SourceRef, num_classes: int) -> np.ndarray:
+def confusion_by_bands(predicted: Any, truth: SourceRef, num_classes: int) -> np.ndarray:
     """``(K, K)`` int64 counts, ``[p, t]`` = pixels predicted ``p`` whose true class is ``t``.
 
     ``predicted`` is a ``(Y, X)`` Zarr array of class indices; ``truth`` a single-channel image of
@@ -208,16 +222,12 @@ def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 3)
 
 
-@contextmanager
-def _pixel_progress(total_pixels: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """An ``on_progress(pixels)`` callback that drives a megapixel tqdm bar (on a terminal only)."""
-    from tqdm import tqdm
+DemoProgress = Callable[[str, float, float], None]
+"""Told ``(step, done, total)``: the demo's ``"training"`` in patches, its ``"predicting"`` in megapixels."""
 
-    with tqdm(
-        total=round(total_pixels / 1e6, 2),
-        desc="predicting",
-        unit="Mpx",
-        disable=None if enabled else True,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}]",
-    ) as bar:
-        yield lambda pixels: bar.update(pixels / 1e6)
+
+def _phase(progress: DemoProgress | None, step: str) -> Progress | None:
+    """``progress`` for one step of the demo."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(step, done, total)

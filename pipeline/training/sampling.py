@@ -22,7 +22,8 @@ import numpy as np
 
 from pipeline.errors import ConfigError, SourceError
 from pipeline.model.network import Normalization, default_classes
-from pipeline.source.tiff import SourceInfo, SourceRef, open_source, read_window
+from pipeline.source.pixels import SourceRef, read_window
+from pipeline.source.tiff import SourceInfo, open_source
 
 Box = tuple[int, int, int, int]
 """``(y0, y1, x0, x1)``: half-open pixel ranges."""

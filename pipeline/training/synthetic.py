@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
-import tifffile
 
 from pipeline.errors import ConfigError
+from pipeline.parse import parse_int
+from pipeline.source.writer import Image, write_tiff
 
 Box = tuple[int, int, int, int]
 """``(y0, y1, x0, x1)``: half-open pixel ranges of one level."""
@@ -93,10 +94,9 @@ def make_synthetic_slide(
     ``tile`` is the TIFF tile edge in pixels (a multiple of 16); levels halve until the largest
     side fits in one tile. Takes about 5 s for ``size=8192`` on one core.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ConfigError(f"Expected an integer of at least 16 for the slide size. Got {size!r} instead.")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0 or tile % 16:
-        raise ConfigError(f"Expected a positive multiple of 16 for the tile size. Got {tile!r} instead.")
+    parse_int(size, "slide size", minimum=16)
+    if parse_int(tile, "tile size", minimum=16) % 16:
+        raise ConfigError(f"Expected a multiple of 16 for 'tile size'. Got {tile} instead.")
     layout = _make_layout(size, seed)
     levels = pyramid_shapes(size, tile)
     image_path, mask_path = os.fspath(image_path), os.fspath(mask_path)
@@ -326,39 +326,44 @@ def _tiles(render: Callable[[Box], np.ndarray], boxes: list[Box]) -> Iterator[np
 
 def _write_image(path: str, layout: _Layout, levels: tuple[tuple[int, int], ...], tile: int, seed: int) -> None:
     tile_bytes = tile * tile * 3
-    with tifffile.TiffWriter(path, bigtiff=levels[0][0] * levels[0][1] * 3 > 2**31) as tif:
-        for level, shape in enumerate(levels):
-            downsample = 2**level
-            tif.write(
+    images = []
+    for level, shape in enumerate(levels):
+        downsample = 2**level
+        images.append(
+            Image(
                 _tiles(partial(render_rgb, layout, downsample=downsample, seed=seed), _boxes(shape, tile)),
-                shape=(*shape, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": JPEG_QUALITY},
-                resolution=(1e4 / (MPP * downsample), 1e4 / (MPP * downsample)),
-                resolutionunit="CENTIMETER",
-                subifds=len(levels) - 1 if level == 0 else None,
-                subfiletype=1 if level else 0,
-                metadata=None,
-                maxworkers=_WORKERS,
-                buffersize=4 * _WORKERS * tile_bytes,  # the default would buffer hundreds of tiles
-                description="fcnpipe synthetic slide" if level == 0 else None,
+                dict(
+                    shape=(*shape, 3),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    photometric="rgb",
+                    compression="jpeg",
+                    compressionargs={"level": JPEG_QUALITY},
+                    resolution=(1e4 / (MPP * downsample), 1e4 / (MPP * downsample)),
+                    resolutionunit="CENTIMETER",
+                    subifds=len(levels) - 1 if level == 0 else None,
+                    subfiletype=1 if level else 0,
+                    metadata=None,
+                    maxworkers=_WORKERS,
+                    buffersize=4 * _WORKERS * tile_bytes,  # the default would buffer hundreds of tiles
+                    description="fcnpipe synthetic slide" if level == 0 else None,
+                ),
             )
+        )
+    write_tiff(path, images, bigtiff=levels[0][0] * levels[0][1] * 3 > 2**31)
 
 
 def _write_mask(path: str, layout: _Layout, size: int, tile: int) -> None:
-    with tifffile.TiffWriter(path, bigtiff=size * size > 2**31) as tif:
-        tif.write(
-            _tiles(partial(render_labels, layout), _boxes((size, size), tile)),
-            shape=(size, size),
-            dtype=np.uint8,
-            tile=(tile, tile),
-            photometric="minisblack",
-            compression="zlib",
-            metadata=None,
-            maxworkers=_WORKERS,
-            buffersize=4 * _WORKERS * tile * tile,
-            description="fcnpipe synthetic ground truth: 0 background, 1 stroma, 2 nuclei",
-        )
+    options = dict(
+        shape=(size, size),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="minisblack",
+        compression="zlib",
+        metadata=None,
+        maxworkers=_WORKERS,
+        buffersize=4 * _WORKERS * tile * tile,
+        description="fcnpipe synthetic ground truth: 0 background, 1 stroma, 2 nuclei",
+    )
+    tiles = _tiles(partial(render_labels, layout), _boxes((size, size), tile))
+    write_tiff(path, [Image(tiles, options)], bigtiff=size * size > 2**31)

@@ -1,6 +1,7 @@
 """Fit a network to labelled images: patches read lazily from TIFF pairs, or cut from arrays in memory.
 
-The torch side of training (``pipeline.training.sampling`` draws and reads the patches). :func:`train_from_tiffs`
+The epochs, the budget and the checkpoints of training (:mod:`pipeline.training.sampling` draws and
+reads the patches, :mod:`pipeline.model.fit` takes the optimiser's steps). :func:`train_from_tiffs`
 trains any architecture a checkpoint can name on images of any size and saves its best epoch;
 :func:`train_reference_fcn` fits the reference FCN to arrays in memory. Both scale the input as the
 default :class:`pipeline.model.network.Normalization` does (``value / 255`` for uint8), so the checkpoint
@@ -13,28 +14,28 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
 
 from pipeline.errors import ConfigError, ModelError, OutputError
+from pipeline.files import PARTIAL
 from pipeline.model.checkpoint import architectures, build_module, save_checkpoint
+from pipeline.model.fit import BORDER, Fitter, predict_labels, reseed, seeded
 from pipeline.model.network import REFERENCE_FCN, ModelSpec, Normalization, ReferenceFCN
 from pipeline.model.receptive import measure_stride
+from pipeline.parse import parse_int, parse_number
 from pipeline.training import sampling
 from pipeline.training.sampling import Patch, TrainingPair
 
 _LEARNING_RATE = 1e-2
 _DEEP_LEARNING_RATE = 1e-3  # Adam at 1e-2 makes networks deeper than the reference FCN diverge
-_FINAL_FRACTION = 0.1  # the learning rate decays linearly to this fraction of its start
-_BORDER = 1  # px of each patch edge left out of the loss and the scores
 _CLASS_SAMPLE = 64  # training patches whose labels give the class count and the balanced weights
-_BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| {postfix}"
+
+Progress = Callable[[float, float], None]
+"""Told ``(done, total)`` after every step: patches trained, or thousandths of a time budget."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def train_from_tiffs(
     seed: int = 0,
     seconds: float | None = None,
     threads: int | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Fit ``architecture`` to ``masks[i]`` of ``images[i]`` and save the best epoch at ``out_path``.
@@ -114,16 +115,17 @@ def train_from_tiffs(
     or ``seconds``, whichever runs out first; ``seconds`` (wall time, validation included) stops
     training after the step during which the time left stopped covering one validation pass.
     ``mpp`` defaults to the first image's. ``threads``: torch threads while training (restored).
+    ``progress(done, total)`` follows the patches, ``log`` receives a line per epoch.
     """
     started, say = time.perf_counter(), log or (lambda _line: None)
     sizes = {"epochs": epochs, "patches_per_epoch": patches_per_epoch, "batch": batch, "val_patches": val_patches}
     _check_arguments(val_fraction, seconds, out_path, patch=patch, **sizes)
     infos = sampling.open_pairs(images, masks)
     in_channels = infos[0][0].shape[0]
-    with _torch_state(seed, threads):
+    with seeded(seed, threads):
         stride = measure_stride(_build(architecture, arguments, in_channels, 2), in_channels)
-        if patch % stride or patch <= 2 * _BORDER:
-            fix = max(stride, -(-patch // stride) * stride, 2 * _BORDER + 1)
+        if patch % stride or patch <= 2 * BORDER:
+            fix = max(stride, -(-patch // stride) * stride, 2 * BORDER + 1)
             raise ConfigError(
                 f"Expected a patch size that is a multiple of {architecture}'s stride {stride}. Got {patch}; use {fix}."
             )
@@ -142,9 +144,9 @@ def train_from_tiffs(
             say(f"the validation patches hold no {', '.join(missing)}: no IoU for them, mIoU without them")
         plan = _Plan(pairs, patch, stride, batch, patches_per_epoch, epochs, spec, out_path, progress, say)
         rate = _LEARNING_RATE if architecture == REFERENCE_FCN else _DEEP_LEARNING_RATE
-        torch.manual_seed(seed)  # the initial weights depend on the seed alone
+        reseed(seed)  # the initial weights depend on the seed alone
         steps = epochs * -(-patches_per_epoch // batch)
-        trainer = _Trainer(build_module(spec), weights, rate, seconds or math.inf, steps, started)
+        trainer = Fitter(build_module(spec), weights, rate, seconds or math.inf, steps, started)
         history = _run_epochs(trainer, plan, val_set, np.random.default_rng([seed, 0]))
     best = max(history, key=lambda e: (e.mean_iou, e.epoch))
     stopped = len(history) < epochs or history[-1].patches < patches_per_epoch
@@ -171,7 +173,7 @@ def _spec(
     return ModelSpec(architecture, arguments, in_channels, len(names), names, colors, Normalization(), mpp)
 
 
-def _build(architecture: str, arguments: dict[str, int] | None, in_channels: int, num_classes: int) -> nn.Module:
+def _build(architecture: str, arguments: dict[str, int] | None, in_channels: int, num_classes: int) -> Any:
     """``architecture(**arguments)`` with the data's ``in_channels`` and ``num_classes``."""
     known = architectures()
     if architecture not in known:
@@ -195,51 +197,15 @@ class _Plan:
     epochs: int
     spec: ModelSpec
     out_path: str
-    progress: bool
+    progress: Progress | None
     say: Callable[[str], None]
 
 
-class _Trainer:
-    """Adam on the weighted cross-entropy of patch interiors, within a budget of ``seconds`` of wall
-    time from ``started`` or ``steps`` steps, whichever runs out first; the learning rate decays
-    linearly from ``rate`` to a tenth of it as the budget is spent. ``reserve``: seconds counted as
-    spent already (the next validation pass), so that a time budget covers that too."""
-
-    def __init__(
-        self, module: nn.Module, weights: np.ndarray, rate: float, seconds: float, steps: int | None, started: float
-    ) -> None:
-        self.module, self.rate, self.seconds, self.max_steps = module.train(), rate, seconds, steps
-        self.optimizer = torch.optim.Adam(module.parameters(), lr=rate)
-        self.loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights))
-        self.started, self.steps, self.done, self.reserve = started, 0, 0.0, 0.0
-
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        """One step on ``(B, C, p, p)`` scaled input and ``(B, p, p)`` int64 labels; the loss."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.rate + (self.rate * _FINAL_FRACTION - self.rate) * self.done
-        self.optimizer.zero_grad(set_to_none=True)
-        inner = slice(_BORDER, -_BORDER)
-        loss = self.loss_fn(self.module(xb)[:, :, inner, inner], yb[:, inner, inner])
-        loss.backward()
-        self.optimizer.step()
-        self.steps += 1
-        elapsed = time.perf_counter() - self.started + self.reserve
-        by_time = elapsed / self.seconds if self.seconds > 0 else 0.0
-        self.done = max(by_time, self.steps / self.max_steps if self.max_steps else 0.0)  # budget spent, 0 to 1+
-        return float(loss.item())
-
-    @property
-    def spent(self) -> bool:
-        return self.done >= 1.0
-
-
-def _run_epochs(trainer: _Trainer, plan: _Plan, val_set: list[Patch], rng: np.random.Generator) -> list[EpochResult]:
+def _run_epochs(trainer: Fitter, plan: _Plan, val_set: list[Patch], rng: np.random.Generator) -> list[EpochResult]:
     """Train and validate epoch by epoch until ``plan.epochs`` or the budget runs out; save improvements."""
     history: list[EpochResult] = []
-    total, disable = plan.epochs * plan.patches_per_epoch, None if plan.progress else True
-    bar = tqdm(total=total, desc="training", unit="patch", disable=disable)
     for epoch in range(1, plan.epochs + 1):
-        loss, patches = _train_epoch(trainer, plan, rng, bar, epoch)
+        loss, patches = _train_epoch(trainer, plan, rng, epoch)
         validated = time.perf_counter()
         ious = _validate(trainer.module, val_set, plan.spec.num_classes, plan.batch)
         trainer.reserve = time.perf_counter() - validated
@@ -249,15 +215,13 @@ def _run_epochs(trainer: _Trainer, plan: _Plan, val_set: list[Patch], rng: np.ra
         if mean >= max((e.mean_iou for e in history[:-1]), default=-1.0):  # a tie goes to the longer training
             _save(plan.out_path, trainer.module, plan.spec)
         scores = ", ".join(f"{n} {v:.3f}" for n, v in zip(plan.spec.class_names, ious, strict=True))
-        with bar.external_write_mode():  # the line goes above the bar, not through it
-            plan.say(f"epoch {epoch}/{plan.epochs}: loss {loss:.3f}, val mIoU {mean:.3f} ({scores})")
+        plan.say(f"epoch {epoch}/{plan.epochs}: loss {loss:.3f}, val mIoU {mean:.3f} ({scores})")
         if trainer.spent:
             break
-    bar.close()
     return history
 
 
-def _train_epoch(trainer: _Trainer, plan: _Plan, rng: np.random.Generator, bar: tqdm, epoch: int) -> tuple[float, int]:
+def _train_epoch(trainer: Fitter, plan: _Plan, rng: np.random.Generator, epoch: int) -> tuple[float, int]:
     """Steps on fresh random training patches until the epoch's patches or the budget run out;
     the mean loss and the number of patches."""
     losses: list[float] = []
@@ -266,30 +230,27 @@ def _train_epoch(trainer: _Trainer, plan: _Plan, rng: np.random.Generator, bar: 
         count = min(plan.batch, plan.patches_per_epoch - patches)
         picks = sampling.draw(plan.pairs, "train", count, plan.patch, plan.stride, rng)
         xb, yb = sampling.stack([sampling.read_patch(pair, box, plan.spec.num_classes) for pair, box in picks])
-        losses.append(trainer.step(torch.from_numpy(xb), torch.from_numpy(yb)))
+        losses.append(trainer.step(xb, yb))
         patches += count
-        bar.update(count)
-        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", refresh=False)
+        if plan.progress is not None:
+            plan.progress((epoch - 1) * plan.patches_per_epoch + patches, plan.epochs * plan.patches_per_epoch)
     return float(np.mean(losses)), patches
 
 
-def _validate(module: nn.Module, patches: list[Patch], num_classes: int, batch: int) -> np.ndarray:
+def _validate(module: Any, patches: list[Patch], num_classes: int, batch: int) -> np.ndarray:
     """IoU per class of ``module``'s argmax on the interiors of ``patches``, ``(num_classes,)``."""
     counts = np.zeros((num_classes, num_classes), np.int64)
-    inner = slice(_BORDER, -_BORDER)
-    module.eval()
-    with torch.inference_mode():
-        for start in range(0, len(patches), batch):
-            xb, yb = sampling.stack(patches[start : start + batch])
-            predicted = module(torch.from_numpy(xb)).argmax(1).numpy()
-            counts += sampling.confusion(predicted[:, inner, inner], yb[:, inner, inner], num_classes)
-    module.train()
+    inner = slice(BORDER, -BORDER)
+    for start in range(0, len(patches), batch):
+        xb, yb = sampling.stack(patches[start : start + batch])
+        predicted = predict_labels(module, xb)
+        counts += sampling.confusion(predicted[:, inner, inner], yb[:, inner, inner], num_classes)
     return sampling.iou_per_class(counts)
 
 
-def _save(path: str, module: nn.Module, spec: ModelSpec) -> None:
+def _save(path: str, module: Any, spec: ModelSpec) -> None:
     """Write the checkpoint beside ``path``, then move it there: an interrupted save leaves the last one."""
-    partial = f"{path}.partial"
+    partial = f"{path}{PARTIAL}"
     try:
         save_checkpoint(partial, module, spec)
         os.replace(partial, path)
@@ -299,31 +260,14 @@ def _save(path: str, module: nn.Module, spec: ModelSpec) -> None:
 
 def _check_arguments(val_fraction: float, seconds: float | None, out_path: str, **counts: int) -> None:
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"Expected a positive integer for {name}. Got {value!r} instead.")
+        parse_int(value, name, minimum=1)
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"Expected a validation fraction between 0 and 1. Got {val_fraction!r} instead.")
-    if seconds is not None and not seconds > 0:
-        raise ConfigError(f"Expected a positive time budget in seconds. Got {seconds!r} instead.")
+    if seconds is not None:
+        parse_number(seconds, "seconds", positive=True)
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder):
         raise OutputError(f"{out_path}: folder {folder} does not exist")
-
-
-@contextmanager
-def _torch_state(seed: int, threads: int | None) -> Iterator[None]:
-    """Torch seeded with ``seed`` and using ``threads`` intra-op threads inside the block; the caller's
-    random stream and thread count are restored after it. One thread is often faster than several
-    when the cores are busy with something else: small convolutions suffer badly from oversubscription."""
-    previous = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if threads is not None:
-            torch.set_num_threads(max(1, threads))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
 
 
 def train_reference_fcn(
@@ -339,8 +283,8 @@ def train_reference_fcn(
     seed: int = 0,
     class_weights: str | Sequence[float] | None = "balanced",
     threads: int | None = None,
-    progress: bool = False,
-) -> nn.Module:
+    progress: Progress | None = None,
+) -> Any:
     """A :class:`~pipeline.model.network.ReferenceFCN` fitted to ``labels`` of ``image``; in eval mode, on the CPU.
 
     ``image`` is ``(C, Y, X)`` (any dtype: it is divided by the dtype's maximum) and ``labels``
@@ -354,19 +298,17 @@ def train_reference_fcn(
     counts = np.bincount(labels.ravel(), minlength=num_classes)
     weights = sampling.loss_weights(counts, num_classes, class_weights, absent=0.0)
     started = time.perf_counter()
-    with _torch_state(seed, threads):
+    with seeded(seed, threads):
         module = ReferenceFCN(image.shape[0], num_classes, hidden)
         scale = np.float32(Normalization().scale_for(image.dtype))
-        x_all = torch.from_numpy(np.ascontiguousarray(image, np.float32) / scale)
-        y_all = torch.from_numpy(np.ascontiguousarray(labels, np.int64))
-        trainer = _Trainer(module, weights, _LEARNING_RATE, seconds, steps, started)
+        x_all = np.ascontiguousarray(image, np.float32) / scale
+        y_all = np.ascontiguousarray(labels, np.int64)
+        trainer = Fitter(module, weights, _LEARNING_RATE, seconds, steps, started)
         rng = np.random.default_rng(seed)
-        bar = tqdm(total=1000, desc="training", disable=None if progress else True, bar_format=_BUDGET_BAR)
         while not trainer.spent:
-            loss = trainer.step(*_sample(x_all, y_all, patch, batch, rng))
-            bar.update(round(min(trainer.done, 1.0) * 1000) - bar.n)  # thousandths of the budget
-            bar.set_postfix(step=trainer.steps, loss=f"{loss:.3f}", refresh=False)
-        bar.close()
+            trainer.step(*_sample(x_all, y_all, patch, batch, rng))
+            if progress is not None:
+                progress(round(min(trainer.done, 1.0) * 1000), 1000)  # thousandths of the budget
     return module.eval()
 
 
@@ -392,9 +334,9 @@ def _check_inputs(
 
 
 def _sample(
-    x_all: torch.Tensor, y_all: torch.Tensor, patch: int, batch: int, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x_all: np.ndarray, y_all: np.ndarray, patch: int, batch: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` random crops of in-memory arrays: ``(B, C, patch, patch)`` float32, ``(B, patch, patch)`` int64."""
     boxes = sampling.random_boxes(rng, (0, y_all.shape[0]), y_all.shape[1], patch, 1, batch)
-    xb = torch.stack([x_all[:, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
-    return xb, torch.stack([y_all[y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
+    xb = np.stack([x_all[:, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
+    return xb, np.stack([y_all[y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])

@@ -1,0 +1,215 @@
+"""``fcnpipe run``, ``plan`` and ``batch``: parse, check, then call :mod:`pipeline.run`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from pipeline.cli import report
+from pipeline.cli.app import cli, log_to, say
+from pipeline.cli.options import PROGRESS, RESUME, click_option, load, run_options
+from pipeline.cli.progress import Progress
+from pipeline.errors import ConfigError, FcnpipeError, Interrupted
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("-o", "--output", help="Zarr store to write (a folder, e.g. OUT.zarr).  [required, or output.path]")
+@run_options
+@click_option(RESUME)
+@click_option(PROGRESS)
+@click.option(
+    "--preview/--no-preview",
+    default=True,
+    show_default=True,
+    help="Write OUT.preview.png beside the store: input, classes over it, legend.",
+)
+@click.option(
+    "--log", "log_path", type=click.Path(), help="Log file, appended to.  [default: OUT.log beside the store]"
+)
+def run(
+    input_path: str, output: str | None, configs: tuple[str, ...], preview: bool, log_path: str | None, **given: Any
+) -> None:
+    """Predict class probabilities for every pixel of INPUT and write them to a Zarr store.
+
+    The image is read lazily in tiles with a halo as wide as the network needs, so the stitched
+    map equals one whole-image forward pass, and memory does not grow with the image. The store
+    holds `0` (classes x Y x X probabilities) and `labels/argmax/0` (Y x X class index); its
+    `fcnpipe` attribute records the config, model hash and timings, and `complete: true` last.
+
+    \b
+    Before computing it prints the plan: chunks, how many have no tissue / data (skipped, see
+    --mask), the halo's extra reads, and an ETA, peak memory and size on disk measured on a
+    sample of the image. A run that is killed or interrupted leaves a store that --resume completes.
+    """
+    config = load(configs, given, input__path=input_path, output__path=output)  # bad values fail before torch loads
+    out = _required(config.output.path, "-o", "--output", "output.path", "the Zarr store to write")
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
+    from pipeline.compute.engine import open_engine
+    from pipeline.run.estimate import estimate
+    from pipeline.run.execute import execute
+    from pipeline.run.plan import prepare
+    from pipeline.store.safety import store_lock
+
+    with (
+        log_to(log_path or _beside(out, ".log")),
+        store_lock(out),  # a second writer is refused now, before the plan and the sample timing
+        _interrupted(out, config.output.resume),
+        open_engine(config.compute, config.cluster) as engine,
+    ):
+        plan = prepare(config, engine)
+        _show([*report.plan_lines(plan), *(report.estimate_lines(estimate(plan)) if plan.chunks_to_compute else [])])
+        with Progress(plan.megapixels_to_compute, config.compute.progress, say) as bar:
+            result = execute(plan, lambda pixels: bar.update(pixels / 1e6))
+        _show(report.summary_lines(result))
+    if preview and result.status == "done":
+        png = _preview_quietly(result.output_path)
+        if png is not None:
+            click.echo(f"preview {png}", err=True)
+
+
+@cli.command("plan")
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("-o", "--output", help="Zarr store a run would write (checked, not written).")
+@run_options
+@click.option("--resume", "output__resume", is_flag=True, default=None, help="Plan the rest of an interrupted OUTPUT.")
+def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], **given: Any) -> None:
+    """Show what `fcnpipe run` would do with the same arguments, without writing anything.
+
+    Prints the chunks, how many are skipped for lack of tissue or data, the halo's extra reads,
+    and, from one task's worth of tiles computed on this machine, the ETA, the peak memory and
+    the output's size on disk.
+    """
+    config = load(configs, given, input__path=input_path, output__path=output or "(not written).zarr")
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run")
+    from pipeline.run.estimate import estimate
+    from pipeline.run.plan import prepare
+
+    plan = prepare(config)
+    for line in [*report.plan_lines(plan), *(report.estimate_lines(estimate(plan)) if plan.chunks_to_compute else [])]:
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    "outdir",
+    required=True,
+    type=click.Path(),
+    help="Folder for the stores (INPUT name + .zarr), manifest.json/.csv and fcnpipe-batch.log.",
+)
+@run_options
+@click_option(PROGRESS)
+@click.option("--preview/--no-preview", default=True, show_default=True, help="A PNG beside each store.")
+def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], preview: bool, **given: Any) -> None:
+    """Run many inputs, one store each in OUTDIR, with a manifest of what happened to each.
+
+    \b
+    INPUTS are files, folders (their TIFFs), glob patterns ('scans/**/*.svs') or @list.txt
+    (one path per line). Run it again after a crash, a kill or a power cut: complete stores
+    are kept, interrupted ones resumed chunk by chunk (--overwrite starts all again).
+    A complete store made with another model or config is reported as failed, saying what
+    differs; --overwrite computes it again. One bad input never stops the others; the exit
+    code is 1 if any input failed.
+    """
+    config = load(configs, given)
+    _required(config.model.path, "-m", "--model", "model.path", "the network to run on every input")
+    from pipeline.compute.engine import open_engine
+    from pipeline.run.batch import expand_inputs, run_batch
+
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ConfigError(f"No input files found in {' '.join(inputs)}")
+    started = time.perf_counter()
+    with (
+        log_to(os.path.join(outdir, "fcnpipe-batch.log")),
+        _batch_interrupted(),
+        open_engine(config.compute, config.cluster) as engine,
+        Progress(0.0, config.compute.progress, say) as bar,
+    ):
+
+        def on_plan(item: Any, plan: Any) -> None:
+            bar.add_total(plan.megapixels_to_compute)
+            bar.clear()
+            _show(report.plan_lines(plan))
+
+        def on_item(item: Any) -> None:
+            bar.clear()
+            if item.status == "done" and preview:
+                _preview_quietly(item.output)
+            say(report.batch_item_line(item))
+
+        items = run_batch(config, paths, outdir, on_plan, lambda pixels: bar.update(pixels / 1e6), on_item, engine)
+        bar.close()
+        _show(report.batch_lines(items, time.perf_counter() - started, outdir))
+    if any(item.status == "failed" for item in items):
+        sys.exit(1)
+
+
+def _required(value: str | None, short: str, name: str, key: str, what: str) -> str:
+    """``value``, or the usage error Click gives a missing required option (exit code 2)."""
+    if value is None:
+        raise click.UsageError(f"Missing option '{short}' / '{name}': {what} (or {key} in a -c config).")
+    return value
+
+
+def _show(lines: list[str]) -> None:
+    for line in lines:
+        say(line)
+
+
+def _beside(store: str, suffix: str) -> str:
+    """``OUT.log`` beside the store ``OUT.zarr``."""
+    from pipeline.store.layout import beside
+
+    return beside(os.path.abspath(store), suffix)
+
+
+@contextlib.contextmanager
+def _interrupted(store: str, resuming: bool) -> Iterator[None]:
+    """Turn Ctrl-C into one line that says what was left and how to go on, and log it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from pipeline.run.resume import check_target
+
+        started = True
+        try:
+            check_target(os.path.realpath(store), overwrite=False)
+            started = False  # nothing there: the run had not begun writing
+        except FcnpipeError:
+            pass
+        again = "the same command" if resuming else "the same command with --resume"
+        message = f"{store} is incomplete; run {again} to continue it" if started else "nothing was written"
+        logging.getLogger("fcnpipe").warning("interrupted: %s", message)
+        raise Interrupted(message) from None
+
+
+@contextlib.contextmanager
+def _batch_interrupted() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        message = "run the same command again to continue: complete stores are kept, interrupted ones resumed"
+        logging.getLogger("fcnpipe").warning("interrupted: %s", message)
+        raise Interrupted(message) from None
+
+
+def _preview_quietly(store: str) -> str | None:
+    """The preview PNG of a complete store, or a warning: a missing picture must not fail a run."""
+    from pipeline.products.preview import default_preview_path, write_store_preview
+
+    try:
+        return write_store_preview(store, default_preview_path(store))
+    except FcnpipeError as err:
+        click.echo(f"fcnpipe: warning: no preview written for {store}: {err}", err=True)
+        return None
