@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -13,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.run.estimate import estimate
 from pipeline.run.execute import execute
 from pipeline.run.plan import prepare
+from pipeline.store.layout import LABELS
 from pipeline.training.synthetic import make_synthetic_slide
 
 
@@ -36,12 +38,21 @@ def test_plan_prints_chunks_mask_eta_memory_and_size_and_writes_nothing(
     assert "ETA" in lines["expect"] and "peak memory" in lines["expect"] and "on disk" in lines["expect"]
     assert not store.exists() and not os.path.exists(str(store) + ".lock")
 
-    config = load_config(overrides={"input": {"path": str(slide.image_path)}, "model": {"path": str(model)},
-                                    "output": {"path": str(store)}, "tiling": {"tile": 256}})  # fmt: skip
+    config = load_config(
+        overrides={
+            "input": {"path": str(slide.image_path)},
+            "model": {"path": str(model)},
+            "output": {"path": str(store)},
+            "tiling": {"tile": 256},
+        }
+    )
     plan = prepare(config)
     expected = estimate(plan)
     result_run = execute(plan)
     actual = disk_bytes(store)
     assert 0.5 < expected.output_bytes / actual < 2, (expected.output_bytes, actual)  # from one sample
     assert expected.forward_s > 0 and expected.read_s > 0 and expected.encode_s > 0
-    assert result_run.chunks_computed == plan.chunks_to_compute == 64 - plan.chunks_background
+    # what the plan said it would compute is what the tasks wrote: one labels chunk per computed chunk
+    assert 0 < plan.chunks_to_compute == 64 - plan.chunks_background
+    assert result_run.chunks_computed == plan.chunks_to_compute
+    assert zarr.open_group(store, mode="r")[LABELS].nchunks_initialized == result_run.chunks_computed

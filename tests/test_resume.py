@@ -17,7 +17,11 @@ import pytest
 import torch
 import zarr
 
+from pipeline.config import load_config
 from pipeline.model.network import ReferenceFCN
+from pipeline.run.execute import execute
+from pipeline.run.plan import prepare
+from pipeline.store.layout import LABELS
 from pipeline.store.safety import STATE_DIR, store_lock
 from tests.conftest import slide_and_model
 
@@ -119,14 +123,22 @@ def test_resume_computes_only_missing_chunks(slide: tuple[Path, Path], tmp_path:
     process.wait()
     finished = len(os.listdir(markers))
     assert finished >= 20
-    resumed = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    # each finished task held up to 4 chunks with foreground; the plan and the summary say how many were left
-    line = next(line for line in resumed.stderr.splitlines() if line.startswith("chunks"))
-    from_before = int(line.split(", ")[2].split()[0])
-    assert finished <= from_before <= 4 * finished
-    again = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--resume")
-    assert again.returncode == 0 and "already complete" in again.stderr
+    config = load_config(
+        overrides={
+            "input": {"path": str(image)},
+            "model": {"path": str(model)},
+            "output": {"path": str(store), "resume": True},
+            "tiling": {"tile": 128, "forward_tile": 64},
+            "compute": {"workers": 2, "torch_threads": 1},
+        }
+    )
+    resumed = execute(prepare(config))
+    # each finished task held up to 4 chunks with foreground; the others are computed now, and only they
+    assert finished <= resumed.chunks_resumed <= 4 * finished
+    assert resumed.chunks_computed == resumed.chunks - resumed.chunks_background - resumed.chunks_resumed > 0
+    assert zarr.open_group(store, mode="r")[LABELS].nchunks_initialized == resumed.chunks - resumed.chunks_background
+    again = execute(prepare(config))
+    assert again.status == "already complete" and again.chunks_computed == 0
 
 
 def test_resume_refuses_another_model_or_config(slide: tuple[Path, Path], tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ The temporary arrays hold about ``((tile + N) / tile) ** 2`` times the output's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +66,8 @@ import numpy as np
 
 from pipeline.compute import state
 from pipeline.compute.engine import Engine
-from pipeline.compute.job import Job
-from pipeline.compute.tasks import compute_tasks, delayed_call, read_windows
+from pipeline.compute.job import Job, TaskStats
+from pipeline.compute.tasks import compute_results, compute_tasks, delayed_call, read_windows
 from pipeline.errors import ConfigError
 from pipeline.parse import parse_choice, parse_int
 from pipeline.store.arrays import (
@@ -232,13 +233,13 @@ def blend_tiles(job: Job, tiles: Sequence[Tile], image_shape: tuple[int, int], b
     return sum(t.core_pixels for t in tiles)
 
 
-def merge_tiles(job: Job, tiles: Sequence[Tile]) -> int:
+def merge_tiles(job: Job, tiles: Sequence[Tile]) -> TaskStats:
     """Phase 2: each core's blended probabilities and their argmax, written to the output.
 
     Pixels whose weights sum to 0 have no data (:func:`pipeline.store.arrays.nodata_value`, label
-    :data:`pipeline.store.arrays.NODATA_LABEL`).
-    Returns the number of pixels written.
+    :data:`pipeline.store.arrays.NODATA_LABEL`). Returns the pixels and chunks written.
     """
+    started = time.perf_counter()
     arrays = blend_arrays(job.output.path)
     classes = arrays[PARITIES[0]][0].shape[0]
     for t in tiles:
@@ -252,7 +253,14 @@ def merge_tiles(job: Job, tiles: Sequence[Tile]) -> int:
         probs = (weighted / np.where(empty, 1.0, total)).astype(np.float32)
         labels = probs.argmax(axis=0).astype(np.uint8)
         write_core(job.output, t.core, probs, labels, empty if empty.any() else None)
-    return sum(t.core_pixels for t in tiles)
+    return TaskStats(
+        token=job.output.token,
+        pixels=sum(t.core_pixels for t in tiles),
+        chunks=len(tiles),
+        read_s=0.0,
+        predict_s=0.0,
+        write_s=time.perf_counter() - started,
+    )
 
 
 def build_blend_tasks(
@@ -278,10 +286,10 @@ def predict_blended(
     workers: int,
     engine: Engine,
     on_progress: Callable[[int], None] | None = None,
-) -> int:
+) -> list[TaskStats]:
     """Both phases on ``tiles`` (planned with ``halo=blend.halo``), then the temporary arrays removed.
 
-    ``on_progress(pixels)`` follows phase 1, the forward passes. Returns the pixels written. The
+    ``on_progress(pixels)`` follows phase 1, the forward passes. Returns what the merge tasks wrote. The
     temporary arrays are removed on failure too: they are up to twice the output's size.
     """
     create_blend_arrays(job.output.path, classes, image_shape, blend.chunk)
@@ -289,6 +297,6 @@ def predict_blended(
         compute_tasks(
             build_blend_tasks(job, tiles, image_shape, blend, batch), engine, workers=workers, on_done=on_progress
         )
-        return compute_tasks(build_merge_tasks(job, tiles, batch), engine, workers=workers)
+        return compute_results(build_merge_tasks(job, tiles, batch), engine, workers=workers)
     finally:
         remove_blend_arrays(job.output.path)

@@ -65,6 +65,8 @@ class TaskStats:
     token: str
     """The :attr:`OutputRef.token` of the store written."""
     pixels: int
+    chunks: int
+    """Level-0 chunks written (one per core)."""
     read_s: float
     """Reading, decoding, resampling and normalising the windows."""
     predict_s: float

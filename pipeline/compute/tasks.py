@@ -136,6 +136,11 @@ def stage_seconds(results: Sequence[Any]) -> dict[str, float]:
     }
 
 
+def chunks_written(results: Sequence[Any]) -> int:
+    """Level-0 chunks written, summed over the :class:`TaskStats` in ``results``."""
+    return sum(r.chunks for r in results if isinstance(r, TaskStats))
+
+
 def nodata_pixels(results: Sequence[Any]) -> int:
     """Pixels written as no data, summed over the :class:`TaskStats` in ``results``."""
     return sum(r.nodata_pixels for r in results if isinstance(r, TaskStats))
@@ -177,7 +182,15 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
         (state.MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
     total_s = time.perf_counter() - task_started
     pixels = sum(t.core_pixels for t in tiles)
-    return TaskStats(job.output.token, pixels, read_s, predict_s, total_s - read_s - predict_s, nodata)
+    return TaskStats(
+        token=job.output.token,
+        pixels=pixels,
+        chunks=len(tiles),
+        read_s=read_s,
+        predict_s=predict_s,
+        write_s=total_s - read_s - predict_s,
+        nodata_pixels=nodata,
+    )
 
 
 def write_level1(

@@ -22,6 +22,7 @@ from pipeline.compute.blend import predict_blended
 from pipeline.compute.tasks import (
     build_reduce_tasks,
     build_tasks,
+    chunks_written,
     compute_results,
     compute_tasks,
     nodata_pixels,
@@ -57,6 +58,7 @@ class RunResult:
     """``done``, or ``already complete`` (a store with nothing left to do)."""
     chunks: int = 0
     chunks_computed: int = 0
+    """Chunks the tasks of this run wrote."""
     chunks_background: int = 0
     """Chunks without foreground: neither computed nor stored."""
     chunks_resumed: int = 0
@@ -106,6 +108,8 @@ class StoreWriter:
         self.stages: dict[str, float] = {}
         """Seconds per stage summed over the level-0 tasks (see :class:`pipeline.compute.job.TaskStats`)."""
         self.nodata_pixels = 0
+        self.chunks_written = 0
+        """Level-0 chunks the tasks of this run say they wrote."""
         """Pixels written as no data by this run's level-0 tasks (plain tiling; blended runs count none)."""
         self._record: StoreRecord | None = None
         self._started = 0.0
@@ -163,16 +167,18 @@ class StoreWriter:
             )
             self.took(results)
         else:  # blended tiles overlap: a resumed blended run computes every tile again
-            predict_blended(
-                self.job,
-                [tile for tile in plan.tiles if plan.kept(tile)],
-                classes=plan.model.spec.num_classes,
-                image_shape=plan.grid.shape,
-                blend=plan.blend,
-                batch=plan.config.tiling.batch,
-                workers=plan.workers,
-                engine=plan.engine,
-                on_progress=on_progress,
+            self.chunks_written += chunks_written(
+                predict_blended(
+                    self.job,
+                    [tile for tile in plan.tiles if plan.kept(tile)],
+                    classes=plan.model.spec.num_classes,
+                    image_shape=plan.grid.shape,
+                    blend=plan.blend,
+                    batch=plan.config.tiling.batch,
+                    workers=plan.workers,
+                    engine=plan.engine,
+                    on_progress=on_progress,
+                )
             )
         self._compute_s += time.perf_counter() - started
 
@@ -182,6 +188,7 @@ class StoreWriter:
         mine = [result for result in results if getattr(result, "token", token) == token]
         self.stages = stage_seconds(mine)
         self.nodata_pixels = nodata_pixels(mine)
+        self.chunks_written += chunks_written(mine)
 
     def finish(self, compute_s: float | None = None) -> RunResult:
         """Make pyramid levels 2, 3, ... (level 1 came with level 0) and mark the store complete.
@@ -256,7 +263,6 @@ class StoreWriter:
 
     def _result(self, seconds: float, record: StoreRecord, status: str) -> RunResult:
         plan = self.plan
-        computed = 0 if status == "already complete" else plan.chunks_to_compute
         return RunResult(
             output_path=self.path,
             shape=plan.output_shape,
@@ -265,7 +271,7 @@ class StoreWriter:
             record=record,
             status=status,
             chunks=plan.chunks,
-            chunks_computed=computed,
+            chunks_computed=self.chunks_written,
             chunks_background=plan.chunks_background,
             chunks_resumed=plan.chunks_resumed,
             nodata_pixels=self.nodata_pixels,
