@@ -51,8 +51,9 @@ json.dump({"wall_s": wall, "maxrss_kib": peak, "rc": rc}, open(sys.argv[1], "w")
 def synthetic_tiles(n: int, seed: int = 0) -> Iterator[np.ndarray]:
     """Row-major ``(512, 512, 3)`` uint8 tiles of a slide-like image: blobs on a pale background + noise."""
     rng = np.random.default_rng(seed)
-    blobs = [(rng.uniform(0, n), rng.uniform(0, n), rng.uniform(0.05, 0.25) * n, rng.uniform(40, 220, 3))
-             for _ in range(8)]  # fmt: skip
+    blobs = [
+        (rng.uniform(0, n), rng.uniform(0, n), rng.uniform(0.05, 0.25) * n, rng.uniform(40, 220, 3)) for _ in range(8)
+    ]
     background = np.array([235.0, 215.0, 225.0], dtype=np.float32)
     side = np.arange(FILE_TILE, dtype=np.float32)
     for y0 in range(0, n, FILE_TILE):
@@ -78,8 +79,16 @@ def make_inputs(work: str, n: int) -> tuple[str, str]:
     if not os.path.exists(image_path):
         started = time.perf_counter()
         print(f"making {image_path} ...", file=sys.stderr, flush=True)
-        tifffile.imwrite(image_path + ".part", synthetic_tiles(n), shape=(n, n, 3), dtype="uint8",
-                         tile=(FILE_TILE, FILE_TILE), compression="jpeg", photometric="rgb", bigtiff=True)  # fmt: skip
+        tifffile.imwrite(
+            image_path + ".part",
+            synthetic_tiles(n),
+            shape=(n, n, 3),
+            dtype="uint8",
+            tile=(FILE_TILE, FILE_TILE),
+            compression="jpeg",
+            photometric="rgb",
+            bigtiff=True,
+        )
         os.replace(image_path + ".part", image_path)
         print(f"  made in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return image_path, model_path
@@ -136,8 +145,25 @@ def run_cli(
     baseline computes) and no preview PNG is drawn (``--no-preview``: not part of the map). The store
     is deleted afterwards unless ``keep`` (a 32768² float32 store is many GB). ``extra``: more flags.
     """
-    cli = [sys.executable, "-m", "pipeline", "run", image, "--model", model, "-o", store, "--tile", str(tile),
-           "--overwrite", "--no-progress", "--no-preview", "--mask", "none", *extra]  # fmt: skip
+    cli = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        image,
+        "--model",
+        model,
+        "-o",
+        store,
+        "--tile",
+        str(tile),
+        "--overwrite",
+        "--no-progress",
+        "--no-preview",
+        "--mask",
+        "none",
+        *extra,
+    ]
     result = measured(cli, log, "fcnpipe run")
     record = zarr.open_group(store, mode="r").attrs["fcnpipe"]
     if not record.get("complete"):

@@ -9,8 +9,24 @@ from typing import Any
 
 LINEAR = 0.10
 """Spread of seconds per megapixel across sizes within which cost counts as linear in pixels."""
-HEADER = ("arch", "size", "Mpx", "e2e s", "s/Mpx", "e2e Mpx/s", "model Mpx/s", "ratio", "peak RSS MiB",
-          "read %", "predict %", "write %", "MONAI Mpx/s", "MONAI MiB", "speed x", "RSS x")  # fmt: skip
+HEADER = (
+    "arch",
+    "size",
+    "Mpx",
+    "e2e s",
+    "s/Mpx",
+    "e2e Mpx/s",
+    "model Mpx/s",
+    "ratio",
+    "peak RSS MiB",
+    "read %",
+    "predict %",
+    "write %",
+    "MONAI Mpx/s",
+    "MONAI MiB",
+    "speed x",
+    "RSS x",
+)
 WIDTHS = (-9, 6, 7, 7, 6, 9, 11, 5, 12, 6, 9, 7, 11, 9, 7, 5)
 """Column widths; negative: left-aligned."""
 
@@ -24,11 +40,25 @@ def _cells(r: dict[str, Any]) -> tuple[str, ...]:
     stages = ("n/a",) * 3 if shares is None else tuple(f"{100 * shares[k]:.0f}" for k in ("read", "predict", "write"))
     versus = ("-",) * 4
     if monai is not None:
-        versus = (f"{monai['mpx_per_s']:.2f}", f"{monai['peak_rss_mib']:.0f}", f"{r['speed_vs_monai']:.2f}",
-                  f"{r['rss_vs_monai']:.2f}")  # fmt: skip
-    return (r["architecture"], str(r["size"]), f"{r['mpx']:.1f}", f"{r['e2e_s']:.1f}", f"{r['s_per_mpx']:.3f}",
-            f"{r['e2e_mpx_per_s']:.2f}", f"{r['model_mpx_per_s']:.2f}", f"{r['ratio']:.2f}",
-            f"{r['peak_rss_mib']:.0f}", *stages, *versus)  # fmt: skip
+        versus = (
+            f"{monai['mpx_per_s']:.2f}",
+            f"{monai['peak_rss_mib']:.0f}",
+            f"{r['speed_vs_monai']:.2f}",
+            f"{r['rss_vs_monai']:.2f}",
+        )
+    return (
+        r["architecture"],
+        str(r["size"]),
+        f"{r['mpx']:.1f}",
+        f"{r['e2e_s']:.1f}",
+        f"{r['s_per_mpx']:.3f}",
+        f"{r['e2e_mpx_per_s']:.2f}",
+        f"{r['model_mpx_per_s']:.2f}",
+        f"{r['ratio']:.2f}",
+        f"{r['peak_rss_mib']:.0f}",
+        *stages,
+        *versus,
+    )
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
@@ -58,13 +88,17 @@ def linearity(rows: list[dict[str, Any]]) -> list[str]:
         if len(mine) < 2:
             continue
         sizes = f"N={mine[0]['size']}..{mine[-1]['size']}"
-        lines.append(f"{arch} {sizes}: e2e {_spread([r['s_per_mpx'] for r in mine])}; "
-                     f"compute {_spread([r['compute_s_per_mpx'] for r in mine])}")  # fmt: skip
+        lines.append(
+            f"{arch} {sizes}: e2e {_spread([r['s_per_mpx'] for r in mine])}; "
+            f"compute {_spread([r['compute_s_per_mpx'] for r in mine])}"
+        )
         # compute seconds per second of the model alone, measured beside it: the machine's drift cancels
         relative = [r["model_mpx_per_s"] / r["compute_mpx_per_s"] for r in mine]
         spread = max(relative) / min(relative) - 1
-        lines.append(f"{arch} {sizes}: compute per model second {min(relative):.2f}-{max(relative):.2f}, "
-                     f"spread {spread:.0%} ({'within' if spread <= LINEAR else 'OVER'} {LINEAR:.0%})")  # fmt: skip
+        lines.append(
+            f"{arch} {sizes}: compute per model second {min(relative):.2f}-{max(relative):.2f}, "
+            f"spread {spread:.0%} ({'within' if spread <= LINEAR else 'OVER'} {LINEAR:.0%})"
+        )
     return lines
 
 
@@ -78,12 +112,14 @@ def overheads(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         timings = r["timings_s"]
         startup = r["e2e_s"] - timings["total"]
-        lines.append(f"{r['architecture']} N={r['size']}: ratio {r['ratio']:.2f} end to end, "
-                     f"{r['compute_mpx_per_s'] / r['model_mpx_per_s']:.2f} over the level-0 compute, "
-                     f"{r['ratio_ceiling']:.2f} at most (decoding alone {r['decode_only']['mpx_per_s']:.0f} Mpx/s); "
-                     "outside it "
-                     f"start-up {startup:.1f} s, setup {timings['setup']:.1f} s, "
-                     f"pyramid {timings.get('pyramid') or 0:.1f} s")  # fmt: skip
+        lines.append(
+            f"{r['architecture']} N={r['size']}: ratio {r['ratio']:.2f} end to end, "
+            f"{r['compute_mpx_per_s'] / r['model_mpx_per_s']:.2f} over the level-0 compute, "
+            f"{r['ratio_ceiling']:.2f} at most (decoding alone {r['decode_only']['mpx_per_s']:.0f} Mpx/s); "
+            "outside it "
+            f"start-up {startup:.1f} s, setup {timings['setup']:.1f} s, "
+            f"pyramid {timings.get('pyramid') or 0:.1f} s"
+        )
     return lines
 
 
@@ -97,9 +133,11 @@ def rss_verdict(rows: list[dict[str, Any]]) -> list[str]:
         growth = large["peak_rss_mib"] / small["peak_rss_mib"]
         steps = [b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in itertools.pairwise(mine)]
         grows = growth > 1.25 and (not steps or steps[-1] > 1.15)  # still growing at the last step
-        lines.append(f"{arch}: peak RSS {'GROWS with size' if grows else 'levels off'}: x{growth:.2f} from "
-                     f"N={small['size']} to N={large['size']} ({large['mpx'] / small['mpx']:.0f}x the pixels); "
-                     f"step by step: {', '.join(f'x{s:.2f}' for s in steps) or '-'}")  # fmt: skip
+        lines.append(
+            f"{arch}: peak RSS {'GROWS with size' if grows else 'levels off'}: x{growth:.2f} from "
+            f"N={small['size']} to N={large['size']} ({large['mpx'] / small['mpx']:.0f}x the pixels); "
+            f"step by step: {', '.join(f'x{s:.2f}' for s in steps) or '-'}"
+        )
     return lines
 
 
@@ -143,10 +181,22 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
             axes.plot(sizes, [r[key] for r in mine], style, color=colour, marker="o", label=f"{arch}: {label}")
         if ran:
             monai_sizes = [r["size"] for r in ran]
-            speed.plot(monai_sizes, [r["monai"]["mpx_per_s"] for r in ran], style, color="C2", marker="s",
-                       label=f"{arch}: MONAI sliding window")  # fmt: skip
-            memory.plot(monai_sizes, [r["monai"]["peak_rss_mib"] for r in ran], style, color="C2", marker="s",
-                        label=f"{arch}: MONAI sliding window")  # fmt: skip
+            speed.plot(
+                monai_sizes,
+                [r["monai"]["mpx_per_s"] for r in ran],
+                style,
+                color="C2",
+                marker="s",
+                label=f"{arch}: MONAI sliding window",
+            )
+            memory.plot(
+                monai_sizes,
+                [r["monai"]["peak_rss_mib"] for r in ran],
+                style,
+                color="C2",
+                marker="s",
+                label=f"{arch}: MONAI sliding window",
+            )
     sizes = sorted({r["size"] for r in rows})
     for axes, ylabel in ((speed, "megapixels per second"), (memory, "peak RSS (MiB)")):
         axes.set_xscale("log", base=2)

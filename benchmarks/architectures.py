@@ -119,25 +119,39 @@ def bench(name: str, image: str, args: argparse.Namespace, out_dir: str, plan: t
     predictor = Predictor(module, torch.device("cpu"))
     print(f"{name}: stride {stride}, radius {radius}, halo {halo}, window {window}", file=sys.stderr, flush=True)
     batching = ab({"batch_1": (predictor, single), "batch_n": (predictor, interleaved)}, forward, args.seconds)
-    e2e = run_cli(image, checkpoint, os.path.join(args.work, f"{name}.zarr"), args.tile,
-                  os.path.join(out_dir, f"run_{name}.log"))  # fmt: skip
+    e2e = run_cli(
+        image, checkpoint, os.path.join(args.work, f"{name}.zarr"), args.tile, os.path.join(out_dir, f"run_{name}.log")
+    )
     layout = ab({"contiguous": (plain, full), "channels_last": (predictor, interleaved)}, forward, args.seconds)
     # The default configuration was measured before the run (batch_n) and after it (channels_last).
     model = (batching["batch_n"] + layout["channels_last"]) / 2
     drift = abs(batching["batch_n"] - layout["channels_last"]) / model
     if drift > 0.2:
-        print(f"{name}: WARNING model-only speed drifted {drift:.0%} across the run: noisy machine, rerun",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{name}: WARNING model-only speed drifted {drift:.0%} across the run: noisy machine, rerun",
+            file=sys.stderr,
+        )
     e2e_rate = args.size * args.size / 1e6 / e2e["wall_s"]
     return {
-        "architecture": name, "arguments": arguments, "stride": stride, "radius": radius, "halo": halo,
-        "forward_tile": forward, "window": window, "batch": batch, "model_mpx_per_s": model, "model_drift": drift,
-        "e2e_s": e2e["wall_s"], "timings_s": e2e["timings_s"], "e2e_mpx_per_s": e2e_rate, "ratio": e2e_rate / model,
+        "architecture": name,
+        "arguments": arguments,
+        "stride": stride,
+        "radius": radius,
+        "halo": halo,
+        "forward_tile": forward,
+        "window": window,
+        "batch": batch,
+        "model_mpx_per_s": model,
+        "model_drift": drift,
+        "e2e_s": e2e["wall_s"],
+        "timings_s": e2e["timings_s"],
+        "e2e_mpx_per_s": e2e_rate,
+        "ratio": e2e_rate / model,
         "peak_rss_mib": e2e["maxrss_kib"] / 1024,
         **{f"{k}_mpx_per_s": v for k, v in (batching | layout).items()},
         "batching_gain": batching["batch_n"] / batching["batch_1"],
         "channels_last_gain": layout["channels_last"] / layout["contiguous"],
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,27 +168,54 @@ def main(argv: list[str] | None = None) -> int:
     cores = available_cores()
     workers, threads = thread_plan(cores, None, None, "cpu")
     set_torch_threads(threads)
-    print(f"{cores} cores: {workers} workers x {threads} torch threads, tile {args.tile}, "
-          f"batch {TilingConfig().batch}, image {args.size}²", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"{cores} cores: {workers} workers x {threads} torch threads, tile {args.tile}, "
+        f"batch {TilingConfig().batch}, image {args.size}²",
+        file=sys.stderr,
+        flush=True,
+    )
     rows = [bench(name, image, args, args.out, (workers, threads)) for name in args.only]
 
-    header = ("architecture", "stride", "radius", "halo", "window", "model Mpx/s", "e2e Mpx/s", "ratio",
-              "batch-1 Mpx/s", "batch-N Mpx/s", "contiguous Mpx/s", "channels-last Mpx/s")  # fmt: skip
+    header = (
+        "architecture",
+        "stride",
+        "radius",
+        "halo",
+        "window",
+        "model Mpx/s",
+        "e2e Mpx/s",
+        "ratio",
+        "batch-1 Mpx/s",
+        "batch-N Mpx/s",
+        "contiguous Mpx/s",
+        "channels-last Mpx/s",
+    )
     lines = ["{:<13} {:>6} {:>6} {:>4} {:>6} {:>11} {:>9} {:>5} {:>13} {:>13} {:>16} {:>19}".format(*header)]
     for r in rows:
-        lines.append(f"{r['architecture']:<13} {r['stride']:>6} {r['radius']:>6} {r['halo']:>4} {r['window']:>6} "
-                     f"{r['model_mpx_per_s']:>11.2f} {r['e2e_mpx_per_s']:>9.2f} {r['ratio']:>5.2f} "
-                     f"{r['batch_1_mpx_per_s']:>13.2f} {r['batch_n_mpx_per_s']:>13.2f} "
-                     f"{r['contiguous_mpx_per_s']:>16.2f} {r['channels_last_mpx_per_s']:>19.2f}")  # fmt: skip
-    gains = [f"{r['architecture']}: batch {r['batch']} vs 1 x{r['batching_gain']:.2f}, channels-last vs "
-             f"contiguous x{r['channels_last_gain']:.2f}, e2e {r['e2e_s']:.1f} s, timings_s {r['timings_s']}"
-             for r in rows]  # fmt: skip
+        lines.append(
+            f"{r['architecture']:<13} {r['stride']:>6} {r['radius']:>6} {r['halo']:>4} {r['window']:>6} "
+            f"{r['model_mpx_per_s']:>11.2f} {r['e2e_mpx_per_s']:>9.2f} {r['ratio']:>5.2f} "
+            f"{r['batch_1_mpx_per_s']:>13.2f} {r['batch_n_mpx_per_s']:>13.2f} "
+            f"{r['contiguous_mpx_per_s']:>16.2f} {r['channels_last_mpx_per_s']:>19.2f}"
+        )
+    gains = [
+        f"{r['architecture']}: batch {r['batch']} vs 1 x{r['batching_gain']:.2f}, channels-last vs "
+        f"contiguous x{r['channels_last_gain']:.2f}, e2e {r['e2e_s']:.1f} s, timings_s {r['timings_s']}"
+        for r in rows
+    ]
     print("\n".join([*lines, "", *gains]))
     result = {
-        **environment(), "cores": cores, "workers": workers, "torch_threads": threads,
-        "size": args.size, "tile": args.tile, "batch": TilingConfig().batch, "seconds": args.seconds,
-        "rows": rows, "table": lines,
-    }  # fmt: skip
+        **environment(),
+        "cores": cores,
+        "workers": workers,
+        "torch_threads": threads,
+        "size": args.size,
+        "tile": args.tile,
+        "batch": TilingConfig().batch,
+        "seconds": args.seconds,
+        "rows": rows,
+        "table": lines,
+    }
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -44,14 +44,23 @@ def main() -> None:
         log = os.path.join(out, f"distributed_{name.replace(' ', '_')}.log")
         result = run_cli(image, model, store, args.tile, log, extra=flags)
         compute = result["timings_s"]["compute"]
-        rows.append({"way": name, "wall_s": result["wall_s"], "compute_s": compute,
-                     "e2e_mpx_s": megapixels / result["wall_s"], "compute_mpx_s": megapixels / compute,
-                     "peak_rss_mib": result["maxrss_kib"] / 1024})  # fmt: skip
+        rows.append(
+            {
+                "way": name,
+                "wall_s": result["wall_s"],
+                "compute_s": compute,
+                "e2e_mpx_s": megapixels / result["wall_s"],
+                "compute_mpx_s": megapixels / compute,
+                "peak_rss_mib": result["maxrss_kib"] / 1024,
+            }
+        )
     print(f"{args.size}^2 ({megapixels:.1f} Mpx), tile {args.tile}, reference FCN, {os.cpu_count()} cores")
     print(f"{'way':<12} {'wall s':>7} {'compute s':>9} {'e2e Mpx/s':>9} {'compute Mpx/s':>13} {'client RSS MiB':>14}")
     for r in rows:
-        print(f"{r['way']:<12} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} {r['e2e_mpx_s']:>9.2f} "
-              f"{r['compute_mpx_s']:>13.2f} {r['peak_rss_mib']:>14.0f}")  # fmt: skip
+        print(
+            f"{r['way']:<12} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} {r['e2e_mpx_s']:>9.2f} "
+            f"{r['compute_mpx_s']:>13.2f} {r['peak_rss_mib']:>14.0f}"
+        )
     print("note: with processes the network runs in the workers; the RSS column is the client process only")
     with open(os.path.join(out, "distributed.json"), "w") as fh:
         json.dump({"environment": environment(), "size": args.size, "tile": args.tile, "rows": rows}, fh, indent=1)

@@ -70,8 +70,23 @@ def run_monai(
     """The baseline in its own measured process: wall time, peak RSS and its stage times (the store is deleted)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         report = fh.name
-    command = [sys.executable, os.path.abspath(__file__), image, model, store, "--tile", str(tile),
-               "--halo", str(halo), "--batch", str(batch), "--threads", str(threads), "--report", report]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        image,
+        model,
+        store,
+        "--tile",
+        str(tile),
+        "--halo",
+        str(halo),
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+        "--report",
+        report,
+    ]
     try:
         result = measured(command, log, "MONAI sliding_window_inference")
         with open(report) as fh:
@@ -135,17 +150,30 @@ def main(argv: list[str] | None = None) -> int:
     classes = logits.shape[1]
     like_pipeline = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)  # pipeline/output.py
     out = zarr.create_array(
-        args.store, shape=(classes, height, width), chunks=(classes, args.tile, args.tile), dtype="float32",
-        fill_value=0, zarr_format=2, compressors=like_pipeline,
-    )  # fmt: skip
+        args.store,
+        shape=(classes, height, width),
+        chunks=(classes, args.tile, args.tile),
+        dtype="float32",
+        fill_value=0,
+        zarr_format=2,
+        compressors=like_pipeline,
+    )
     with torch.inference_mode():
         for y0 in range(0, height, args.tile):
             band = torch.softmax(logits[0, :, y0 : y0 + args.tile], dim=0)
             out[:, y0 : y0 + args.tile, :] = band.numpy()
     write = time.perf_counter()
 
-    timings = {"setup": setup - started, "read": read - setup, "predict": predict - read, "write": write - predict,
-               "total": write - started, "overlap": overlap, "window": window, "monai": monai.__version__}  # fmt: skip
+    timings = {
+        "setup": setup - started,
+        "read": read - setup,
+        "predict": predict - read,
+        "write": write - predict,
+        "total": write - started,
+        "overlap": overlap,
+        "window": window,
+        "monai": monai.__version__,
+    }
     with open(args.report, "w") as fh:
         json.dump(timings, fh)
     return 0

@@ -79,8 +79,9 @@ class Settings:
     keep: bool
 
 
-def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: int,
-               min_mpx: float, min_s: float) -> dict[str, float]:  # fmt: skip
+def model_only(
+    predictor: Predictor, tile: int, halo: int, batch: int, workers: int, min_mpx: float, min_s: float
+) -> dict[str, float]:
     """Mpx/s of the network alone: ``workers`` threads calling one Predictor on random batches of
     ``batch`` windows of ``tile + 2 halo`` (``tile``: the core of one forward pass), laid out
     channels-last as the run's windows are (:func:`pipeline.compute.tasks.normalize`), so that neither
@@ -109,8 +110,14 @@ def model_only(predictor: Predictor, tile: int, halo: int, batch: int, workers: 
         list(pool.map(loop, range(workers)))
         seconds = time.perf_counter() - started[0]
     mpx = calls[0] * mpx_per_call
-    return {"mpx": mpx, "seconds": seconds, "mpx_per_s": mpx / seconds, "input_side": side, "halo": halo,
-            "forward_tile": tile}  # fmt: skip
+    return {
+        "mpx": mpx,
+        "seconds": seconds,
+        "mpx_per_s": mpx / seconds,
+        "input_side": side,
+        "halo": halo,
+        "forward_tile": tile,
+    }
 
 
 def decode_only(image: str, workers: int, min_s: float) -> dict[str, float]:
@@ -198,32 +205,54 @@ def measure(arch: str, n: int, predictor: Predictor, halo: int, forward: int, s:
     model_rate = (before["mpx_per_s"] + after["mpx_per_s"]) / 2
     drift = abs(before["mpx_per_s"] - after["mpx_per_s"]) / model_rate
     if drift > 0.2:
-        print(f"{arch} N={n}: WARNING model-only speed drifted {drift:.0%} ({before['mpx_per_s']:.2f} before, "
-              f"{after['mpx_per_s']:.2f} after): the machine is noisy, rerun", file=sys.stderr)  # fmt: skip
+        print(
+            f"{arch} N={n}: WARNING model-only speed drifted {drift:.0%} ({before['mpx_per_s']:.2f} before, "
+            f"{after['mpx_per_s']:.2f} after): the machine is noisy, rerun",
+            file=sys.stderr,
+        )
     mpx, timings = n * n / 1e6, e2e["timings_s"]
     e2e_rate, rss = mpx / e2e["wall_s"], e2e["maxrss_kib"] / 1024
     stages = timings.get("stages")
     row = {
-        "architecture": arch, "model": model, "size": n, "mpx": mpx, "input_bytes": os.path.getsize(image),
-        "halo": halo, "forward_tile": forward, "window": forward + 2 * halo,
-        "e2e_s": e2e["wall_s"], "e2e_mpx_per_s": e2e_rate, "s_per_mpx": e2e["wall_s"] / mpx,
-        "setup_s": timings["setup"], "compute_s": timings["compute"], "compute_runs_s": e2e["compute_runs_s"],
+        "architecture": arch,
+        "model": model,
+        "size": n,
+        "mpx": mpx,
+        "input_bytes": os.path.getsize(image),
+        "halo": halo,
+        "forward_tile": forward,
+        "window": forward + 2 * halo,
+        "e2e_s": e2e["wall_s"],
+        "e2e_mpx_per_s": e2e_rate,
+        "s_per_mpx": e2e["wall_s"] / mpx,
+        "setup_s": timings["setup"],
+        "compute_s": timings["compute"],
+        "compute_runs_s": e2e["compute_runs_s"],
         "pyramid_s": timings.get("pyramid"),
-        "compute_mpx_per_s": mpx / timings["compute"], "compute_s_per_mpx": timings["compute"] / mpx,
-        "timings_s": timings, "stages_s": stages if isinstance(stages, dict) else None,
+        "compute_mpx_per_s": mpx / timings["compute"],
+        "compute_s_per_mpx": timings["compute"] / mpx,
+        "timings_s": timings,
+        "stages_s": stages if isinstance(stages, dict) else None,
         "stage_shares": stage_shares(timings),
-        "model_mpx_per_s": model_rate, "model_only": {"before": before, "after": after, "drift": drift},
-        "ratio": e2e_rate / model_rate, "peak_rss_mib": rss, "monai": monai,
-        "decode_only": decode, "ratio_ceiling": decode["mpx_per_s"] / (decode["mpx_per_s"] + model_rate),
+        "model_mpx_per_s": model_rate,
+        "model_only": {"before": before, "after": after, "drift": drift},
+        "ratio": e2e_rate / model_rate,
+        "peak_rss_mib": rss,
+        "monai": monai,
+        "decode_only": decode,
+        "ratio_ceiling": decode["mpx_per_s"] / (decode["mpx_per_s"] + model_rate),
         "speed_vs_monai": None if monai is None else e2e_rate / monai["mpx_per_s"],
         "rss_vs_monai": None if monai is None else rss / monai["peak_rss_mib"],
-    }  # fmt: skip
+    }
     versus = "" if monai is None else f"; MONAI {monai['mpx_per_s']:.2f} Mpx/s, {monai['peak_rss_mib']:.0f} MiB"
     computes = e2e["compute_runs_s"]
     listed = ", ".join(f"{c:.2f}" for c in computes)
     runs = f" (median of {len(computes)}: computes {listed} s)" if len(computes) > 1 else ""
-    print(f"{arch} N={n}: {e2e['wall_s']:.1f} s, {e2e_rate:.2f} Mpx/s, peak RSS {rss:.0f} MiB{versus}{runs}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"{arch} N={n}: {e2e['wall_s']:.1f} s, {e2e_rate:.2f} Mpx/s, peak RSS {rss:.0f} MiB{versus}{runs}",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -234,8 +263,11 @@ def bench_arch(arch: str, sizes: list[int], s: Settings) -> list[dict[str, Any]]
     loaded = load_model(network(arch, s.work))
     stride, radius, halo = geometry(loaded.module)
     forward = forward_tile_for(TilingConfig(tile=s.tile), loaded, halo, stride, "cpu", blended=False) or s.tile
-    print(f"{arch}: stride {stride}, radius {radius}, halo {halo}, tile {s.tile} in forward passes of {forward} "
-          f"(window {forward + 2 * halo})", file=sys.stderr)  # fmt: skip
+    print(
+        f"{arch}: stride {stride}, radius {radius}, halo {halo}, tile {s.tile} in forward passes of {forward} "
+        f"(window {forward + 2 * halo})",
+        file=sys.stderr,
+    )
     predictor = Predictor(loaded.module, torch.device("cpu"))
     return [{**measure(arch, n, predictor, halo, forward, s), "stride": stride, "radius": radius} for n in sizes]
 
@@ -260,9 +292,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="folder for results.json and the plot (default: WORK/results)")
     parser.add_argument("--model-mpx", type=float, default=64.0, help="model-only: at least this many Mpx")
     parser.add_argument("--model-seconds", type=float, default=10.0, help="model-only: and at least this long")
-    parser.add_argument("--monai-max-size", type=int, default=None,
-                        help="run MONAI for sides up to this (0: never; default: those whose uint8 image and "
-                             "float32 input and output fit in half the RAM)")  # fmt: skip
+    parser.add_argument(
+        "--monai-max-size",
+        type=int,
+        default=None,
+        help="run MONAI for sides up to this (0: never; default: those whose uint8 image and "
+        "float32 input and output fit in half the RAM)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the fcnpipe output stores (can be many GB)")
     return parser.parse_args(argv)
 
@@ -275,10 +311,25 @@ def main(argv: list[str] | None = None) -> int:
     cores = available_cores()
     workers, threads = thread_plan(cores, None, None, "cpu")
     forward_batch = TilingConfig().forward_batch or 1  # the run's tiles per forward pass on a CPU
-    s = Settings(args.work, out_dir, args.tile, forward_batch, cores, workers, threads, args.model_mpx,
-                 args.model_seconds, monai_limit(args.monai_max_size, sizes), args.keep)  # fmt: skip
-    print(f"{cores} cores: fcnpipe {workers} workers x {threads} torch threads, MONAI {cores} torch threads; "
-          f"tile {s.tile}, batch {s.batch}; MONAI up to N={s.monai_max}", file=sys.stderr, flush=True)  # fmt: skip
+    s = Settings(
+        args.work,
+        out_dir,
+        args.tile,
+        forward_batch,
+        cores,
+        workers,
+        threads,
+        args.model_mpx,
+        args.model_seconds,
+        monai_limit(args.monai_max_size, sizes),
+        args.keep,
+    )
+    print(
+        f"{cores} cores: fcnpipe {workers} workers x {threads} torch threads, MONAI {cores} torch threads; "
+        f"tile {s.tile}, batch {s.batch}; MONAI up to N={s.monai_max}",
+        file=sys.stderr,
+        flush=True,
+    )
     rows = [row for arch in args.archs for row in bench_arch(arch, sizes, s)]
 
     lines = table(rows)
@@ -286,11 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join([*lines, "", *notes]))
     png = plot(rows, os.path.join(out_dir, "throughput.png"))
     result = {
-        **environment(), "cores": cores, "workers": workers, "torch_threads": threads,
-        "monai_torch_threads": cores, "memory_bytes": machine_memory(), "monai_max_size": s.monai_max,
-        "tile": s.tile, "batch": s.batch, "compression": "jpeg", "archs": args.archs, "sizes": sizes,
-        "rows": rows, "table": lines, "notes": notes, "plot": png,
-    }  # fmt: skip
+        **environment(),
+        "cores": cores,
+        "workers": workers,
+        "torch_threads": threads,
+        "monai_torch_threads": cores,
+        "memory_bytes": machine_memory(),
+        "monai_max_size": s.monai_max,
+        "tile": s.tile,
+        "batch": s.batch,
+        "compression": "jpeg",
+        "archs": args.archs,
+        "sizes": sizes,
+        "rows": rows,
+        "table": lines,
+        "notes": notes,
+        "plot": png,
+    }
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)

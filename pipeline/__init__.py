@@ -14,6 +14,6 @@ __version__ = "0.1.0"
 import os as _os
 
 # PyTorch's CPU allocator backs large tensors with transparent huge pages when this is set before
-# torch is first imported: measured 1.6x faster forward passes of the reference FCN on 514 x 514
-# tiles (4.6 -> 7.5 Mpx/s, 2 threads). setdefault: a user's own choice wins.
+# torch is first imported, which makes forward passes faster (benchmarks/README.md, "Why the
+# defaults"). setdefault: a user's own choice wins.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -130,9 +130,8 @@ class TilingConfig:
     forward_tile: int | None = None
     """Predict each tile in pieces of this side (a multiple of the network's stride), each read with
     the halo. None: whole tiles, except on a CPU where a pass would allocate tensors of over 8 MiB
-    and a divisor of the tile avoids that for at most 5% more computed pixels (the reference FCN:
-    4 x 4 passes of 128 px, which run 1.7x faster than whole 514 px windows on 2 cores: their
-    activations stay in the cache)."""
+    and a divisor of the tile avoids that for at most 5% more computed pixels: the pieces'
+    activations stay in the processor's cache (see ``FORWARD_BYTES`` in pipeline.model.predictor)."""
     halo: int | None = None
     """Pixels read around each core. None: the exact halo measured from the model; smaller is
     faster but approximate (see ``blend``)."""

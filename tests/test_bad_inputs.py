@@ -61,8 +61,15 @@ def test_an_orthomosaic_whose_nodata_does_not_fit_its_pixels_runs_with_one_warni
         rgb = tif.series[0].asarray()[:600, :500]
     rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=-1)
     image = tmp_path / "ortho.tif"
-    tifffile.imwrite(image, rgba, photometric="rgb", extrasamples=[2], compression="lzw", rowsperstrip=32,
-                     extratags=[(42113, "s", 0, "-10000", True)])  # fmt: skip
+    tifffile.imwrite(
+        image,
+        rgba,
+        photometric="rgb",
+        extrasamples=[2],
+        compression="lzw",
+        rowsperstrip=32,
+        extratags=[(42113, "s", 0, "-10000", True)],
+    )
     store = tmp_path / "ortho.zarr"
     done = fcnpipe("run", image, "-m", reference(tmp_path), "-o", store, *QUIET)
     assert done.returncode == 0, done.stderr
@@ -159,8 +166,9 @@ def test_a_truncated_file_is_one_line_without_the_readers_messages(real_data: Pa
 
 def test_a_model_trained_on_uint8_is_not_run_on_uint16_unless_asked(real_data: Path, tmp_path: Path) -> None:
     names, colors = default_classes(3)
-    spec = ModelSpec(REFERENCE_FCN, {"in_channels": 3, "num_classes": 3, "hidden": 8}, 3, 3, names, colors,
-                     input_dtype="uint8")  # fmt: skip
+    spec = ModelSpec(
+        REFERENCE_FCN, {"in_channels": 3, "num_classes": 3, "hidden": 8}, 3, 3, names, colors, input_dtype="uint8"
+    )
     model = tmp_path / "uint8.pt"
     save_checkpoint(model, ReferenceFCN(3, 3, 8), spec)
     image, store = real_data / "mosaic_cog1.tif", tmp_path / "mosaic.zarr"

@@ -162,6 +162,7 @@ def test_weights_taper_to_zero_inside_and_stay_flat_at_the_border() -> None:
     np.testing.assert_allclose(w1y, w1y[::-1])  # an interior window is symmetric
 
 
+@pytest.mark.slow
 def test_exact_when_half_the_halo_covers_the_receptive_field(
     make_tiff: Callable[..., Path], tmp_path: Path, reference: Net
 ) -> None:
@@ -211,8 +212,10 @@ def test_blending_beats_plain_tiling_below_the_exact_halo(
             probs, _ = _blended(image, unet, tmp_path / f"{halo}-{mode}.zarr", 64, halo, mode)
             error = probs - expected
             errors[mode] = (float(np.abs(error).max()), float(np.abs(error).mean()))
-            print(f"  halo {halo:2d} {mode:8s} max {errors[mode][0]:.4f}  mean {errors[mode][1]:.5f}  "
-                  f"seam jump {_seam_jump(error, 64):.4f}")  # fmt: skip
+            print(
+                f"  halo {halo:2d} {mode:8s} max {errors[mode][0]:.4f}  mean {errors[mode][1]:.5f}  "
+                f"seam jump {_seam_jump(error, 64):.4f}"
+            )
         for mode in ("gaussian", "cosine"):
             assert errors[mode][0] < errors["none"][0], (halo, mode)
             assert errors[mode][1] < errors["none"][1], (halo, mode)

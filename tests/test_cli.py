@@ -37,6 +37,7 @@ def test_help_explains_every_command() -> None:
         assert flag in run_help
 
 
+@pytest.mark.slow
 def test_run_as_a_real_process(make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path) -> None:
     image = make_tiff(random_image((70, 90, 3)), tile=(32, 32), photometric="rgb")
     out = tmp_path / "out.zarr"
@@ -150,8 +151,9 @@ def test_a_closed_pipe_ends_quietly(real_data: Path, tmp_path: Path) -> None:
     errors = tmp_path / "stderr.txt"
     command = f"{sys.executable} -m pipeline inspect {real_data / 'CMU-1-Small-Region.svs'} 2> {errors} | true"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(["bash", "-c", f"{command}; echo ${{PIPESTATUS[0]}}"], capture_output=True, text=True,
-                          env=env, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-c", f"{command}; echo ${{PIPESTATUS[0]}}"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.stdout.strip() == "141" and errors.read_text() == ""
 
 

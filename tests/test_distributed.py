@@ -35,10 +35,19 @@ class Cluster:
         self.address = json.loads(self.file.read_text())["address"]
         self.folders = [folder / f"worker{i}" for i in range(workers)]
         self.workers = [
-            self._start("dask_worker", "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", "--no-dashboard",
-                        "--local-directory", str(local))
+            self._start(
+                "dask_worker",
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--local-directory",
+                str(local),
+            )
             for local in self.folders
-        ]  # fmt: skip
+        ]
         self.wait_for(workers)
 
     def _start(self, program: str, *args: str) -> subprocess.Popen[bytes]:
@@ -49,9 +58,16 @@ class Cluster:
         """Start a new worker in place of worker ``index`` (killed), and wait until it has joined."""
         self.folders[index] = self.folders[index].with_name(f"{self.folders[index].name}-again")
         self.workers[index] = self._start(
-            "dask_worker", "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", "--no-dashboard",
-            "--local-directory", str(self.folders[index]),
-        )  # fmt: skip
+            "dask_worker",
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            "--local-directory",
+            str(self.folders[index]),
+        )
         self.wait_for(len(self.workers))
 
     def wait_for(self, workers: int) -> None:
@@ -114,17 +130,30 @@ def test_job_scripts_for_slurm_and_pbs_come_from_the_config(tmp_path: Path) -> N
     config = load_config(
         overrides={
             "cluster": {
-                "queue": "gpu", "account": "pathology", "cores": 8, "memory": "64GB", "walltime": "10:00:00",
-                "gpus": 1, "job_script_prologue": ["module load cuda/12", "source ~/fcnpipe/.venv/bin/activate"],
-                "job_extra_directives": ["--constraint=a100"], "log_directory": str(tmp_path / "logs"),
+                "queue": "gpu",
+                "account": "pathology",
+                "cores": 8,
+                "memory": "64GB",
+                "walltime": "10:00:00",
+                "gpus": 1,
+                "job_script_prologue": ["module load cuda/12", "source ~/fcnpipe/.venv/bin/activate"],
+                "job_extra_directives": ["--constraint=a100"],
+                "log_directory": str(tmp_path / "logs"),
             }
         }
-    )  # fmt: skip
+    )
     with job_queue_cluster("slurm", config.cluster) as slurm:
         script = slurm.job_script()
-    for line in ("#SBATCH -p gpu", "#SBATCH -A pathology", "#SBATCH --cpus-per-task=8", "#SBATCH -t 10:00:00",
-                 "#SBATCH --gres=gpu:1", "#SBATCH --constraint=a100", "module load cuda/12",
-                 "source ~/fcnpipe/.venv/bin/activate"):  # fmt: skip
+    for line in (
+        "#SBATCH -p gpu",
+        "#SBATCH -A pathology",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH -t 10:00:00",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --constraint=a100",
+        "module load cuda/12",
+        "source ~/fcnpipe/.venv/bin/activate",
+    ):
         assert line in script, line
     assert "--nthreads 8" in script and "--resources GPU=1" in script and "--mem=60G" in script
     assert script.index("module load cuda/12") < script.index("distributed.cli.dask_worker")

@@ -90,8 +90,10 @@ CASES = [
 ]
 
 
-QUICK = {("reference", (97, 131)), ("reference", (203, 157)), ("unet", (99, 130))}
-"""The cases of the quick loop (``-m "not slow"``); the deep networks' other cases run in the full suite."""
+QUICK = {("reference", (97, 131)), ("reference", (203, 157))}
+"""The cases of the quick loop (``-m "not slow"``); the deep networks' cases run in the full suite.
+
+Their tiling is also checked quickly in test_receptive.py."""
 
 
 def _params(rows: list[tuple[Any, ...]], name: Callable[[tuple[Any, ...]], str]) -> list[Any]:
@@ -196,6 +198,7 @@ def test_plan_predicts_tiles_in_passes_whose_activations_stay_in_the_cache(
         plan(wide, forward_tile=128, halo=0, blend="gaussian")
 
 
+@pytest.mark.slow
 def test_tile_not_multiple_of_stride_is_refused(make_tiff: Callable[..., Path], tmp_path: Path) -> None:
     from pipeline.errors import ConfigError
 
@@ -243,6 +246,7 @@ def test_precision_other_than_float32_needs_cuda(make_tiff: Callable[..., Path],
         prepare(config)
 
 
+@pytest.mark.slow
 def test_inspect_model_prints_the_measured_tiling(tmp_path: Path) -> None:
     from click.testing import CliRunner
 

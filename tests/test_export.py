@@ -63,7 +63,7 @@ def expected(stored: np.ndarray, dtype: str) -> np.ndarray:
 COG_CASES = [
     # (what, dtype asked, dtype written, bands)
     ("probabilities", None, "float32", 3),
-    ("probabilities", "uint8", "uint8", 3),
+    pytest.param("probabilities", "uint8", "uint8", 3, marks=pytest.mark.slow),
     ("labels", None, "uint8", 1),
 ]
 
@@ -170,7 +170,7 @@ def mark_incomplete(store: Path) -> Path:
     return store
 
 
-@pytest.mark.parametrize("kind", ["cog", "ome-tiff"])
+@pytest.mark.parametrize("kind", ["cog", pytest.param("ome-tiff", marks=pytest.mark.slow)])
 def test_an_incomplete_store_is_refused(rgb_store: Path, tmp_path: Path, kind: str) -> None:
     out = tmp_path / ("map.ome.tif" if kind == "ome-tiff" else "map.tif")
     with pytest.raises(OutputError, match="incomplete") as raised:
@@ -184,8 +184,14 @@ def test_the_store_a_failed_run_leaves_is_refused(
 ) -> None:
     store = tmp_path / "broken.zarr"
     # fcnpipe run reads a sample and fails before creating the store; the plain functions get further
-    config = load_config(overrides={"input": {"path": str(real_data / "unreadable.svs")}, "mask": {"mode": "none"},
-                                    "model": {"path": str(make_model())}, "output": {"path": str(store)}})  # fmt: skip
+    config = load_config(
+        overrides={
+            "input": {"path": str(real_data / "unreadable.svs")},
+            "mask": {"mode": "none"},
+            "model": {"path": str(make_model())},
+            "output": {"path": str(store)},
+        }
+    )
     with pytest.raises(SourceError, match="cannot read pixels"):
         execute(prepare(config))
     assert store.exists()
@@ -201,7 +207,7 @@ def test_what_is_not_an_fcnpipe_store_is_refused(tmp_path: Path) -> None:
         export_store(str(tmp_path / "plain.zarr"), str(tmp_path / "map.tif"))
 
 
-@pytest.mark.parametrize("kind", ["cog", "ome-tiff"])
+@pytest.mark.parametrize("kind", ["cog", pytest.param("ome-tiff", marks=pytest.mark.slow)])
 def test_an_existing_output_is_kept_without_overwrite_and_replaced_with_it(
     rgb_store: Path, tmp_path: Path, kind: str
 ) -> None:

@@ -51,8 +51,24 @@ SMALLER = {
     "sparse.tiff": ["--series", "1", "--level", "2"],
     "test3-TRITC-2-560.ndpi": ["--level", "2"],
 }
-PLAN_WORDS = ("input", "model", "tiles", "compute", "output", "scale", "mask", "measure", "expect", "resume",
-              "threads", "wrote", "chunks", "nodata", "progress", "preview")  # fmt: skip
+PLAN_WORDS = (
+    "input",
+    "model",
+    "tiles",
+    "compute",
+    "output",
+    "scale",
+    "mask",
+    "measure",
+    "expect",
+    "resume",
+    "threads",
+    "wrote",
+    "chunks",
+    "nodata",
+    "progress",
+    "preview",
+)
 """First words of the lines a run prints on stderr besides warnings and errors."""
 
 
@@ -127,16 +143,33 @@ def _geokeys(value: Any, rng: random.Random) -> list[Any]:
 
 
 MUTATIONS: dict[str, Callable[[Any, random.Random], list[Any]]] = {
-    "ImageWidth": _sizes, "ImageLength": _sizes, "TileWidth": _sizes, "TileLength": _sizes,
-    "RowsPerStrip": _sizes, "StripOffsets": _arrays, "StripByteCounts": _arrays, "TileOffsets": _arrays,
-    "TileByteCounts": _arrays, "BitsPerSample": _small([1, 4, 12, 16, 64]), "SamplesPerPixel": _small([1, 2, 4, 255]),
-    "Compression": _small([1, 5, 7, 8, 50000]), "PhotometricInterpretation": _small([0, 1, 2, 4, 6]),
-    "PlanarConfiguration": _small([1, 2, 3]), "SampleFormat": _small([1, 2, 3, 6]),
-    "ExtraSamples": _small([0, 1, 2, 99]), "XResolution": _rational, "YResolution": _rational,
-    "ResolutionUnit": _small([0, 1, 3, 99]), "ImageDescription": _description, "GDAL_NODATA": _nodata,
-    "ModelPixelScaleTag": _doubles, "ModelTiepointTag": _doubles, "ModelTransformationTag": _doubles,
-    "GeoKeyDirectoryTag": _geokeys, "NewSubfileType": _small([0, 1, 2]),
-}  # fmt: skip
+    "ImageWidth": _sizes,
+    "ImageLength": _sizes,
+    "TileWidth": _sizes,
+    "TileLength": _sizes,
+    "RowsPerStrip": _sizes,
+    "StripOffsets": _arrays,
+    "StripByteCounts": _arrays,
+    "TileOffsets": _arrays,
+    "TileByteCounts": _arrays,
+    "BitsPerSample": _small([1, 4, 12, 16, 64]),
+    "SamplesPerPixel": _small([1, 2, 4, 255]),
+    "Compression": _small([1, 5, 7, 8, 50000]),
+    "PhotometricInterpretation": _small([0, 1, 2, 4, 6]),
+    "PlanarConfiguration": _small([1, 2, 3]),
+    "SampleFormat": _small([1, 2, 3, 6]),
+    "ExtraSamples": _small([0, 1, 2, 99]),
+    "XResolution": _rational,
+    "YResolution": _rational,
+    "ResolutionUnit": _small([0, 1, 3, 99]),
+    "ImageDescription": _description,
+    "GDAL_NODATA": _nodata,
+    "ModelPixelScaleTag": _doubles,
+    "ModelTiepointTag": _doubles,
+    "ModelTransformationTag": _doubles,
+    "GeoKeyDirectoryTag": _geokeys,
+    "NewSubfileType": _small([0, 1, 2]),
+}
 
 
 def _readable(path: Path) -> bool:
@@ -243,9 +276,13 @@ class Worker:
     def _start(self) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         return subprocess.Popen(
-            [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            [sys.executable, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
             stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
 
     def run(self, *args: object) -> dict[str, Any]:
         """``fcnpipe ARGS``: its exit code, stdout and stderr; ``code`` None after a hang or a crash."""

@@ -65,18 +65,26 @@ def test_pickled_module_is_refused_not_executed(tmp_path: Path) -> None:
     [
         ({"conv1.weight": torch.zeros(4, 3, 3, 3)}, "missing conv1.bias"),
         (
-            {"conv1.weight": torch.zeros(4, 3, 5, 5), "conv1.bias": torch.zeros(4),
-             "conv2.weight": torch.zeros(2, 4, 1, 1), "conv2.bias": torch.zeros(2)},
+            {
+                "conv1.weight": torch.zeros(4, 3, 5, 5),
+                "conv1.bias": torch.zeros(4),
+                "conv2.weight": torch.zeros(2, 4, 1, 1),
+                "conv2.bias": torch.zeros(2),
+            },
             "needs 3x3 conv1",
         ),
         (
-            {"conv1.weight": torch.zeros(4, 3, 3, 3), "conv1.bias": torch.zeros(4),
-             "conv2.weight": torch.zeros(2, 6, 1, 1), "conv2.bias": torch.zeros(2)},
+            {
+                "conv1.weight": torch.zeros(4, 3, 3, 3),
+                "conv1.bias": torch.zeros(4),
+                "conv2.weight": torch.zeros(2, 6, 1, 1),
+                "conv2.bias": torch.zeros(2),
+            },
             "conv1 has 4 outputs but conv2 takes 6",
         ),
     ],
     ids=["missing-key", "wrong-kernel", "inconsistent"],
-)  # fmt: skip
+)
 def test_state_dict_that_does_not_fit(tmp_path: Path, state: dict[str, torch.Tensor], message: str) -> None:
     path = tmp_path / "bad.pt"
     torch.save(state, path)

@@ -34,9 +34,14 @@ READABLE = [
     ("name", "flags", "channels", "shape"), READABLE, ids=[f"{n}{''.join(f)}" for n, f, _, _ in READABLE]
 )
 def test_readable_file_runs_end_to_end(
-    real_data: Path, make_model: Callable[..., Path], tmp_path: Path,
-    name: str, flags: list[str], channels: int, shape: tuple[int, int],
-) -> None:  # fmt: skip
+    real_data: Path,
+    make_model: Callable[..., Path],
+    tmp_path: Path,
+    name: str,
+    flags: list[str],
+    channels: int,
+    shape: tuple[int, int],
+) -> None:
     out = tmp_path / "out.zarr"
     model = make_model(in_channels=channels, num_classes=3)
     result = CliRunner().invoke(

@@ -70,12 +70,19 @@ def test_simple_chains_match_their_analytic_fields(
 
 
 @functools.cache
-def _measured(name: str) -> tuple[nn.Module, int, int, int]:
-    """The network ``name`` (seeded) and its measured stride, radius and halo, once per session."""
+def _network(name: str) -> tuple[nn.Module, int, int]:
+    """The network ``name`` (seeded), its measured stride and halo, once per session."""
     torch.manual_seed(0)
     net = {"fcn8s": FCN8s, "unet": UNet, "unet-depth2": lambda: UNet(width=8, depth=2)}[name]().eval()
     stride = measure_stride(net, 3)
-    return net, stride, measure_receptive_radius(net, 3, stride), measure_halo(net, 3, stride)
+    return net, stride, measure_halo(net, 3, stride)
+
+
+@functools.cache
+def _measured(name: str) -> tuple[nn.Module, int, int, int]:
+    """As :func:`_network`, with the receptive radius too (the slow probe), once per session."""
+    net, stride, halo = _network(name)
+    return net, stride, measure_receptive_radius(net, 3, stride), halo
 
 
 @pytest.mark.parametrize(
@@ -184,19 +191,20 @@ def _padded_image(height: int, width: int, stride: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("name", "shape", "which"),
     [
-        ("unet", (203, 157), "radius"),
+        pytest.param("unet", (203, 157), "radius", marks=pytest.mark.slow),  # measuring the radius is slow
         ("unet", (203, 157), "halo"),
-        ("fcn8s", (203, 157), "radius"),
+        pytest.param("fcn8s", (203, 157), "radius", marks=pytest.mark.slow),
         ("fcn8s", (203, 157), "halo"),
-        ("fcn8s", (421, 333), "radius"),  # large enough for windows that are not clipped on any side
+        # large enough for windows that are not clipped on any side
+        pytest.param("fcn8s", (421, 333), "radius", marks=pytest.mark.slow),
         ("fcn8s", (421, 333), "halo"),
     ],
     ids=str,
 )
 def test_stitched_tiles_equal_the_whole_image(name: str, shape: tuple[int, int], which: str) -> None:
     """Whatever the halo is derived from, tiles read with it reproduce the whole-image logits."""
-    net, stride, radius, tight = _measured(name)
-    halo = halo_for(radius, stride) if which == "radius" else tight
+    net, stride, tight = _network(name)
+    halo = halo_for(_measured(name)[2], stride) if which == "radius" else tight
     image = _padded_image(*shape, stride)
     with torch.no_grad():
         whole = net(image)
@@ -208,7 +216,7 @@ def test_stitched_tiles_equal_the_whole_image(name: str, shape: tuple[int, int],
 @pytest.mark.parametrize("name", ["unet", "fcn8s"])
 def test_one_stride_less_halo_is_not_enough(name: str) -> None:
     """The measured halo is the smallest: one stride less and interior tiles go wrong."""
-    net, stride, _, halo = _measured(name)
+    net, stride, halo = _network(name)
     image = _padded_image(203, 157, stride)
     with torch.no_grad():
         whole = net(image)

@@ -58,9 +58,15 @@ SEAM_CASES = [
     ids=[f"{h}x{w}-tile{t}-b{b}-w{n}" for h, w, t, b, n in SEAM_CASES],
 )
 def test_stitched_map_equals_whole_image_pass(
-    make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path,
-    height: int, width: int, tile: int, batch: int, workers: int,
-) -> None:  # fmt: skip
+    make_tiff: Callable[..., Path],
+    make_model: Callable[..., Path],
+    tmp_path: Path,
+    height: int,
+    width: int,
+    tile: int,
+    batch: int,
+    workers: int,
+) -> None:
     image = make_tiff(random_image((height, width, 3), seed=height), photometric="rgb")
     model = make_model(num_classes=4)
     store = run(
@@ -154,8 +160,13 @@ def test_channel_mismatch_names_both_numbers(
     make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     image = make_tiff(random_image((20, 20, 4)), photometric="rgb", extrasamples=["unassalpha"])
-    config = load_config(overrides={"input": {"path": str(image)}, "model": {"path": str(make_model(in_channels=4))},
-                                    "output": {"path": str(tmp_path / "o.zarr")}})  # fmt: skip
+    config = load_config(
+        overrides={
+            "input": {"path": str(image)},
+            "model": {"path": str(make_model(in_channels=4))},
+            "output": {"path": str(tmp_path / "o.zarr")},
+        }
+    )
     with pytest.raises(ModelError, match=r"has 3 channels after dropping its alpha band but the model .* expects 4"):
         prepare(config)
     assert not (tmp_path / "o.zarr").exists()

@@ -47,7 +47,7 @@ def predict(module: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1], ids=["seed0", "seed1"])
+@pytest.mark.parametrize("seed", [pytest.param(0, marks=pytest.mark.slow), 1], ids=["seed0", "seed1"])
 def test_learns_the_classes_of_a_held_out_crop(slide: tuple[np.ndarray, np.ndarray], seed: int) -> None:
     image, labels = slide
     module = train_reference_fcn(image[:, :, :256], labels[:, :256], 3, seed=seed, **FAST)
@@ -205,6 +205,7 @@ def test_from_tiffs_stops_at_the_time_budget(slide_files: SyntheticSlide, tmp_pa
     assert result.stopped_early and result.epochs < 1000 and (tmp_path / "m.pt").is_file()
 
 
+@pytest.mark.slow
 def test_from_tiffs_reads_patches_not_images(tmp_path: Path) -> None:
     """A 4096 x 4096 slide (48 MiB of pixels) trains with numpy allocations of a few MiB at most."""
     made = make_synthetic_slide(tmp_path / "s.tif", tmp_path / "m.tif", size=4096, seed=2)

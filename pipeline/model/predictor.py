@@ -23,9 +23,8 @@ from pipeline.errors import ConfigError, ModelError, option
 def argmax_channels(probs: np.ndarray) -> np.ndarray:
     """``(B, K, H, W)`` -> ``(B, H, W)`` uint8 index of the largest channel, the first of equals.
 
-    The same as ``probs.argmax(axis=1)``, as K elementwise passes: torch's argmax over the channel
-    axis took 25 ms per 512 x 512 tile on one thread, longer than the reference network itself,
-    numpy's 3.7 ms, and assigning through a boolean mask 2.4 ms; this takes 0.2 ms.
+    The same as ``probs.argmax(axis=1)``, as K elementwise passes, which are an order of magnitude
+    faster than an argmax over the channel axis (figures in benchmarks/README.md, "Why the defaults").
 
     >>> argmax_channels(np.array([[[[0.2, 0.5]], [[0.7, 0.5]], [[0.1, 0.0]]]])).tolist()
     [[[1, 0]]]
@@ -79,9 +78,8 @@ TRIM_THRESHOLD = 128 << 20
 
 FORWARD_BYTES = 8 << 20
 """The largest tensor one forward pass on a CPU should allocate. Small enough that each worker's
-pass stays in the processor's last-level cache: the reference FCN (64 hidden channels) on 2 cores
-sharing a 32 MiB cache ran at 52-58 Mpx/s with hidden layers of 2.5-9.6 MB (pieces of 96-192 px),
-45-47 with 17 MB (256 px) and 33 with 68 MB (whole 512 px tiles). And far under
+pass stays in the processor's last-level cache, where the passes run fastest (figures in
+benchmarks/README.md, "Why the defaults"). And far under
 :data:`MMAP_THRESHOLD`, so that glibc reuses the memory (see :func:`keep_freed_memory`)."""
 
 _kept = False
@@ -92,8 +90,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc unmaps a freed block of over 128 KiB (a threshold it raises as it goes) and
     trims its heaps' free tops, so every forward pass maps its activations afresh and the kernel
-    zeroes each page again: on 2 cores that was 30% of the reference FCN's time on 514 x 514
-    windows (23 -> 33 Mpx/s without it). With the mmap threshold fixed at its maximum and worker
+    zeroes each page again, a large share of a small network's time (benchmarks/README.md).
+    With the mmap threshold fixed at its maximum and worker
     threads' heaps never trimmed, repeated forward passes of the same shapes reuse their memory
     (tensors of over 32 MiB are still mapped afresh: one reason for :data:`FORWARD_BYTES`). Memory freed is
     kept for the next pass rather than returned. Process-wide, once; False where the C library is
