@@ -181,22 +181,9 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
             axes.plot(sizes, [r[key] for r in mine], style, color=colour, marker="o", label=f"{arch}: {label}")
         if ran:
             monai_sizes = [r["size"] for r in ran]
-            speed.plot(
-                monai_sizes,
-                [r["monai"]["mpx_per_s"] for r in ran],
-                style,
-                color="C2",
-                marker="s",
-                label=f"{arch}: MONAI sliding window",
-            )
-            memory.plot(
-                monai_sizes,
-                [r["monai"]["peak_rss_mib"] for r in ran],
-                style,
-                color="C2",
-                marker="s",
-                label=f"{arch}: MONAI sliding window",
-            )
+            for axes, key in ((speed, "mpx_per_s"), (memory, "peak_rss_mib")):
+                values = [r["monai"][key] for r in ran]
+                axes.plot(monai_sizes, values, style, color="C2", marker="s", label=f"{arch}: MONAI sliding window")
     sizes = sorted({r["size"] for r in rows})
     for axes, ylabel in ((speed, "megapixels per second"), (memory, "peak RSS (MiB)")):
         axes.set_xscale("log", base=2)

@@ -34,40 +34,21 @@ class Cluster:
             time.sleep(0.1)
         self.address = json.loads(self.file.read_text())["address"]
         self.folders = [folder / f"worker{i}" for i in range(workers)]
-        self.workers = [
-            self._start(
-                "dask_worker",
-                "--nthreads",
-                "1",
-                "--no-nanny",
-                "--host",
-                "127.0.0.1",
-                "--no-dashboard",
-                "--local-directory",
-                str(local),
-            )
-            for local in self.folders
-        ]
+        self.workers = [self._start_worker(local) for local in self.folders]
         self.wait_for(workers)
 
     def _start(self, program: str, *args: str) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", f"distributed.cli.{program}", "--scheduler-file", str(self.file), *args]
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def _start_worker(self, local: Path) -> subprocess.Popen[bytes]:
+        flags = ["--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", "--no-dashboard"]
+        return self._start("dask_worker", *flags, "--local-directory", str(local))
+
     def replace(self, index: int) -> None:
         """Start a new worker in place of worker ``index`` (killed), and wait until it has joined."""
         self.folders[index] = self.folders[index].with_name(f"{self.folders[index].name}-again")
-        self.workers[index] = self._start(
-            "dask_worker",
-            "--nthreads",
-            "1",
-            "--no-nanny",
-            "--host",
-            "127.0.0.1",
-            "--no-dashboard",
-            "--local-directory",
-            str(self.folders[index]),
-        )
+        self.workers[index] = self._start_worker(self.folders[index])
         self.wait_for(len(self.workers))
 
     def wait_for(self, workers: int) -> None:
