@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,8 +15,9 @@ import torch
 from pipeline.errors import ModelError
 from pipeline.model.architectures import FCN8s, UNet
 from pipeline.model.checkpoint import load_model, save_checkpoint
-from pipeline.model.network import ModelSpec, Normalization, ReferenceFCN
+from pipeline.model.network import ModelSpec, Normalization, ReferenceFCN, default_classes
 from pipeline.model.predictor import OneDNNConv2d, Predictor, activation_bytes_per_pixel, fuse_for_cpu, select_device
+from pipeline.training.synthetic import CLASS_COLORS
 
 
 def test_plain_state_dict_sizes_are_inferred(tmp_path: Path) -> None:
@@ -260,3 +262,19 @@ def test_state_dict_with_factory(tmp_path: Path) -> None:
         load_model(path, factory="nowhere.at_all:f")
     with pytest.raises(ModelError, match=r"weights do not fit pipeline\.model\.network:ReferenceFCN"):
         load_model(path, factory="pipeline.model.network:ReferenceFCN")
+
+
+@pytest.mark.parametrize(
+    "colors",
+    [default_classes(12)[1], CLASS_COLORS],
+    ids=["default palette", "demo classes"],
+)
+def test_class_colours_show_on_a_slide_and_in_napari(colors: tuple[tuple[int, int, int], ...]) -> None:
+    """No black (invisible as a napari channel, a nodata collar in a legend), no grey or white (the
+    glass), nothing near H&E's eosin pink or haematoxylin purple (an overlay must stand out)."""
+    stains = {"eosin": (232, 160, 198), "haematoxylin": (92, 58, 150)}
+    for color in colors:
+        assert max(color) - min(color) >= 80, f"{color} is black, grey or white"
+        for stain, rgb in stains.items():
+            assert math.dist(color, rgb) >= 100, f"{color} is close to {stain} {rgb}"
+    assert len(set(colors)) == len(colors)

@@ -15,16 +15,17 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.errors import ConfigError, OutputError
+from pipeline.errors import OutputError
 from pipeline.products.preview import (
     INCOMPLETE_COLOR,
     LABEL_ALPHA,
+    colorize,
     label_summary,
     label_thumbnail,
     render_legend,
+    resize_nearest,
     source_thumbnail,
     to_rgb8,
-    write_preview,
     write_store_preview,
 )
 from pipeline.source.tiff import open_source
@@ -99,33 +100,20 @@ def test_to_rgb8_channels_and_scaling() -> None:
 
 
 @pytest.mark.parametrize("label_shape", [(40, 60), (20, 30), (80, 120)], ids=["same-size", "smaller", "larger"])
-def test_preview_shows_the_thumbnail_beside_the_label_colours(tmp_path: Path, label_shape: tuple[int, int]) -> None:
-    thumbnail = np.random.default_rng(2).integers(0, 255, (3, 40, 60), dtype=np.uint8)
+def test_labels_are_resized_to_the_thumbnail_and_coloured(label_shape: tuple[int, int]) -> None:
     labels = np.zeros(label_shape, np.uint8)
     height, width = label_shape
     labels[: height // 2, : width // 2] = 1  # top-left quarter
     labels[height // 2 :, width // 2 :] = 2  # bottom-right quarter
-    write_preview(tmp_path / "p.png", thumbnail, labels, COLORS)
-    png = imagecodecs.png_decode((tmp_path / "p.png").read_bytes())
-    assert png.shape == (40, 2 * 60 + 8, 3)
-    assert np.array_equal(png[:, :60], np.moveaxis(thumbnail, 0, -1))
-    assert (png[:, 60:68] == 255).all()
-    right = png[:, 68:]
+    right = colorize(resize_nearest(labels, 40, 60), COLORS)
+    assert right.shape == (40, 60, 3) and right.dtype == np.uint8
     assert (right[:20, :30] == COLORS[1]).all()
     assert (right[20:, 30:] == COLORS[2]).all()
     assert (right[:20, 30:] == COLORS[0]).all()
 
 
-def test_preview_marks_labels_without_a_colour(tmp_path: Path) -> None:
-    labels = np.full((4, 4), 7, np.uint8)
-    write_preview(tmp_path / "p.png", np.zeros((3, 4, 4), np.uint8), labels, COLORS)
-    png = imagecodecs.png_decode((tmp_path / "p.png").read_bytes())
-    assert (png[:, -4:] == (255, 0, 255)).all()
-
-
-def test_preview_rejects_a_non_rgb_thumbnail(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"\(3, h, w\) uint8"):
-        write_preview(tmp_path / "p.png", np.zeros((1, 4, 4), np.uint8), np.zeros((4, 4), np.uint8), COLORS)
+def test_labels_without_a_colour_are_magenta() -> None:
+    assert (colorize(np.full((4, 4), 7, np.uint8), COLORS) == (255, 0, 255)).all()
 
 
 # --- write_store_preview: real stores written by `fcnpipe run` ------------------------------------
@@ -193,6 +181,37 @@ def test_store_preview_blends_labels_over_the_geotiff_and_keeps_its_nodata_colla
     legend = png[h:]
     assert all(has_square(legend, color) for color in class_colors(store))
     assert not has_square(legend, INCOMPLETE_COLOR)
+
+
+def test_background_is_drawn_as_the_input_like_no_data_and_the_legend_says_so(
+    real_data: Path, make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A class named background is not coloured: inside computed chunks it looks as the skipped
+    chunks and the nodata collar do (the input), so no staircase follows the chunk grid."""
+    image, model = real_data / "RGB.byte.tif", make_model()
+    first = np.asarray(zarr.open_group(run_store(image, model, tmp_path / "a.zarr"), mode="r")["labels/argmax/0"])
+    common = int(np.argmax(np.bincount(first[first < 255], minlength=3)))  # name the commonest class background
+    names = ["water", "land", "roads"]
+    names[common] = "background"
+    store = tmp_path / "rgb.zarr"
+    args = ["run", str(image), "-m", str(model), "-o", str(store), "--no-progress", "--classes", ",".join(names)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    write_store_preview(store, tmp_path / "p.png")
+    png = read_png(tmp_path / "p.png")
+    thumbnail = np.moveaxis(source_thumbnail(open_source(image)), 0, -1)
+    labels = np.asarray(zarr.open_group(store, mode="r")["labels/argmax/0"])
+    (h, w), colors = labels.shape, class_colors(store)
+    right = png[:h, w + 8 :]
+    background, coloured = labels == common, (labels != common) & (labels != 255)
+    assert background.sum() > 1000 and coloured.sum() > 1000
+    assert np.array_equal(right[background], thumbnail[background])
+    expected = blend(thumbnail.transpose(2, 0, 1), labels, colors)
+    assert np.array_equal(right[coloured], expected[coloured])
+    legend = png[h:]
+    others = [colors[i] for i in range(3) if i != common and (labels == i).any()]
+    assert others and all(has_square(legend, color) for color in others)
+    assert not has_square(legend, colors[common])  # the swatch is drawn as the class is: not coloured
 
 
 def test_store_preview_of_the_svs_reads_only_a_small_level(

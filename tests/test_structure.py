@@ -29,6 +29,7 @@ OWNERS = {
     "torch": "model",
     "zarr": "store",
     "numcodecs": "store",
+    "pyproj": "store",
     "dask": "compute",
     "distributed": "compute",
     "dask_jobqueue": "compute",

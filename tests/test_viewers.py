@@ -62,6 +62,19 @@ def test_ome_zarr_models_validate_image_labels_and_label_image(svs_stores: dict[
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ngff_zarr_strict_schemas_accept_image_and_label_image(svs_stores: dict[str, Path], version: str) -> None:
+    """ngff-zarr's strict schemas (they ask for what the spec recommends, e.g. ``multiscales[].type``)."""
+    import ngff_zarr
+
+    group = zarr.open_group(str(svs_stores[version]), mode="r")
+    image = {key: value for key, value in group.attrs.items() if key != "fcnpipe"}
+    ngff_zarr.validate(image, version=version, model="image", strict=True)
+    ngff_zarr.validate(dict(group["labels/argmax"].attrs), version=version, model="label", strict=True)
+    multiscales = (image if version == "0.4" else image["ome"])["multiscales"]  # type: ignore[index]
+    assert [m["type"] for m in multiscales] == ["local_mean"]
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_reader_finds_levels_scale_and_label_colours(svs_stores: dict[str, Path], version: str) -> None:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
@@ -98,6 +111,7 @@ def test_levels_are_means_and_labels_are_subsamples(svs_stores: dict[str, Path])
 def test_geotiff_georeference_reaches_gdal_and_rioxarray(
     real_data: Path, make_model: Callable[..., Path], tmp_path: Path
 ) -> None:
+    import pyproj
     import rioxarray  # noqa: F401  (registers .rio)
     import xarray as xr
 
@@ -112,6 +126,11 @@ def test_geotiff_georeference_reaches_gdal_and_rioxarray(
             assert opened.transform.almost_equals(transform, precision=1e-9)
             assert opened.shape == (718, 791)
     probabilities = xr.open_zarr(out, consolidated=False)["0"]
+    # CF 1.8 grid mapping, for CF readers other than GDAL and rioxarray
+    cf = probabilities.coords["spatial_ref"].attrs
+    assert cf["grid_mapping_name"] == "transverse_mercator" and cf["longitude_of_central_meridian"] == -75.0
+    assert pyproj.CRS.from_wkt(cf["crs_wkt"]).to_epsg() == 32618
+    assert probabilities.attrs["grid_mapping"] == "spatial_ref"
     assert probabilities.rio.crs.to_epsg() == 32618
     assert probabilities.rio.transform() == transform  # exact: from the grid mapping's GeoTransform
     labels = xr.open_zarr(out, group="labels/argmax", consolidated=False)["0"]

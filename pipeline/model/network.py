@@ -20,19 +20,21 @@ from pipeline.errors import ConfigError
 REFERENCE_FCN = "reference_fcn"
 
 _PALETTE = [
-    (0, 0, 0),
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 200, 0),
+    (0, 114, 178),
+    (230, 120, 0),
+    (0, 210, 210),
+    (180, 0, 0),
+    (120, 220, 60),
+    (140, 90, 20),
+    (0, 70, 90),
+    (190, 190, 0),
+    (255, 90, 0),
 ]
+"""Default class colours: saturated, none black, white or grey (a nodata collar or the glass), none
+near H&E's eosin pink or haematoxylin purple (so an overlay stands out on a stained slide)."""
 
 
 class ReferenceFCN(nn.Module):
@@ -129,7 +131,7 @@ def with_classes(spec: ModelSpec, names: tuple[str, ...] | None, colors: tuple[s
 
 
 def default_classes(num_classes: int) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
-    """Names ``class_0 ...`` and a fixed palette (black first), for a bare state_dict."""
+    """Names ``class_0 ...`` and a fixed palette (:data:`_PALETTE`), for a bare state_dict."""
     names = tuple(f"class_{i}" for i in range(num_classes))
     colors = tuple(_PALETTE[i % len(_PALETTE)] for i in range(num_classes))
     return names, colors

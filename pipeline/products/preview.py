@@ -31,6 +31,12 @@ _UNKNOWN_COLOR = (255, 0, 255)  # labels without a colour show as magenta
 _WINDOW = 2048  # px, side of the windows a thumbnail is read in
 _INK, _MUTED, _OUTLINE, _WHITE = (0, 0, 0), (90, 90, 90), (64, 64, 64), (255, 255, 255)
 INCOMPLETE_COLOR = (200, 0, 0)  # fill of the legend's INCOMPLETE banner
+BACKGROUND_NAMES = frozenset({"background", "bg", "glass", "no tissue", "unlabelled", "unlabeled"})
+"""Class names drawn like no data, the input showing through: the glass or empty ground is no class
+worth a colour, and colouring it would draw the computed chunks' background differently from the
+skipped ones (a staircase along the chunk grid)."""
+CLEAR_SWATCH = _WHITE
+"""The legend's swatch for what is drawn as the input: white inside the outline, as glass looks."""
 _INCOMPLETE_NOTE = "INCOMPLETE: the run did not finish; areas not predicted yet have no colour"
 Entry = tuple[tuple[int, int, int], str]  # a legend entry: swatch colour, text
 
@@ -179,23 +185,6 @@ def resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def write_preview(
-    png_path: str | os.PathLike[str],
-    thumbnail: np.ndarray,
-    labels: np.ndarray,
-    colors: Sequence[tuple[int, int, int]],
-) -> None:
-    """Write a PNG of ``thumbnail`` (``(3, h, w)`` uint8) beside ``labels`` coloured with ``colors``.
-
-    The label map is resized to ``h x w`` by nearest neighbour if it differs, and the panels are
-    separated by 8 white pixels, so the PNG is ``h x (2 w + 8)`` RGB.
-    """
-    if thumbnail.ndim != 3 or thumbnail.shape[0] != 3 or thumbnail.dtype != np.uint8:
-        raise ConfigError(f"Expected a (3, h, w) uint8 thumbnail. Got {thumbnail.shape} {thumbnail.dtype} instead.")
-    image = np.moveaxis(thumbnail, 0, -1)
-    _write_png(png_path, _side_by_side(image, colorize(resize_nearest(labels, *image.shape[:2]), colors)))
-
-
 def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Two ``(h, w, 3)`` uint8 panels, 8 white columns apart: ``(h, 2 w + 8, 3)``."""
     return np.concatenate([left, np.full((left.shape[0], _GAP, 3), 255, np.uint8), right], axis=1)
@@ -259,9 +248,10 @@ def write_store_preview(
     thumbnail, note = _input_thumbnail(summary, max_size)
     image = np.full((*labels.shape, 3), 255, np.uint8) if thumbnail is None else np.moveaxis(thumbnail, 0, -1)
     labels = resize_nearest(labels, *image.shape[:2])
-    overlay = blend_labels(image, labels, summary.class_colors, 1.0 if thumbnail is None else LABEL_ALPHA)
+    clear = background_classes(summary.class_names) if thumbnail is not None else []
+    overlay = blend_labels(image, labels, summary.class_colors, 1.0 if thumbnail is None else LABEL_ALPHA, clear)
     panels = overlay if thumbnail is None else _side_by_side(image, overlay)
-    title, entries = _legend_text(summary, level, counts)
+    title, entries = _legend_text(summary, level, counts, with_input=thumbnail is not None)
     font_px = int(np.clip(max(labels.shape) // 40, 12, 32))
     legend = render_legend(panels.shape[1], font_px, title, entries, [note] if note else [], not summary.complete)
     panels = np.pad(panels, ((0, 0), (0, legend.shape[1] - panels.shape[1]), (0, 0)), constant_values=255)
@@ -310,21 +300,36 @@ def _input_thumbnail(summary: StoreSummary, max_size: int) -> tuple[np.ndarray |
 
 
 def blend_labels(
-    image: np.ndarray, labels: np.ndarray, colors: Sequence[tuple[int, int, int]], alpha: float = LABEL_ALPHA
+    image: np.ndarray,
+    labels: np.ndarray,
+    colors: Sequence[tuple[int, int, int]],
+    alpha: float = LABEL_ALPHA,
+    clear: Sequence[int] = (),
 ) -> np.ndarray:
     """``(h, w, 3)`` uint8 ``image`` with ``(h, w)`` ``labels`` coloured over it at opacity ``alpha``.
 
-    A pixel becomes ``rint((1 - alpha) * image + alpha * colour)``; a no-data pixel (label 255)
-    keeps the image's value, so what the source has no data for looks as it does in the input.
+    A pixel becomes ``rint((1 - alpha) * image + alpha * colour)``; a no-data pixel (label 255) and
+    a pixel of a ``clear`` class (the background, :func:`background_classes`) keep the image's
+    value, so they look as they do in the input, and alike.
 
-    >>> blend_labels(np.full((1, 2, 3), 100, np.uint8), np.array([[0, 255]]), [(200, 0, 0)], 0.5).tolist()
-    [[[150, 50, 50], [100, 100, 100]]]
+    >>> image, labels = np.full((1, 3, 3), 100, np.uint8), np.array([[0, 255, 1]])
+    >>> blend_labels(image, labels, [(200, 0, 0), (0, 0, 200)], 0.5, clear=[1]).tolist()
+    [[[150, 50, 50], [100, 100, 100], [100, 100, 100]]]
     """
     blended = image.astype(np.float64) * (1.0 - alpha) + colorize(labels, colors).astype(np.float64) * alpha
     out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    nodata = labels == NODATA_LABEL
-    out[nodata] = image[nodata]
+    shown = np.isin(labels, [NODATA_LABEL, *clear])
+    out[shown] = image[shown]
     return out
+
+
+def background_classes(names: Sequence[str]) -> list[int]:
+    """Indices of the classes named as background (:data:`BACKGROUND_NAMES`, any case).
+
+    >>> background_classes(["Background", "stroma", "glass"])
+    [0, 2]
+    """
+    return [index for index, name in enumerate(names) if name.strip().lower() in BACKGROUND_NAMES]
 
 
 def class_shares(counts: np.ndarray, num_classes: int) -> np.ndarray:
@@ -338,18 +343,25 @@ def class_shares(counts: np.ndarray, num_classes: int) -> np.ndarray:
     return shares
 
 
-def _legend_text(summary: StoreSummary, level: int, counts: np.ndarray) -> tuple[str, list[Entry]]:
-    """The legend's title line and its (colour, "name  share") entries."""
+def _legend_text(summary: StoreSummary, level: int, counts: np.ndarray, with_input: bool) -> tuple[str, list[Entry]]:
+    """The legend's title line and its (colour, "name  share") entries, each swatch as the class is
+    drawn: a background class over the input is not coloured, and its swatch is white."""
     name = os.path.basename(summary.input_path)[:60]
     (height, width), (level_y, level_x) = summary.label_shapes[0], summary.label_shapes[level]
     labelled = counts[:NODATA_LABEL].sum() / max(1, counts.sum())
-    title = f"{name}: {height} x {width} px; labels level {level} ({level_y} x {level_x} px), {labelled:.1%} labelled"
+    title = f"{name}: {width} x {height} px (width x height); labels level {level} ({level_x} x {level_y} px), "
+    title += f"{labelled:.1%} labelled"
     shares = class_shares(counts, len(summary.class_names))
     texts = [
         f"{name}  {share:.1%}" if share >= 0.001 or not share else f"{name}  <0.1%"
         for name, share in zip(summary.class_names, shares, strict=True)
     ]
-    return title, list(zip(summary.class_colors, texts, strict=True))
+    clear = background_classes(summary.class_names) if with_input else []
+    entries = [
+        (CLEAR_SWATCH, f"{text}  (not coloured: as the input)") if index in clear else (color, text)
+        for index, (color, text) in enumerate(zip(summary.class_colors, texts, strict=True))
+    ]
+    return title, entries
 
 
 def render_legend(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,11 +26,14 @@ def _scale(level: int, pixel_size: float | None, leading: int) -> list[float]:
 
 
 def _multiscale(
-    name: str, levels: int, axes: list[dict[str, str]], pixel_size: float | None, version: str
+    name: str, levels: int, axes: list[dict[str, str]], pixel_size: float | None, version: str, method: str
 ) -> dict[str, Any]:
+    """One ``multiscales`` entry; ``method`` its ``type`` (how the levels were downsampled, in
+    ome-zarr-py's words), which the spec recommends and ngff-zarr's strict schema requires."""
     leading = len(axes) - 2
     block: dict[str, Any] = {
         "name": name,
+        "type": method,
         "axes": axes,
         "datasets": [
             {
@@ -85,7 +89,7 @@ def ome_image(
     }
     if version == "0.4":
         omero["version"] = "0.4"
-    multiscale = _multiscale(name, levels, axes, mpp, version)
+    multiscale = _multiscale(name, levels, axes, mpp, version, "local_mean")
     multiscale["metadata"] = {"method": "mean of 2 x 2 blocks of the stored level above"}
     return _wrap(version, {"multiscales": [multiscale], "omero": omero})
 
@@ -116,7 +120,7 @@ def ome_label_image(
     }
     if version == "0.4":
         label = {"version": "0.4", **label}
-    multiscale = _multiscale("argmax", levels, _space_axes(mpp), mpp, version)
+    multiscale = _multiscale("argmax", levels, _space_axes(mpp), mpp, version, "nearest")
     multiscale["metadata"] = {"method": "top-left label of 2 x 2 blocks of the level above"}
     return _wrap(version, {"multiscales": [multiscale], "image-label": label})
 
@@ -173,14 +177,40 @@ def crs_attribute(crs: str) -> dict[str, Any]:
 def grid_mapping(crs: str | None, transform: tuple[float, ...]) -> dict[str, Any]:
     """CF grid-mapping attributes with GDAL's ``GeoTransform`` (exact, unlike coordinates).
 
+    For a CRS: CF 1.8's ``crs_wkt``, ``grid_mapping_name`` and projection parameters (pyproj's
+    ``CRS.to_cf``), for CF readers other than GDAL and rioxarray, and ``spatial_ref`` (the same WKT,
+    the name GDAL and rioxarray look for).
+
     >>> grid_mapping("EPSG:3857", (2.0, 0.0, 100.0, 0.0, -2.0, 50.0))["GeoTransform"]
     '100.0 2.0 0.0 50.0 0.0 -2.0'
+    >>> cf = grid_mapping("EPSG:32618", (30.0, 0.0, 0.0, 0.0, -30.0, 0.0))
+    >>> cf["grid_mapping_name"], cf["longitude_of_central_meridian"], cf["crs_wkt"] == cf["spatial_ref"]
+    ('transverse_mercator', -75.0, True)
     """
     a, b, c, d, e, f = transform[:6]
-    attributes: dict[str, Any] = {"GeoTransform": " ".join(repr(float(v)) for v in (c, a, b, f, d, e))}
+    attributes: dict[str, Any] = {}
     if crs:
-        attributes["spatial_ref"] = crs
+        attributes.update(cf_crs(crs))
+    attributes["GeoTransform"] = " ".join(repr(float(v)) for v in (c, a, b, f, d, e))
     return attributes
+
+
+def cf_crs(crs: str) -> dict[str, Any]:
+    """CF 1.8 grid-mapping attributes of ``crs`` (an ``"EPSG:<code>"``); ``spatial_ref`` alone, the
+    code as given, where PROJ does not know it.
+
+    >>> cf_crs("EPSG:4326")["grid_mapping_name"]
+    'latitude_longitude'
+    """
+    import pyproj
+
+    try:
+        with warnings.catch_warnings():  # CRSs without a CF name: the WKT still says everything
+            warnings.simplefilter("ignore", UserWarning)
+            cf: dict[str, Any] = pyproj.CRS.from_user_input(crs).to_cf()
+    except pyproj.exceptions.CRSError:
+        return {"spatial_ref": crs}
+    return {**cf, "spatial_ref": cf["crs_wkt"]}
 
 
 def pixel_centres(transform: tuple[float, ...], height: int, width: int) -> tuple[Any, Any]:

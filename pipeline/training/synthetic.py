@@ -33,8 +33,9 @@ from pipeline.source.writer import Image, write_tiff
 Box = tuple[int, int, int, int]
 """``(y0, y1, x0, x1)``: half-open pixel ranges of one level."""
 CLASS_NAMES = ("background", "stroma", "nuclei")
-CLASS_COLORS = ((0, 0, 0), (230, 25, 75), (0, 130, 200))
-"""Display colours of the classes (for label maps), not the colours of the synthetic tissue."""
+CLASS_COLORS = ((86, 180, 233), (0, 158, 115), (240, 200, 0))
+"""Display colours of the classes (for label maps), not the colours of the synthetic tissue: sky blue,
+green and yellow, far from the slide's pink stroma and purple nuclei."""
 MPP = 0.5
 """Micrometres per pixel written into the slide at level 0."""
 JPEG_QUALITY = 90
