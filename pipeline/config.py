@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 from pipeline.parse import merge, parse_dataclass, parse_int, parse_number, read_yaml
+from pipeline.presets import config_file
 
 OutputDtype = Literal["float32", "float16", "uint8"]
 OutputFormat = Literal["ome-zarr-0.4", "ome-zarr-0.5"]
@@ -358,10 +359,11 @@ def _plain(value: Any) -> Any:
 def load_config(
     files: typing.Sequence[str | os.PathLike[str]] = (), overrides: Mapping[str, Any] | None = None
 ) -> RunConfig:
-    """Defaults, then each YAML file, then ``overrides`` (nested like the YAML), validated."""
+    """Defaults, then each YAML file (a path, or the name of a preset: :func:`pipeline.presets.config_file`),
+    then ``overrides`` (nested like the YAML), validated."""
     merged: dict[str, Any] = {}
     for file in files:
-        data = read_yaml(file)
+        data = read_yaml(config_file(file))
         try:
             parse_dataclass(RunConfig, data, "")  # each file valid on its own, so errors can name it
         except ConfigError as err:

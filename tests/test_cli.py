@@ -79,7 +79,7 @@ def test_bad_flag_value_is_a_config_error(
     args = ["run", str(image), "-m", str(make_model()), "-o", str(tmp_path / "o.zarr"), "--tile", "0"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
-    assert result.stderr.strip() == "fcnpipe: error: Expected a positive integer for 'tiling.tile'. Got 0 instead."
+    assert result.stderr.strip() == "fcnpipe: error: --tile: Expected a positive integer. Got 0 instead."
     assert not (tmp_path / "o.zarr").exists()
 
 

@@ -25,8 +25,55 @@ BROKEN_PIPE = 141
 """The exit code of a Unix tool killed by SIGPIPE (128 + 13)."""
 
 
+VERBOSITY = {"level": 0}
+"""-1 with ``-q`` (errors and warnings only; what would be said goes to the log alone), 0, 1 with
+``-v`` (the log's records on stderr too), set by every command from its own ``-q`` / ``-v``."""
+
+
+def quiet() -> bool:
+    return VERBOSITY["level"] < 0
+
+
+class _Command(click.Command):
+    """A command with ``-q`` / ``-v``, as every fcnpipe command has (rio's and gdal's habit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(["-q", "--quiet"], is_flag=True, help="Errors and warnings only (the log keeps the rest).")
+        )
+        self.params.append(
+            click.Option(["-v", "--verbose"], is_flag=True, help="Also show the log's records (more detail).")
+        )
+
+    def invoke(self, ctx: click.Context) -> Any:
+        quiet_flag, verbose = ctx.params.pop("quiet", False), ctx.params.pop("verbose", False)
+        if quiet_flag and verbose:
+            raise click.UsageError("-q and -v contradict each other: give one")
+        VERBOSITY["level"] = -1 if quiet_flag else 1 if verbose else 0
+        logger = logging.getLogger("fcnpipe")
+        handler = next((h for h in logger.handlers if isinstance(h, _Verbose)), None)
+        if verbose and handler is None:
+            logger.addHandler(_Verbose(logging.DEBUG))
+            logger.setLevel(logging.DEBUG)
+        elif not verbose and handler is not None:
+            logger.removeHandler(handler)
+        return super().invoke(ctx)
+
+
+class _Verbose(logging.Handler):
+    """With ``-v``: the ``fcnpipe`` logger's records on stderr (what :func:`say` says is there already)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(record, "said", False):
+            click.echo(f"fcnpipe: {record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
 class _Group(click.Group):
-    """A group that turns errors into one line, unless ``--debug``."""
+    """A group that turns errors into one line, unless ``--debug``; its commands take ``-q`` / ``-v``."""
+
+    command_class = _Command
+    group_class = type  # subgroups (fcnpipe config) are alike
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -109,9 +156,10 @@ def _route_warnings() -> None:
 
 
 def say(line: str) -> None:
-    """A line for the person at the terminal (stderr) and for the log file."""
-    click.echo(line, err=True)
-    logging.getLogger("fcnpipe").info(line)
+    """A line for the person at the terminal (stderr, unless ``-q``) and for the log file."""
+    if not quiet():
+        click.echo(line, err=True)
+    logging.getLogger("fcnpipe").info(line, extra={"said": True})
 
 
 class _LogFile(logging.FileHandler):

@@ -148,7 +148,11 @@ RUN_OPTIONS = [
     Option(
         ("--device",),
         "compute.device",
-        {"type": click.Choice(["auto", "cpu", "cuda", "mps"]), "help": "[default: auto]"},
+        {
+            "type": click.Choice(["auto", "cpu", "cuda", "mps"]),
+            "help": "Where the network runs: auto is a CUDA GPU if PyTorch sees one, else Apple's GPU (mps), "
+            "else the CPU.  [default: auto]",
+        },
     ),
     Option(
         ("--precision",),
@@ -279,7 +283,14 @@ def load(configs: tuple[str, ...], given: dict[str, Any], **keys: Any) -> RunCon
     for dest, value in keys.items():
         if value is not None:
             _set(overrides, dest.replace("__", "."), value)
-    return load_config(configs, overrides)
+    try:
+        return load_config(configs, overrides)
+    except ConfigError as err:  # a flag's value found wrong when checked with the rest: name the flag
+        text = str(err)
+        for option in RUN_OPTIONS:
+            if given.get(option.dest) is not None and f"{option.key!r}" in text:
+                raise ConfigError(f"{option.flags[-1]}: {text.replace(f' for {option.key!r}', '')}") from err
+        raise
 
 
 def _set(overrides: dict[str, Any], key: str, value: Any) -> None:

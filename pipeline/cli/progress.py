@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from pipeline.cli.app import quiet
+
 LINE_EVERY_S = 300.0
 """Off a terminal: at least one line this often (and one per tenth of the work)."""
 LINE_GAP_S = 2.0
@@ -65,7 +67,7 @@ class Progress:
         self.started = self.last_line = clock()
         self.next_step = 1
         self.finished = False
-        if enabled and _is_terminal(self.stream):
+        if enabled and not quiet() and _is_terminal(self.stream):  # with -q: lines, to the log alone
             from tqdm import tqdm
 
             self.bar = tqdm(

@@ -14,7 +14,7 @@ import click
 
 from pipeline.cli import report
 from pipeline.cli.app import cli, log_to, say
-from pipeline.cli.options import PROGRESS, RESUME, click_option, load, run_options
+from pipeline.cli.options import PROGRESS, RESUME, RUN_OPTIONS, click_option, load, run_options
 from pipeline.cli.progress import Progress
 from pipeline.errors import ConfigError, FcnpipeError, Interrupted
 
@@ -72,7 +72,7 @@ def run(
     if preview and result.status == "done":
         png = _preview_quietly(result.output_path)
         if png is not None:
-            click.echo(f"preview {png}", err=True)
+            say(f"preview {png}")
 
 
 @cli.command("plan")
@@ -213,3 +213,46 @@ def _preview_quietly(store: str) -> str | None:
     except FcnpipeError as err:
         click.echo(f"fcnpipe: warning: no preview written for {store}: {err}", err=True)
         return None
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Configs: what a run would use, and where each value comes from.
+
+    \b
+    Presets ship with fcnpipe and work from any folder: -c pathology, -c satellite, -c cluster,
+    -c cluster-gpu (and default, the documented defaults). A path works too, and several -c layer.
+    """
+
+
+@config_group.command("show")
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: key -> {value, source}.")
+def config_show(configs: tuple[str, ...], as_json: bool, **given: Any) -> None:
+    """Print the resolved config, one `section.key: value` line each, with the source of each value:
+    `default`, the YAML file that set it, or the flag.
+
+    Takes the same -c files and flags as `fcnpipe run`, and checks them the same way.
+    """
+    import json
+
+    from pipeline.config import config_keys
+    from pipeline.parse import read_yaml
+    from pipeline.presets import config_file, config_sources, flatten
+
+    config = load(configs, given)
+    files = [(f if config_file(f) == f else f"preset {f}: {config_file(f)}", config_file(f)) for f in configs]
+    layers: list[tuple[str, dict[str, Any]]] = [(name, read_yaml(path)) for name, path in files]
+    layers += [(option.flags[-1], _nested(option.key)) for option in RUN_OPTIONS if given.get(option.dest) is not None]
+    sources = config_sources(config_keys(), layers)
+    values = dict(flatten(config.to_dict()))
+    if as_json:
+        click.echo(json.dumps({key: {"value": values[key], "source": sources[key]} for key in sources}, indent=2))
+        return
+    for key, source in sources.items():
+        click.echo(f"{key}: {json.dumps(values[key])}  ({source})")
+
+
+def _nested(key: str) -> dict[str, Any]:
+    section, name = key.split(".")
+    return {section: {name: True}}

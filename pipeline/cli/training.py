@@ -51,7 +51,7 @@ def demo(workdir: str, size: int, seed: int, train_steps: int) -> None:
     def log(line: str) -> None:
         for bar in bars.values():
             bar.clear()
-        click.echo(line, err=True)
+        say(line)
 
     try:
         result = run_demo(workdir, size=size, seed=seed, progress=progress, train_steps=train_steps, log=log)
@@ -112,6 +112,12 @@ def demo(workdir: str, size: int, seed: int, train_steps: int) -> None:
     help="Micrometres per pixel of the images.  [default: as the first image says]",
 )
 @click.option(
+    "--gsd",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Ground sample distance of georeferenced images, CRS units (e.g. metres) per pixel; runs read rasters "
+    "at it.  [default: as the first image's georeference says]",
+)
+@click.option(
     "--seconds",
     type=click.FloatRange(min=0, min_open=True),
     help="Wall-clock budget; training stops after the step that spends it.",
@@ -128,6 +134,7 @@ def train(
     batch: int,
     classes: str | None,
     mpp: float | None,
+    gsd: float | None,
     seconds: float | None,
     seed: int,
 ) -> None:
@@ -149,7 +156,7 @@ def train(
 
         def log(line: str) -> None:
             bar.clear()
-            click.echo(line, err=True)
+            say(line)
 
         result = train_from_tiffs(
             list(images),
@@ -162,6 +169,7 @@ def train(
             patch=patch,
             batch=batch,
             mpp=mpp,
+            gsd=gsd,
             seconds=seconds,
             seed=seed,
             progress=bar.advance_to,

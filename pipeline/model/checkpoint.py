@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, option
 from pipeline.model.network import REFERENCE_FCN, LoadedModel, ModelSpec, Normalization, ReferenceFCN, default_classes
 
 CHECKPOINT_FORMAT = "fcnpipe-checkpoint"
@@ -224,10 +224,15 @@ def _first_line(err: BaseException) -> str:
 def _spec_from_state_dict(state: dict[str, Any], path: str) -> ModelSpec:
     needed = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
     missing = [k for k in needed if k not in state]
+    if missing and len(missing) < len(needed):
+        raise ModelError(f"{path}: not a state_dict of the reference FCN (missing {', '.join(missing)})")
     if missing:
+        keys = ", ".join(list(state)[:3])
         raise ModelError(
-            f"{path}: not a state_dict of the reference FCN (missing {', '.join(missing)}); "
-            "save an fcnpipe checkpoint for other architectures"
+            f"{path}: a state_dict of another architecture than the reference FCN (its weights are {keys}, ...; "
+            f"the reference FCN's are conv1.*, conv2.*): {option('model.factory', 'package.module:function')} "
+            "(a function that builds the module these weights belong to), or run an fcnpipe checkpoint, "
+            "which names its architecture"
         )
     w1, w2 = state["conv1.weight"], state["conv2.weight"]
     if w1.ndim != 4 or tuple(w1.shape[2:]) != (3, 3) or w2.ndim != 4 or tuple(w2.shape[2:]) != (1, 1):

@@ -233,7 +233,8 @@ def _one_line(err: Exception) -> str:
 
 
 def _fail(item: BatchItem, reason: str, started: float) -> None:
-    item.status, item.reason = "failed", " ".join(reason.split())
+    """``item`` failed for ``reason``, which does not repeat the input's path (the line names it)."""
+    item.status, item.reason = "failed", " ".join(reason.split()).removeprefix(f"{item.input}: ")
     item.seconds = time.perf_counter() - started
 
 

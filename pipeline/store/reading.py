@@ -8,6 +8,7 @@ reads only the chunks under the slice.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,11 @@ class StoreReader:
 def open_store(path: str, *, complete: bool, why: str = "") -> StoreReader:
     """The fcnpipe store at ``path``; with ``complete``, one whose run finished, else OutputError
     (``why``: what needs it complete, for the message)."""
+    if not os.path.exists(path):
+        raise OutputError(f"{path}: no such file or folder")
     if not is_store(path):
-        raise OutputError(f"{path}: not a Zarr store (no .zgroup or zarr.json)")
+        kind = "a folder" if os.path.isdir(path) else "a file"
+        raise OutputError(f"{path}: {kind}, not a Zarr store (no .zgroup or zarr.json in it)")
     try:
         record = read_record(path)
     except (OSError, ValueError) as err:

@@ -87,6 +87,7 @@ def train_from_tiffs(
     val_patches: int = 64,
     class_weights: str | Sequence[float] | None = "balanced",
     mpp: float | None = None,
+    gsd: float | None = None,
     seed: int = 0,
     seconds: float | None = None,
     threads: int | None = None,
@@ -114,7 +115,9 @@ def train_from_tiffs(
     1e-2 for the reference FCN and 1e-3 for deeper networks, decays to a tenth over ``epochs``
     or ``seconds``, whichever runs out first; ``seconds`` (wall time, validation included) stops
     training after the step during which the time left stopped covering one validation pass.
-    ``mpp`` defaults to the first image's. ``threads``: torch threads while training (restored).
+    ``mpp`` defaults to the first image's, ``gsd`` (ground sample distance, CRS units per pixel) to
+    the first image's pixel size for a georeferenced raster: a run then reads rasters at the
+    resolution the model learnt (``--gsd``'s default). ``threads``: torch threads while training (restored).
     ``progress(done, total)`` follows the patches, ``log`` receives a line per epoch.
     """
     started, say = time.perf_counter(), log or (lambda _line: None)
@@ -135,6 +138,7 @@ def train_from_tiffs(
         classes = sampling.name_classes(class_names, class_colors, counts)
         dtypes = {str(image.dtype) for image, _ in infos}
         spec = _spec(architecture, arguments, in_channels, classes, mpp or infos[0][0].mpp)
+        spec = replace(spec, gsd=gsd or ground_sample_distance(infos[0][0].pixel_size))
         spec = replace(spec, input_dtype=dtypes.pop() if len(dtypes) == 1 else None)  # what a run checks
         weights = sampling.loss_weights(counts, spec.num_classes, class_weights, absent=sampling.MAX_CLASS_WEIGHT)
         val_picks = sampling.draw(pairs, "val", val_patches, patch, stride, np.random.default_rng([seed, 1]))
@@ -155,6 +159,16 @@ def train_from_tiffs(
     say(f"kept epoch {best.epoch} (val mIoU {best.mean_iou:.3f}) in {out_path}")
     seconds_taken = time.perf_counter() - started
     return TrainResult(out_path, spec, len(history), tuple(history), best.epoch, best.mean_iou, seconds_taken, stopped)
+
+
+def ground_sample_distance(pixel_size: tuple[float, float] | None) -> float | None:
+    """One ground sample distance from a raster's ``(x, y)`` pixel size: their mean (they are equal
+    but for rounding in nearly every raster); None without a georeference.
+
+    >>> ground_sample_distance((30.0, 30.0)), ground_sample_distance(None)
+    (30.0, None)
+    """
+    return None if pixel_size is None else (abs(pixel_size[0]) + abs(pixel_size[1])) / 2
 
 
 def _spec(
