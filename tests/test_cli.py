@@ -100,7 +100,7 @@ def test_inspect_prints_levels_and_resolution(real_data: Path) -> None:
     done = fcnpipe("inspect", str(real_data / "hubmap_multi-channel_pyramid.ome.tif"))
     assert done.returncode == 0, done.stderr
     assert "axes CYX, 3 channels, uint8, ADOBE_DEFLATE, tiles 512x512" in done.stdout
-    assert "level 7: 1 x 3 px" in done.stdout
+    assert "level 7: 3 x 1 px (width x height" in done.stdout
     assert "resolution: not recorded in the file" in done.stdout
 
 

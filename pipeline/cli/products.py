@@ -6,28 +6,46 @@ from __future__ import annotations
 import click
 
 from pipeline.cli import report
-from pipeline.cli.app import cli
+from pipeline.cli.app import cli, say
+
+JSON_HELP = "One JSON document: sizes as width and height in pixels, other units in the keys (_px, _s, _bytes)."
 
 
 @cli.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path())
-def inspect(input_path: str) -> None:
-    """Show what is in a TIFF: series, pyramid levels, dtype, compression, tiles, resolution.
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def inspect(input_path: str, as_json: bool) -> None:
+    """Show what is in a TIFF, or in a store that `fcnpipe run` wrote.
 
-    Reads only the file's directory, never its pixels, so it is instant on a 100k x 100k slide.
+    \b
+    A TIFF: each series (the slide's baseline, label, macro, a GDAL mask, ...) with its levels
+    (width x height), dtype, compression, tiles, micrometres per pixel or CRS, its units, bounds,
+    corners and nodata. Reads only the file's directory, never its pixels: instant on any slide.
+    A store (OUT.zarr): complete or unfinished (chunks on disk), classes, levels, input, model.
     """
-    for line in report.file_lines(input_path):
+    if as_json:
+        from pipeline.run.describe import inspect_info
+
+        click.echo(report.json_text(inspect_info(input_path)))
+        return
+    for line in report.inspect_lines(input_path):
         click.echo(line)
 
 
 @cli.command("inspect-model")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--factory", help="package.module:function that builds the module of a state_dict.")
-def inspect_model(model_path: str, factory: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def inspect_model(model_path: str, factory: str | None, as_json: bool) -> None:
     """Show what a model file holds and the tiling it needs: receptive radius, stride, halo.
 
     Both are measured from the network itself, so they are right for any FCN, TorchScript included.
     """
+    if as_json:
+        from pipeline.run.describe import model_info
+
+        click.echo(report.json_text(model_info(model_path, factory)))
+        return
     for line in report.model_lines(model_path, factory):
         click.echo(line)
 
@@ -55,30 +73,76 @@ def preview(store: str, png_path: str | None, size: int) -> None:
 @click.option(
     "--as",
     "kind",
-    type=click.Choice(["cog", "ome-tiff"]),
-    help="Cloud-Optimized GeoTIFF (GIS) or OME-TIFF pyramid (QuPath, napari).  "
-    "[default: by the name: .ome.tif an OME-TIFF, .tif a COG]",
+    type=click.Choice(["cog", "ome-tiff", "overlay"]),
+    help="Cloud-Optimized GeoTIFF, OME-TIFF pyramid, or colour overlay (see above).  "
+    "[default: by the name: .ome.tif an OME-TIFF, .overlay.tif an overlay, .tif a COG]",
 )
 @click.option(
     "--what",
     type=click.Choice(["probabilities", "labels"]),
-    default="probabilities",
-    show_default=True,
-    help="One band per class, or the uint8 argmax map (nodata 255).",
+    help="One band per class, or the uint8 argmax map (nodata 255).  [default: probabilities; an overlay: labels]",
 )
 @click.option(
     "--dtype",
     type=click.Choice(["uint8", "float32"]),
     help="Probabilities as round(p*254) or float32.  [default: as stored; float16 -> float32]",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def export(store: str, output: str, kind: str | None, what: str, dtype: str | None, overwrite: bool) -> None:
-    """Write a finished store (from `fcnpipe run`) as one TIFF: a COG or an OME-TIFF.
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    metavar="NAME",
+    help="Export only this class's probability band; repeat for more, in the order given.",
+)
+@click.option(
+    "--co",
+    "creation_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="GDAL creation option of the COG (e.g. COMPRESS=ZSTD); repeat for more.",
+)
+@click.option(
+    "--nodata",
+    type=float,
+    help="Nodata value of a COG: NaN or a value outside [0, 1] for float32, a non-class value for labels.  "
+    "[default: NaN, 255]",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (and its .aux.xml).")
+def export(
+    store: str,
+    output: str,
+    kind: str | None,
+    what: str | None,
+    dtype: str | None,
+    classes: tuple[str, ...],
+    creation_options: tuple[str, ...],
+    nodata: float | None,
+    overwrite: bool,
+) -> None:
+    """Write a finished store (from `fcnpipe run`) as one TIFF, for the viewer at hand.
+
+    \b
+    OUT.tif          Cloud-Optimized GeoTIFF: QGIS, GDAL, ArcGIS (grey bands named after the
+                     classes, nodata; labels with class colours and names in OUT.tif.aux.xml)
+    OUT.ome.tif      OME-TIFF pyramid: QuPath, napari, Bio-Formats (channels named after the
+                     classes; labels as a palette image with the class names in the OME-XML)
+    OUT.overlay.tif  the labels in their class colours, RGBA, no data transparent: OpenSlide-based
+                     viewers, and QuPath as a colour overlay
 
     The store is read chunk by chunk, so memory stays small however large the map. A store whose
     run did not finish is refused. The file appears only when complete.
     """
     from pipeline.products.export import export_store
 
-    export_store(store, output, kind=kind, what=what, dtype=dtype, overwrite=overwrite)
-    click.echo(f"wrote {output}", err=True)
+    export_store(
+        store,
+        output,
+        kind=kind,
+        what=what,
+        dtype=dtype,
+        overwrite=overwrite,
+        creation_options=creation_options,
+        nodata=nodata,
+        classes=classes or None,
+    )
+    say(f"wrote {output}")

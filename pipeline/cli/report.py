@@ -3,16 +3,19 @@
 The core returns values (:class:`pipeline.run.plan.RunPlan`, :class:`pipeline.run.estimate.Estimate`,
 :class:`pipeline.run.execute.RunResult`, :class:`pipeline.source.tiff.SourceInfo`); how they read
 on a terminal and in the log is decided here, in the one vocabulary of chunks: computed, skipped
-as background, resumed from earlier runs, and stores already complete.
+as background, resumed from earlier runs, and stores already complete. What ``inspect``,
+``inspect-model`` and ``plan`` print is made from the JSON documents of :mod:`pipeline.run.describe`,
+which ``--json`` prints as they are, so that the text and the JSON say the same.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import SourceError
-from pipeline.source.tiff import SourceInfo, open_source
+from pipeline.run.describe import file_info, inspect_info, model_info, store_info
 from pipeline.tiling import halo_overhead
 
 if TYPE_CHECKING:  # the run's packages load torch: a command that fails on its arguments must not wait for it
@@ -20,23 +23,55 @@ if TYPE_CHECKING:  # the run's packages load torch: a command that fails on its 
     from pipeline.run.execute import RunResult
     from pipeline.run.plan import RunPlan
 
+UNNAMED_OUTPUT = "(not written).zarr"
+"""The output path of ``fcnpipe plan`` without ``-o``: checked like any other, never written."""
 
-def plan_lines(plan: RunPlan) -> list[str]:
-    """The plan as lines a person reads before a long run."""
+
+def plural(count: int, word: str, many: str = "") -> str:
+    """``1 level``, ``3 levels``.
+
+    >>> plural(1, "level"), plural(3, "level"), plural(2, "class", "classes")
+    ('1 level', '3 levels', '2 classes')
+    """
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def json_text(document: dict[str, Any]) -> str:
+    """``document`` as strict JSON: a value that is not a finite number becomes null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list | tuple) else value
+
+    return json.dumps(finite(document), indent=2, allow_nan=False, default=str)
+
+
+def plan_lines(plan: RunPlan, dry_run: bool = False) -> list[str]:
+    """The plan as lines a person reads before a long run; ``dry_run``: ``fcnpipe plan``'s, which
+    writes nothing."""
     c, y, x = plan.source.shape
+    classes, height, width = plan.output_shape
     cfg, spec = plan.config, plan.model.spec
+    output = cfg.output.path
+    if dry_run:
+        output = "no -o given (plan writes nothing)" if output == UNNAMED_OUTPUT else f"{output} (plan writes nothing)"
+    grid = plan.grid
+    window = "" if grid.full_shape is None else f"; window {grid.origin[1]} {grid.origin[0]} {width} {height} of it"
     return [
-        f"input   {plan.source.path} level {plan.source.ref.level}: {y} x {x} px, {c} channels, "
-        f"{plan.source.dtype} ({plan.megapixels:.1f} Mpx)",
-        f"model   {plan.model.path} ({spec.architecture}, {spec.num_classes} classes, "
-        f"receptive radius {plan.radius} px, stride {plan.stride})",
+        f"input   {plan.source.path} level {plan.source.ref.level}: {x} x {y} px (width x height), "
+        f"{plural(c, 'channel')}, {plan.source.dtype}{window} ({plan.megapixels:.1f} Mpx)",
+        f"model   {plan.model.path} ({spec.architecture}, {plural(spec.num_classes, 'class', 'classes')}, "
+        f"receptive radius {plan.radius} px, stride {plan.stride} px)",
         f"tiles   {plan.chunks} of {cfg.tiling.tile} px + {plan.halo} px halo "
         f"({halo_overhead(plan.tiles):.1%} extra reads), {plan.forward_batch} per forward pass"
         + _pieces(plan)
         + _approximation(plan),
-        f"compute {plan.device}, {plan.engine.describe(plan.workers, plan.torch_threads)}",
-        f"output  {cfg.output.path}: {plan.output_shape} {cfg.output.dtype} + uint8 labels, "
-        f"{cfg.output.format}, {len(plan.levels)} levels",
+        f"compute {plan.device}, {_engine(plan)}",
+        f"output  {output}: {plural(classes, 'class', 'classes')} x {width} x {height} px {cfg.output.dtype} "
+        f"+ uint8 labels, {cfg.output.format}, {plural(len(plan.levels), 'level')}",
         _spatial_line(plan),
         _mask_line(plan),
         *([] if plan.resume is None else [_resume_line(plan)]),
@@ -44,12 +79,21 @@ def plan_lines(plan: RunPlan) -> list[str]:
     ]
 
 
+def _engine(plan: RunPlan) -> str:
+    """Where the tasks run: in this process, ``N worker threads, M torch threads each``; on a Dask
+    cluster as its engine describes it."""
+    if plan.engine.distributed:
+        return plan.engine.describe(plan.workers, plan.torch_threads)
+    threads = f"{plural(plan.workers, 'worker thread')}, {plural(plan.torch_threads, 'torch thread')} each"
+    return f"{threads}, in this process"
+
+
 def _mask_line(plan: RunPlan) -> str:
     if plan.mask is None:
-        return f"mask    none: all {plan.chunks} chunks computed"
+        return f"mask    none: all {plural(plan.chunks, 'chunk')} computed"
     skipped = plan.chunks_background
     return (
-        f"mask    {plan.mask.method}: {skipped} of {plan.chunks} chunks have no foreground and are "
+        f"mask    {plan.mask.method}: {skipped} of {plural(plan.chunks, 'chunk')} have no foreground and are "
         f"skipped ({skipped / max(1, plan.chunks):.0%})"
     )
 
@@ -60,7 +104,9 @@ def _resume_line(plan: RunPlan) -> str:
         return "resume  the store is already complete: nothing to do"
     if resume is not None and resume.restart:
         return "resume  the store was interrupted before its first chunk: starting it again"
-    return f"resume  {plan.chunks_resumed} chunks were written by earlier runs; {plan.chunks_to_compute} to compute"
+    were = "was" if plan.chunks_resumed == 1 else "were"
+    done = f"{plural(plan.chunks_resumed, 'chunk')} {were} written by earlier runs"
+    return f"resume  {done}; {plan.chunks_to_compute} to compute"
 
 
 def _pieces(plan: RunPlan) -> str:
@@ -86,7 +132,7 @@ def _spatial_line(plan: RunPlan) -> str:
     georef = grid.georeference
     if georef is not None and georef.crs is not None:
         size = georef.pixel_size or (float("nan"), float("nan"))
-        units = f"{size[0]:g} x {size[1]:g} CRS units per pixel"
+        units = f"{size[0]:g} x {size[1]:g} {grid.source.crs_units or 'CRS units'} per pixel (width x height)"
         return f"scale   {georef.crs}, {units}{resampled}; OME scale in pixels{note}"
     return f"scale   the input records no pixel size: the output's scale is in pixels{note}"
 
@@ -147,86 +193,142 @@ def batch_lines(items: list[Any], elapsed: float, outdir: str) -> list[str]:
     ]
 
 
-def file_lines(path: str | os.PathLike[str]) -> list[str]:
-    """Lines for ``fcnpipe inspect``: every series with its levels, dtype, compression and resolution.
+def inspect_lines(path: str | os.PathLike[str]) -> list[str]:
+    """Lines for ``fcnpipe inspect``: :func:`file_lines` of a TIFF, :func:`store_lines` of a store."""
+    info = inspect_info(path)
+    return _store_text(info) if info["kind"] == "fcnpipe store" else _file_text(info)
 
-    Reads the directory only. A series that cannot be used says why instead of failing the rest.
-    """
-    first = open_source(path)
-    lines = [f"{first.path}: {first.file_size:,} bytes, {first.series_count} series"]
-    for index in range(first.series_count):
-        name = first.series_names[index]
-        try:
-            info = first if index == 0 else open_source(path, series=index)
-        except SourceError as err:
-            lines.append(f"series {index} ({name}): not usable: {str(err).removeprefix(f'{first.path}: ')}")
+
+def file_lines(path: str | os.PathLike[str]) -> list[str]:
+    """Lines for ``fcnpipe inspect`` of a TIFF: :func:`file_info` as text."""
+    return _file_text(file_info(path))
+
+
+def _file_text(info: dict[str, Any]) -> list[str]:
+    size, count = f"{info['file_size_bytes']:,} bytes", plural(len(info["series"]), "series", "series")
+    lines = [f"{info['path']}: {info['format']}, {size}, {count}"]
+    for series in info["series"]:
+        head = f"series {series['index']} ({series['name']})"
+        if not series["usable"]:
+            lines.append(f"{head}: not usable: {series['reason']}")
             continue
-        lines.extend(_describe_series(index, name, info))
+        levels, channels = series["levels"], plural(series["channels"], "channel")
+        block = f"{series['layout']} {series['block_width']}x{series['block_height']} px"
+        notes = ["alpha band dropped"] if series["alpha_dropped"] else []
+        notes += [f"axes {series['axes_read_at_index_0']} read at index 0"] if series["axes_read_at_index_0"] else []
+        what = f"axes {series['axes']}, {channels}, {series['dtype']}, {series['compression']}, {block}"
+        if series["mask_of"] is not None:
+            masked = f"the GDAL internal mask of series {series['mask_of']} (0: no data there)"
+            lines.append(f"{head}: {masked}, {what}, {plural(len(levels), 'level')} like it")
+            continue
+        lines.append(f"{head}: {what}, {plural(len(levels), 'level')}" + (f" ({'; '.join(notes)})" if notes else ""))
+        lines += [
+            f"  level {n['level']}: {n['width']} x {n['height']} px (width x height, downsample {n['downsample']:g})"
+            for n in levels
+        ]
+        lines += _place_lines(series)
     return lines
 
 
-def _describe_series(index: int, name: str, info: SourceInfo) -> list[str]:
-    channels = info.shape[0]
-    notes = []
-    if info.alpha_dropped:
-        notes.append("alpha band dropped")
-    if info.other_axes:
-        notes.append(f"axes {info.other_axes} read at index 0")
-    chunk = "x".join(map(str, info.chunk_shape))
-    lines = [
-        f"series {index} ({name}): axes {info.ref.axes}, {channels} channels, {info.dtype}, "
-        f"{info.compression}, {'tiles' if info.tiled else 'strips'} {chunk}"
-        + (f" ({'; '.join(notes)})" if notes else "")
-    ]
-    for number, level in enumerate(info.levels):
-        height, width = level.shape
-        lines.append(f"  level {number}: {height} x {width} px (downsample {level.downsample:g})")
-    if info.mpp is not None:
-        lines.append(f"  resolution: {info.mpp:g} micrometres per pixel at level 0")
-    elif info.crs is not None or info.pixel_size is not None:
-        size = "unknown" if info.pixel_size is None else f"{info.pixel_size[0]:g} x {info.pixel_size[1]:g}"
-        lines.append(f"  georeference: {info.crs or 'unknown CRS'}, pixel size {size} CRS units")
-    else:
+def _place_lines(series: dict[str, Any]) -> list[str]:
+    """Where the series' pixels are: micrometres per pixel, or CRS, bounds and corners; and no data."""
+    mpp, units, corners = series["micrometres_per_pixel"], series["crs_units"] or "CRS units", series["corners"]
+    lines = []
+    if series["associated"]:
+        own = "" if mpp is None else f"{mpp:g} micrometres per pixel in its own tags; "
+        lines.append(f"  resolution: {own}an image beside the slide, not at the slide's scale")
+    elif mpp is not None:
+        lines.append(f"  resolution: {mpp:g} micrometres per pixel at level 0")
+    elif series["crs"] is None and series["pixel_width"] is None:
         lines.append("  resolution: not recorded in the file")
+    else:
+        lines.append(f"  crs: {series['crs'] or 'unknown (no EPSG code)'}, units {series['crs_units'] or 'unknown'}")
+        if series["pixel_width"] is not None:
+            size = f"{series['pixel_width']:g} x {series['pixel_height']:g} {units}"
+            lines.append(f"  pixel size: {size} (width x height) at level 0")
+    if corners is not None:
+        left, bottom, right, top = corners["bounds"]
+        lines.append(f"  bounds: left {left:.12g}, bottom {bottom:.12g}, right {right:.12g}, top {top:.12g} ({units})")
+        points = [(name, point) for name, point in corners.items() if name != "bounds"]
+        lines += [f"  {name.replace('_', ' '):<12}({x:.12g}, {y:.12g})" for name, (x, y) in points]
+    if series["nodata"] is not None:
+        nodata = series["nodata"]
+        lines.append(f"  nodata: {nodata:g} (GDAL_NODATA tag)" if isinstance(nodata, float) else f"  nodata: {nodata}")
+    elif series["mask_series"] is not None:
+        lines.append(f"  nodata: where its internal mask (series {series['mask_series']}) is 0")
+    elif series["crs"] is not None:
+        lines.append("  nodata: none recorded")
+    return lines
+
+
+def store_lines(path: str) -> list[str]:
+    """Lines for ``fcnpipe inspect`` of a store: :func:`store_info` as text."""
+    return _store_text(store_info(path))
+
+
+def _store_text(info: dict[str, Any]) -> list[str]:
+    chunks, inp, model, scale = info["chunks"], info["input"], info["model"], info["scale"]
+    status = info["status"]
+    if status == "unfinished":
+        status += f": the run did not finish; `fcnpipe run {inp['path']} -o {info['path']} --resume` goes on"
+    classes = ", ".join(f"{k['name']} {k['color']}" for k in info["classes"])
+    tile = info["tile_px"]
+    lines = [
+        f"{info['path']}: fcnpipe store, {status}",
+        f"chunks   {chunks['on_disk']} of {plural(chunks['total'], 'chunk')} ({tile} x {tile} px) on disk, "
+        f"{chunks['background']} skipped as background (chunks with no data at all are not stored)",
+        f"classes  {len(info['classes'])}: {classes}",
+        f"format   Zarr format {info['zarr_format']}, {info['format']}: {info['dtype']} probabilities "
+        f"(class x Y x X) + {info['labels_dtype']} labels (255: no data)",
+        *[f"level {lv['level']}  {lv['width']} x {lv['height']} px (width x height)" for lv in info["levels"]],
+        f"input    {inp['path']} series {inp['series']} level {inp['level']}: {inp['width']} x {inp['height']} px, "
+        f"{plural(inp['channels'], 'channel')}"
+        + ("" if inp["size_bytes"] is None else f", {inp['size_bytes']:,} bytes"),
+        f"model    {model['architecture']}, sha256 {model['sha256']}, receptive radius "
+        f"{model['receptive_radius_px']} px, stride {model['stride_px']} px, halo {info['halo_px']} px",
+    ]
+    if scale["micrometres_per_pixel"] is not None:
+        lines.append(f"scale    {scale['micrometres_per_pixel']:g} micrometres per pixel")
+    elif scale["crs"] is not None or scale["pixel_width"] is not None:
+        size = "" if scale["pixel_width"] is None else f", {scale['pixel_width']:g} x {scale['pixel_height']:g}"
+        units = scale["crs_units"] or "CRS units"
+        lines.append(f"scale    {scale['crs'] or 'unknown CRS'}{size} {units} per pixel (width x height)")
+    lines.append(f"fingerprint sha256 {info['fingerprint_sha256'][:16]} (what --resume and batch compare)")
+    timings = info["timings_s"] or {}
+    spent = ", ".join(f"{k} {v:g} s" for k, v in timings.items() if isinstance(v, int | float) and k != "total")
+    lines.append(
+        f"written  by fcnpipe {info['fcnpipe_version']}, started {info['started']}"
+        + ("" if info["finished"] is None else f", finished {info['finished']}")
+        + ("" if "total" not in timings else f"; {timings['total']:g} s in all ({spent})")
+        + ("" if not info["resumed"] else f"; resumed {plural(info['resumed'], 'time')}")
+    )
     return lines
 
 
 def model_lines(path: str | os.PathLike[str], factory: str | None = None) -> list[str]:
-    """Lines for ``fcnpipe inspect-model``: what the network is and what tiling it needs.
-
-    The receptive radius and stride are measured from the network itself (TorchScript included):
-    the halo that makes tiled prediction equal a whole-image pass, and the alignment of tiles.
-    """
-    from pipeline.model.checkpoint import load_model
-    from pipeline.model.receptive import measure_tiling
-
-    loaded = load_model(path, factory)
-    spec = loaded.spec
-    stride, radius, halo = measure_tiling(loaded.module, spec.in_channels, loaded.path)
-    norm = spec.normalization
-    scale = "dtype maximum (255 for uint8, 65535 for uint16)" if norm.scale is None else f"{norm.scale:g}"
-    parameters = sum(p.numel() for p in loaded.module.parameters())
+    """Lines for ``fcnpipe inspect-model``: :func:`model_info` as text."""
+    info = model_info(path, factory)
+    norm, field = info["normalization"], 2 * info["receptive_radius_px"] + 1
+    scale = "dtype maximum (255 for uint8, 65535 for uint16)" if norm["scale"] is None else f"{norm['scale']:g}"
     lines = [
-        f"{loaded.path}: sha256 {loaded.sha256}",
-        f"architecture     {spec.architecture} {spec.arguments or ''}".rstrip(),
-        f"parameters       {parameters:,}",
-        f"input            {spec.in_channels} channels, divided by {scale}"
-        + (f", mean {list(norm.mean)}" if norm.mean else "")
-        + (f", std {list(norm.std)}" if norm.std else ""),
-        f"classes          {spec.num_classes}: "
-        + ", ".join(
-            f"{n} #{''.join(f'{v:02X}' for v in c)}" for n, c in zip(spec.class_names, spec.class_colors, strict=True)
-        ),
-        f"receptive radius {radius} px (each output pixel sees {2 * radius + 1} x {2 * radius + 1} input pixels)",
-        f"stride           {stride} (tiles start on multiples of it; windows are zero-padded to it)",
-        f"halo             {halo} px read around every tile: the least that makes tiling exact",
+        f"{info['path']}: sha256 {info['sha256']}",
+        f"architecture     {info['architecture']} {info['arguments'] or ''}".rstrip(),
+        f"parameters       {info['parameters']:,}",
+        f"input            {plural(info['in_channels'], 'channel')}, divided by {scale}"
+        + (f", mean {norm['mean']}" if norm["mean"] else "")
+        + (f", std {norm['std']}" if norm["std"] else ""),
+        f"classes          {len(info['classes'])}: " + ", ".join(f"{k['name']} {k['color']}" for k in info["classes"]),
+        f"receptive radius {info['receptive_radius_px']} px (each output pixel sees {field} x {field} input pixels)",
+        f"stride           {info['stride_px']} px (tiles start on multiples of it; windows are zero-padded to it)",
+        f"halo             {info['halo_px']} px read around every tile: the least that makes tiling exact",
     ]
-    if spec.mpp is not None:
-        lines.append(f"trained at       {spec.mpp:g} micrometres per pixel")
-    if spec.gsd is not None:
-        lines.append(f"trained at       {spec.gsd:g} CRS units per pixel")
-    if spec.input_dtype is not None:
-        lines.append(f"trained on       {spec.input_dtype} pixels (a run on others is refused)")
+    if info["trained_micrometres_per_pixel"] is not None:
+        lines.append(f"trained at       {info['trained_micrometres_per_pixel']:g} micrometres per pixel")
+    if info["trained_ground_sample_distance"] is not None:
+        gsd = info["trained_ground_sample_distance"]
+        lines.append(f"trained at       {gsd:g} units of the training image's CRS per pixel (ground sample distance)")
+    if info["trained_input_dtype"] is not None:
+        lines.append(f"trained on       {info['trained_input_dtype']} pixels (a run on others is refused)")
     return lines
 
 

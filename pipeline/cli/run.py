@@ -80,20 +80,27 @@ def run(
 @click.option("-o", "--output", help="Zarr store a run would write (checked, not written).")
 @run_options
 @click.option("--resume", "output__resume", is_flag=True, default=None, help="Plan the rest of an interrupted OUTPUT.")
-def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], **given: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (sizes as width and height in pixels).")
+def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], as_json: bool, **given: Any) -> None:
     """Show what `fcnpipe run` would do with the same arguments, without writing anything.
 
     Prints the chunks, how many are skipped for lack of tissue or data, the halo's extra reads,
     and, from one task's worth of tiles computed on this machine, the ETA, the peak memory and
     the output's size on disk.
     """
-    config = load(configs, given, input__path=input_path, output__path=output or "(not written).zarr")
+    config = load(configs, given, input__path=input_path, output__path=output or report.UNNAMED_OUTPUT)
     _required(config.model.path, "-m", "--model", "model.path", "the network to run")
+    from pipeline.run.describe import plan_info
     from pipeline.run.estimate import estimate
     from pipeline.run.plan import prepare
 
     plan = prepare(config)
-    for line in [*report.plan_lines(plan), *(report.estimate_lines(estimate(plan)) if plan.chunks_to_compute else [])]:
+    measured = estimate(plan) if plan.chunks_to_compute else None
+    if as_json:
+        named = None if config.output.path == report.UNNAMED_OUTPUT else config.output.path
+        click.echo(report.json_text(plan_info(plan, measured, named)))
+        return
+    for line in [*report.plan_lines(plan, dry_run=True), *(report.estimate_lines(measured) if measured else [])]:
         click.echo(line)
 
 

@@ -23,6 +23,8 @@ from pipeline.source.georef import Georeference, from_geokeys, ome_mpp, resoluti
 from pipeline.source.pixels import SPATIAL, SourceRef, layout_problem, one_line
 
 CHANNEL_AXES = "SC"
+ASSOCIATED = frozenset({"thumbnail", "label", "macro", "map"})
+"""Names (lower case) that SVS and NDPI files give the images beside the slide."""
 _ALPHA = {tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA}
 GDAL_NODATA = 42113
 
@@ -58,10 +60,26 @@ class SourceInfo:
     """Micrometres per pixel at the chosen level, or None when the file does not say."""
     georeference: Georeference | None
     """CRS and affine transform of the chosen level, for a GeoTIFF."""
+    crs_units: str | None = None
+    """Unit of the CRS axes and of :attr:`pixel_size` (``"metre"``, ``"degree"``), from the GeoKeys;
+    None when they do not say."""
+    file_format: str = "TIFF"
+    """What kind of TIFF: ``"Aperio SVS"``, ``"Hamamatsu NDPI"``, ``"OME-TIFF"``, ``"GeoTIFF"``, ...,
+    with ``" (BigTIFF)"`` when it is one."""
 
     @property
     def path(self) -> str:
         return self.ref.path
+
+    @property
+    def name(self) -> str:
+        """What the chosen series is: ``"baseline"``, ``"label"``, ``"macro"``, ``"mask"``, ..."""
+        return self.series_names[self.ref.series]
+
+    @property
+    def associated(self) -> bool:
+        """A slide's label, macro, thumbnail or map: a picture beside the slide, not a level of it."""
+        return self.name in ASSOCIATED
 
     @property
     def crs(self) -> str | None:
@@ -145,12 +163,15 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
     )
     height, width = levels[level].shape
     downsample = levels[level].downsample
-    mpp0 = _microns_per_pixel(tif, chosen.levels[0].keyframe, path)
-    georeference = None
-    if tif.is_geotiff:
-        level0_height = chosen.levels[0].shape[chosen.levels[0].axes.index("Y")]
-        georeference = _georeference(tif, path, (level0_height, level0_width))
-        georeference = None if georeference is None else georeference.scaled(downsample, level0_height / height)
+    mpp0 = None if tif.is_svs and series else _microns_per_pixel(tif, chosen.levels[0].keyframe, path)
+    georeference, units = None, None
+    if tif.is_geotiff:  # the GeoKeys are those of the first image; another series is an overview of it
+        image = tif.series[0].levels[0]
+        shape0 = (image.shape[image.axes.index("Y")], image.shape[image.axes.index("X")])
+        georeference = _georeference(tif, path, shape0)
+        if georeference is not None:
+            georeference = georeference.scaled(shape0[1] / width, shape0[0] / height)
+            units = crs_units(tif.geotiff_metadata or {})
     nodata_tag = page.tags.get(GDAL_NODATA)
     return SourceInfo(
         ref=SourceRef(
@@ -168,7 +189,7 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
         dtype=np.dtype(lvl.dtype),
         file_size=file_size,
         series_count=len(tif.series),
-        series_names=tuple(s.name or s.kind or f"series {i}" for i, s in enumerate(tif.series)),
+        series_names=tuple(_series_name(s, i) for i, s in enumerate(tif.series)),
         levels=levels,
         compression=page.compression.name,
         chunk_shape=(page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, page.imagewidth),
@@ -177,7 +198,63 @@ def _describe(tif: tifffile.TiffFile, path: str, file_size: int, series: int, le
         other_axes=other,
         mpp=None if mpp0 is None else mpp0 * downsample,
         georeference=georeference,
+        crs_units=units,
+        file_format=_file_format(tif),
     )
+
+
+def _series_name(series: Any, index: int) -> str:
+    """``"mask"`` (a GDAL internal mask), a slide's ``"baseline"``, ``"label"``, ..., an OME image's
+    own name, ``"image"`` for the first series and ``"overview"`` for a reduced-resolution one."""
+    name = (series.name or "").strip()
+    if series.keyframe.photometric == tifffile.PHOTOMETRIC.MASK:
+        return "mask"
+    if name.lower() in {"baseline", *ASSOCIATED}:
+        return name.lower()
+    if name or index == 0:
+        return name or "image"
+    return "overview" if series.keyframe.subfiletype & tifffile.FILETYPE.REDUCEDIMAGE else f"image {index}"
+
+
+def _file_format(tif: tifffile.TiffFile) -> str:
+    kinds = {"svs": "Aperio SVS", "ndpi": "Hamamatsu NDPI", "ome": "OME-TIFF", "scanimage": "ScanImage TIFF"}
+    kind = next((text for flag, text in kinds.items() if getattr(tif, f"is_{flag}")), None)
+    kind = kind or ("GeoTIFF" if tif.is_geotiff else "TIFF")
+    return f"{kind} (BigTIFF)" if tif.is_bigtiff else kind
+
+
+_LINEAR_UNITS = {9001: "metre", 9002: "foot", 9003: "US survey foot", 9030: "nautical mile", 9036: "kilometre"}
+_ANGULAR_UNITS = {9101: "radian", 9102: "degree", 9103: "arc-minute", 9104: "arc-second", 9105: "grad"}
+
+
+def crs_units(meta: dict[str, Any]) -> str | None:
+    """The unit of a GeoTIFF's CRS axes from its GeoKeys (EPSG unit codes), or None if unknown.
+
+    A projected CRS says it in ProjLinearUnitsGeoKey (UTM zones, without it, are in metres); a
+    geographic one in GeogAngularUnitsGeoKey (degrees when it is left out); geocentric is in metres.
+
+    >>> crs_units({"GTModelTypeGeoKey": 1, "ProjectedCSTypeGeoKey": 32618, "ProjLinearUnitsGeoKey": 9001})
+    'metre'
+    >>> crs_units({"GTModelTypeGeoKey": 2, "GeographicTypeGeoKey": 4326})
+    'degree'
+    """
+
+    def code(key: str) -> int | None:
+        try:
+            return None if meta.get(key) is None else int(meta[key])
+        except (TypeError, ValueError):
+            return None
+
+    model, projected, linear = code("GTModelTypeGeoKey"), code("ProjectedCSTypeGeoKey"), code("ProjLinearUnitsGeoKey")
+    if model == 3:
+        return "metre"
+    if model == 2 or (model is None and projected is None and code("GeographicTypeGeoKey") is not None):
+        angular = code("GeogAngularUnitsGeoKey") or 9102
+        return _ANGULAR_UNITS.get(angular, f"EPSG unit {angular}")
+    if linear is not None:
+        return _LINEAR_UNITS.get(linear, f"EPSG unit {linear}")
+    utm = projected is not None and (32601 <= projected <= 32660 or 32701 <= projected <= 32760)
+    return "metre" if utm or projected == 3857 else None
 
 
 def _mask_series(tif: tifffile.TiffFile, series: int, level: int, shape: tuple[int, int]) -> int | None:

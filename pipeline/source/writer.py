@@ -2,7 +2,9 @@
 
 This package owns tifffile; :mod:`pipeline.source.tiff` and :mod:`pipeline.source.pixels` read, and this is the one
 writer. A TIFF is written as a sequence of images (a level of a pyramid, a page), each from an
-iterable of tiles in TIFF order, so that no image is ever held whole.
+iterable of tiles in TIFF order, so that no image is ever held whole (the OME-TIFF and the
+colour overlay of :mod:`pipeline.products`). :func:`overwrite_resolution` mends the one tag GDAL
+cannot write exactly in a COG.
 """
 
 from __future__ import annotations
@@ -31,3 +33,19 @@ def write_tiff(path: str, images: Sequence[Image], *, bigtiff: bool, ome: bool =
     with tifffile.TiffWriter(path, bigtiff=bigtiff, ome=ome) as tif:
         for image in images:
             tif.write(image.tiles, **image.options)
+
+
+def overwrite_resolution(path: str, resolution: tuple[int, int]) -> None:
+    """Set the XResolution and YResolution of the first image of the TIFF at ``path`` to the rational
+    ``resolution`` (numerator, denominator), in place: no byte moves, so a Cloud-Optimized GeoTIFF
+    keeps its layout. A ValueError if the image has no resolution tags to overwrite.
+
+    GDAL writes the resolution through libtiff, which rounds it to a float32; this writes it exact.
+    """
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages.first.tags
+        for name in ("XResolution", "YResolution"):
+            tag = tags.get(name)
+            if tag is None:
+                raise ValueError(f"{path}: has no {name} tag to overwrite")
+            tag.overwrite(resolution)
