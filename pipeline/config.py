@@ -68,9 +68,19 @@ class InputConfig:
     (a 0.499 µm/px scan for a 0.5 µm/px model): resampling by 0.2% would blur every pixel and lose
     the pixel grid of the slide, for a difference no network sees. The output records the level's
     true scale. 0: always resample to the exact resolution."""
+    window: tuple[int, int, int, int] | None = None
+    """Run only ``(col_off, row_off, width, height)`` (gdal's ``-srcwin``), in pixels of the grid read."""
+    bbox: tuple[float, float, float, float] | None = None
+    """Run only ``(min_x, min_y, max_x, max_y)``: CRS units (rasters) or µm from the top-left (slides)."""
 
     def __post_init__(self) -> None:
         _non_negative(self.series, "input.series", 100_000)
+        if self.window is not None and (min(self.window[:2]) < 0 or min(self.window[2:]) < 1):
+            raise ConfigError(f"Expected col_off row_off >= 0, width height >= 1 for 'input.window'. Got {self.window}")
+        if self.bbox is not None and not (self.bbox[0] < self.bbox[2] and self.bbox[1] < self.bbox[3]):
+            raise ConfigError(f"Expected min_x min_y max_x max_y, mins below maxes, for 'input.bbox'. Got {self.bbox}")
+        if self.window is not None and self.bbox is not None:
+            raise ConfigError("Give input.window or input.bbox, not both: they choose the same thing")
         if not 0 <= self.resolution_tolerance < 0.5:
             raise ConfigError(
                 "Expected a fraction in [0, 0.5) for 'input.resolution_tolerance'. "

@@ -165,6 +165,8 @@ def _value(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or not value:
             kind = "strings" if args[0] is str else "numbers"
             raise ConfigError(f"Expected a list of {kind} for {key!r}. Got {value!r} instead.")
+        if args[-1] is not Ellipsis and len(value) != len(args):  # a fixed-length tuple: input.window
+            raise ConfigError(f"Expected {len(args)} numbers for {key!r}. Got {value!r} instead.")
         return tuple(_value(args[0], v, key) for v in value)
     if hint is bool:
         if not isinstance(value, bool):

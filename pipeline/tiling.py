@@ -71,12 +71,17 @@ def grid_shape(height: int, width: int, tile: int) -> tuple[int, int]:
     return (math.ceil(height / tile), math.ceil(width / tile))
 
 
-def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -> list[Tile]:
+def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1, bounds: Box | None = None) -> list[Tile]:
     """Cover a ``height x width`` image with ``tile``-sized cores, each read with ``halo`` pixels.
 
     ``stride`` is the network's total downsampling factor: tiles must start on multiples of it so
     that every tile sees the same sampling phase as the whole image, hence ``tile`` must be a
-    multiple of ``stride`` and the halo is rounded up to one.
+    multiple of ``stride`` and the halo is rounded up to one. ``bounds`` (default: the image) is
+    what windows may read: for a window of a larger image, the larger image, so that halos read
+    the real pixels around the window.
+
+    >>> [t.window for t in plan_tiles(4, 8, 4, 2, bounds=(-3, 10, -1, 8))]
+    [(-2, 6, -1, 6), (-2, 6, 2, 8)]
     """
     parse_int(height, "image height", minimum=1)
     parse_int(width, "image width", minimum=1)
@@ -95,7 +100,7 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int = 1) -
         for col in range(cols):
             x0, x1 = col * tile, min((col + 1) * tile, width)
             core = (y0, y1, x0, x1)
-            tiles.append(Tile(row, col, core, grow(core, halo, (0, height, 0, width))))
+            tiles.append(Tile(row, col, core, grow(core, halo, bounds or (0, height, 0, width))))
     return tiles
 
 

@@ -108,10 +108,10 @@ def test_settings_that_make_the_numbers_meaningless_are_refused_at_once(tmp_path
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(bytes(range(128, 256)) * 4)
     for flags, needle in (
-        (["--std", "0,0,0"], "Expected positive numbers for 'model.std'"),
-        (["--mean", "nan,0,0"], "Expected finite numbers for 'model.mean'"),
+        (["--std", "0,0,0"], "--std: Expected positive numbers"),  # a flag's value: the flag is named
+        (["--mean", "nan,0,0"], "--mean: Expected finite numbers"),
         (["-c", huge], "Expected at most 8192 for 'tiling.tile'. Got 100000000000000000000 instead."),
-        (["--tile", "100000000"], "Expected at most 8192 for 'tiling.tile'"),
+        (["--tile", "100000000"], "--tile: Expected at most 8192"),
         (["-c", binary], f"{binary}: not a YAML config: not UTF-8 text"),
     ):
         started = time.monotonic()

@@ -88,7 +88,7 @@ def test_run_and_batch_on_a_scheduler_give_the_local_bytes(
     store = tmp_path / "remote.zarr"
     done = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "--scheduler", cluster.address)
     assert done.returncode == 0, done.stderr
-    assert f"Dask {cluster.address}: 2 workers, 2 threads x 1 torch threads" in done.stderr
+    assert f"Dask {cluster.address}: 2 workers, 2 worker threads, 1 torch thread each" in done.stderr
     assert_same_bytes(local, store)
     outdir = tmp_path / "batch"
     batch = fcnpipe("batch", image, "-m", model, "-o", outdir, *FIXED, "--scheduler", cluster.address)

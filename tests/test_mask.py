@@ -261,7 +261,7 @@ def test_slide_keeps_exactly_the_chunks_with_tissue(slide: tuple[Path, np.ndarra
     chunk_mask = foreground_mask("auto", source, (2048, 3072), 256)
     assert chunk_mask is not None
     assert chunk_mask.method.startswith("tissue: saturation > ")
-    assert "level 3 (256 x 384 px, averaged in 2 x 2 blocks)" in chunk_mask.method
+    assert "level 3 (384 x 256 px, averaged in 2 x 2 blocks)" in chunk_mask.method
     truth = chunks_with(tissue, 256)
     assert truth[4, 6] and not truth[4, 7]  # the block 4 px into chunk column 6
     np.testing.assert_array_equal(chunk_mask.keep, truth)
@@ -335,7 +335,7 @@ def test_chunks_entirely_in_the_no_data_collar_are_skipped(make_tiff: Callable[.
     chunk_mask = foreground_mask("auto", open_source(image), (height, width), tile)
     assert chunk_mask is not None
     assert chunk_mask.method == (
-        f"no-data: {'alpha band' if kind == 'alpha' else 'GDAL_NODATA 0'} on level 0 (512 x 640 px)"
+        f"no-data: {'alpha band' if kind == 'alpha' else 'GDAL_NODATA 0'} on level 0 (640 x 512 px)"
     )
     np.testing.assert_array_equal(chunk_mask.keep, chunks_with(data, tile))
 
@@ -364,7 +364,7 @@ def test_real_transparent_raster_keeps_nothing_from_its_overview(real_data: Path
     source = open_source(real_data / "east_coast_phase3_2023_AY31_1000_3335.tif")  # 14400 x 9600, alpha 0 everywhere
     chunk_mask = foreground_mask("auto", source, source.shape[1:], 512)
     assert chunk_mask is not None
-    assert chunk_mask.method == "no-data: alpha band on level 4 (900 x 600 px)"
+    assert chunk_mask.method == "no-data: alpha band on level 4 (600 x 900 px)"
     assert chunk_mask.skipped_fraction == 1.0
 
 
@@ -390,7 +390,7 @@ def test_user_png_of_another_size(tmp_path: Path, source: SourceInfo) -> None:
     marks[100:110, 200:210] = 255  # chunk (1, 3)
     Image.fromarray(marks).save(tmp_path / "mask.png")
     chunk_mask = foreground_mask("image", source, (1000, 1300), 256, image=str(tmp_path / "mask.png"))
-    assert chunk_mask is not None and chunk_mask.method == f"user mask: {tmp_path / 'mask.png'} (250 x 325 px)"
+    assert chunk_mask is not None and chunk_mask.method == f"user mask: {tmp_path / 'mask.png'} (325 x 250 px)"
     assert list(zip(*np.nonzero(chunk_mask.keep), strict=True)) == [(1, 3)]
 
 
@@ -401,7 +401,7 @@ def test_user_tiff_pyramid_reads_a_coarse_level(tmp_path: Path, source: SourceIn
         tif.write(marks, tile=(256, 256), subifds=1)
         tif.write(marks[::8, ::8], tile=(256, 256), subfiletype=1)
     chunk_mask = foreground_mask("image", source, (1000, 1300), 256, image=str(tmp_path / "mask.ome.tif"))
-    assert chunk_mask is not None and "(level 1, 250 x 325 px)" in chunk_mask.method
+    assert chunk_mask is not None and "(level 1, 325 x 250 px)" in chunk_mask.method
     assert list(zip(*np.nonzero(chunk_mask.keep), strict=True)) == [(1, 3)]
 
 
@@ -415,7 +415,7 @@ def test_large_user_tiff_is_reduced_band_by_band(
     marks[10, 600] = 7  # grid row 20, column 1200 -> chunk (0, 4)
     tifffile.imwrite(tmp_path / "big.tif", marks)
     chunk_mask = foreground_mask("image", source, (1000, 1300), 256, image=str(tmp_path / "big.tif"))
-    assert chunk_mask is not None and "84 x 109 px" in chunk_mask.method
+    assert chunk_mask is not None and "109 x 84 px" in chunk_mask.method
     assert list(zip(*np.nonzero(chunk_mask.keep), strict=True)) == [(0, 4), (3, 0)]
 
 
@@ -430,7 +430,7 @@ def test_bad_user_masks_name_the_file(tmp_path: Path, source: SourceInfo) -> Non
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'broken.tif'}: cannot read the mask: "):
         foreground_mask("image", source, (100, 100), 32, image=str(tmp_path / "broken.tif"))
     Image.fromarray(np.ones((100, 150), np.uint8)).save(tmp_path / "wide.png")
-    with pytest.raises(ConfigError, match=r"mask is 100 x 150 px but the image grid is 100 x 100 px"):
+    with pytest.raises(ConfigError, match=r"mask is 150 x 100 px but the image grid is 100 x 100 px \(width"):
         foreground_mask("image", source, (100, 100), 32, image=str(tmp_path / "wide.png"))
 
 

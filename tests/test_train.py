@@ -279,7 +279,7 @@ def test_from_tiffs_says_which_classes_validation_cannot_score(tmp_path: Path) -
 def test_from_tiffs_size_mismatch_names_both_files(slide_files: SyntheticSlide, tmp_path: Path) -> None:
     mask = tmp_path / "small_mask.tif"
     tifffile.imwrite(mask, np.zeros((500, 512), np.uint8))
-    with pytest.raises(SourceError, match=rf"{re.escape(str(mask))}: is 500 x 512 px but its image .*s\.tif is 512"):
+    with pytest.raises(SourceError, match=rf"{re.escape(str(mask))}: is 512 x 500 px but its image .*s\.tif is 512"):
         train_from_tiffs([slide_files.image_path], [str(mask)], str(tmp_path / "m.pt"))
 
 

@@ -74,6 +74,29 @@ RUN_OPTIONS = [
         {"type": float, "help": "Read a raster at this many CRS units per pixel.  [default: the model's]"},
     ),
     Option(
+        ("--window",),
+        "input.window",
+        {
+            "type": int,
+            "nargs": 4,
+            "metavar": "COL_OFF ROW_OFF WIDTH HEIGHT",
+            "help": "Run only this window, in pixels of the level read (gdal's -srcwin order): a corner to check a "
+            "model on; values equal that window of a full run.",
+        },
+        tuple,
+    ),
+    Option(
+        ("--bbox",),
+        "input.bbox",
+        {
+            "type": float,
+            "nargs": 4,
+            "metavar": "MIN_X MIN_Y MAX_X MAX_Y",
+            "help": "Run only this box: CRS units for a raster, micrometres from the top-left for a slide.",
+        },
+        tuple,
+    ),
+    Option(
         ("--series",), "input.series", {"type": int, "help": "Image series of the file (see inspect).  [default: 0]"}
     ),
     Option(
@@ -242,6 +265,9 @@ FLAGS: dict[str, str] = {
     "out_path": "-o",
     "what": "--what",
     "dtype": "--dtype",
+    "classes": "--class",
+    "creation_options": "--co",
+    "nodata": "--nodata",
 }
 """How messages name a config key (or an export's argument) on the command line (see
 :func:`pipeline.errors.render`)."""

@@ -70,6 +70,17 @@ def thread_plan(cores: int, workers: int | None, torch_threads: int | None, devi
 OnDone = Callable[[Any], None]
 
 
+def threads_text(workers: int, torch_threads: int) -> str:
+    """``N worker threads, M torch threads each``, in words that agree.
+
+    >>> threads_text(2, 1), threads_text(1, 4)
+    ('2 worker threads, 1 torch thread each', '1 worker thread, 4 torch threads each')
+    """
+    worker = "thread" if workers == 1 else "threads"
+    torch = "thread" if torch_threads == 1 else "threads"
+    return f"{workers} worker {worker}, {torch_threads} torch {torch} each"
+
+
 class Engine:
     """Runs delayed tasks: Dask's threaded scheduler in this process (this base class)."""
 
@@ -82,7 +93,7 @@ class Engine:
         return thread_plan(available_cores(), workers, torch_threads, device_type)
 
     def describe(self, workers: int, torch_threads: int) -> str:
-        return f"{workers} threads x {torch_threads} torch threads, in this process"
+        return f"{threads_text(workers, torch_threads)}, in this process"
 
     def share_model(self, job: Job, module: Any) -> None:
         """Make ``module`` the network of ``job`` wherever its tasks run."""
@@ -146,9 +157,9 @@ class DistributedEngine(Engine):
     def describe(self, workers: int, torch_threads: int) -> str:
         count = len(self._workers())
         if self.torch_threads is not None:  # a job queue: workers come and go
-            return f"Dask {self.name}, {torch_threads} torch thread per task; dashboard {self.dashboard}"
-        threads = f"{workers} threads x {torch_threads} torch threads"
-        return f"Dask {self.name}: {count} workers, {threads}; dashboard {self.dashboard}"
+            each = "thread" if torch_threads == 1 else "threads"
+            return f"Dask {self.name}, {torch_threads} torch {each} per task; dashboard {self.dashboard}"
+        return f"Dask {self.name}: {count} workers, {threads_text(workers, torch_threads)}; dashboard {self.dashboard}"
 
     def share_model(self, job: Job, module: Any) -> None:
         with open(job.model_path, "rb") as file:

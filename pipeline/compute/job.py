@@ -26,6 +26,8 @@ class Job:
     """How the level read maps onto the network's grid (None: pixel for pixel)."""
     source_shape: tuple[int, int]
     """``(Y, X)`` of the level read."""
+    origin: tuple[int, int] = (0, 0)
+    """Where the output's pixel (0, 0) is in the grid read (a window run): tiles' windows are read there."""
     output: OutputRef
     model_path: str
     model_sha256: str

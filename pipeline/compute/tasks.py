@@ -76,8 +76,9 @@ def read_windows(job: Job, tiles: Sequence[Tile]) -> tuple[Windows, np.ndarray |
     window is normalised on its own, straight into the network's input. The validity mask covers
     the union, whose top-left corner is the returned origin ``(y, x)``.
     """
-    uy0, _, ux0, _ = box = union_window(tiles)
-    raw, valid = read_resampled(job.source, box, job.resampling, job.source_shape)
+    uy0, uy1, ux0, ux1 = union_window(tiles)
+    oy, ox = job.origin
+    raw, valid = read_resampled(job.source, (uy0 + oy, uy1 + oy, ux0 + ox, ux1 + ox), job.resampling, job.source_shape)
     by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
     for tile in tiles:
         for piece in split_core(tile, job.forward_tile, job.halo) if job.forward_tile else (tile,):

@@ -1,11 +1,9 @@
 """A PNG preview of a run: the input beside its class colours, with a legend, all small.
 
-:func:`write_store_preview` previews a finished (or partial) output store. Nothing here reads a
-full-resolution array at once. :func:`label_thumbnail` walks the chunk grid of a 2-D Zarr array
-and keeps every ``stride``-th pixel of each chunk, so memory is one chunk plus the thumbnail
-however large the map is; chunks that hold no sampled pixel are never read. :func:`source_thumbnail`
-reads the smallest pyramid level that is still large enough, window by window. PNGs are encoded
-and the legend's text drawn with Pillow.
+:func:`write_store_preview` previews a finished (or partial) output store, never reading a
+full-resolution array at once: :func:`label_thumbnail` keeps every ``stride``-th pixel of each chunk
+of a 2-D Zarr array (memory: one chunk plus the thumbnail; chunks without a sampled pixel are not
+read), :func:`source_thumbnail` reads the smallest large enough pyramid level, window by window.
 """
 
 from __future__ import annotations
@@ -32,11 +30,8 @@ _WINDOW = 2048  # px, side of the windows a thumbnail is read in
 _INK, _MUTED, _OUTLINE, _WHITE = (0, 0, 0), (90, 90, 90), (64, 64, 64), (255, 255, 255)
 INCOMPLETE_COLOR = (200, 0, 0)  # fill of the legend's INCOMPLETE banner
 BACKGROUND_NAMES = frozenset({"background", "bg", "glass", "no tissue", "unlabelled", "unlabeled"})
-"""Class names drawn like no data, the input showing through: the glass or empty ground is no class
-worth a colour, and colouring it would draw the computed chunks' background differently from the
-skipped ones (a staircase along the chunk grid)."""
-CLEAR_SWATCH = _WHITE
-"""The legend's swatch for what is drawn as the input: white inside the outline, as glass looks."""
+"""Class names drawn like no data, as the input (white swatch): coloured, the background of computed
+chunks would differ from skipped ones (a staircase along the chunk grid)."""
 _INCOMPLETE_NOTE = "INCOMPLETE: the run did not finish; areas not predicted yet have no colour"
 Entry = tuple[tuple[int, int, int], str]  # a legend entry: swatch colour, text
 
@@ -126,26 +121,34 @@ def preview_level(levels: Sequence[tuple[int, int]], max_size: int) -> int:
     return min(large_enough, key=lambda index: max(levels[index])) if large_enough else 0
 
 
-def source_thumbnail(info: SourceInfo, max_size: int = 1024) -> np.ndarray:
-    """``(3, h, w)`` uint8 thumbnail of the input, largest side at most ``max_size`` pixels.
+def source_thumbnail(
+    info: SourceInfo, max_size: int = 1024, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """``(3, h, w)`` uint8 thumbnail of the input (or of its ``box`` ``(y0, y1, x0, x1)`` of the level
+    opened: a window run's), largest side at most ``max_size`` pixels.
 
     Reads the level :func:`preview_level` picks, in windows of about 2048 px, keeping every
     ``stride``-th pixel. Grey is repeated to three channels, two channels get a zero third, more
     than three keep the first three; non-uint8 data is scaled by the thumbnail's own min and max.
     """
-    shapes = [level.shape for level in info.levels]
-    level = preview_level(shapes, max_size)
+    (oy, ox), boxes = info.levels[info.ref.level].shape, []
+    for height, width in (level.shape for level in info.levels):  # the box scaled to every level
+        y0, y1, x0, x1 = box or (0, oy, 0, ox)
+        top, left = int(y0 * height / oy), int(x0 * width / ox)
+        bottom, right = min(height, math.ceil(y1 * height / oy)), min(width, math.ceil(x1 * width / ox))
+        boxes.append((top, max(top + 1, bottom), left, max(left + 1, right)))
+    level = preview_level([(b[1] - b[0], b[3] - b[2]) for b in boxes], max_size)
     ref = replace(info.ref, level=level)
-    height, width = shapes[level]
-    stride = stride_for((height, width), max_size)
+    top, bottom, left, right = boxes[level]
+    stride = stride_for((bottom - top, right - left), max_size)
     step = -(-_WINDOW // stride) * stride  # a multiple of the stride, so every window starts on a sample
-    out = np.zeros((info.shape[0], -(-height // stride), -(-width // stride)), dtype=info.dtype)
-    for y0 in range(0, height, step):
-        y1 = min(y0 + step, height)
-        for x0 in range(0, width, step):
-            x1 = min(x0 + step, width)
+    out = np.zeros((info.shape[0], -(-(bottom - top) // stride), -(-(right - left) // stride)), dtype=info.dtype)
+    for y0 in range(top, bottom, step):
+        y1 = min(y0 + step, bottom)
+        for x0 in range(left, right, step):
+            x1 = min(x0 + step, right)
             window = read_window(ref, (y0, y1, x0, x1))[:, ::stride, ::stride]
-            ty, tx = y0 // stride, x0 // stride
+            ty, tx = (y0 - top) // stride, (x0 - left) // stride
             out[:, ty : ty + window.shape[1], tx : tx + window.shape[2]] = window
     return to_rgb8(out)
 
@@ -214,6 +217,8 @@ class StoreSummary:
     """``(Y, X)`` of ``labels/argmax/0``, ``1``, ... in pixels."""
     input_shape: tuple[int, int]
     """``(Y, X)`` of the level the run read: the labels' own, or other where the run resampled."""
+    window: tuple[int, int, int, int] | None = None
+    """``(y0, y1, x0, x1)`` of that level that a window run computed."""
 
 
 def default_preview_path(store_path: str | os.PathLike[str]) -> str:
@@ -271,6 +276,7 @@ def read_store_summary(store_path: str | os.PathLike[str]) -> tuple[StoreReader,
         complete=record.complete,
         label_shapes=tuple((int(a.shape[0]), int(a.shape[1])) for a in reader.labels),
         input_shape=record.input_shape[1:],
+        window=record.window,
     )
 
 
@@ -294,7 +300,7 @@ def _input_thumbnail(summary: StoreSummary, max_size: int) -> tuple[np.ndarray |
         source = open_source(summary.input_path, summary.series, summary.level)
         if source.shape[1:] != summary.input_shape:  # resampled runs read a level of another size
             return None, f"input not shown: {source.path} is now {source.shape[1]} x {source.shape[2]} px"
-        return source_thumbnail(source, max_size), ""
+        return source_thumbnail(source, max_size, summary.window), ""
     except SourceError as err:
         return None, f"input not shown: {err}"
 
@@ -358,7 +364,7 @@ def _legend_text(summary: StoreSummary, level: int, counts: np.ndarray, with_inp
     ]
     clear = background_classes(summary.class_names) if with_input else []
     entries = [
-        (CLEAR_SWATCH, f"{text}  (not coloured: as the input)") if index in clear else (color, text)
+        (_WHITE, f"{text}  (not coloured: as the input)") if index in clear else (color, text)
         for index, (color, text) in enumerate(zip(summary.class_colors, texts, strict=True))
     ]
     return title, entries

@@ -317,4 +317,5 @@ def _spatial(grid: Grid) -> dict[str, Any]:
         "pixel_is_point": None if georef is None else georef.pixel_is_point,
         "level_read": grid.source.ref.level,
         "resampling": None if resampling is None else [resampling.factor_y, resampling.factor_x],
+        **({} if grid.full_shape is None else {"window": [*grid.origin[::-1], *grid.shape[::-1]]}),
     }

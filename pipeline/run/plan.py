@@ -27,7 +27,7 @@ from pipeline.model.predictor import FORWARD_BYTES, activation_bytes_per_pixel, 
 from pipeline.model.receptive import measure_tiling
 from pipeline.run.resume import Resume, check_resume, check_target, fingerprint, resumed_threads
 from pipeline.source.mask import ChunkMask, foreground_mask
-from pipeline.source.resample import Grid, choose_grid
+from pipeline.source.resample import Grid, bbox_window, choose_grid, window_grid
 from pipeline.source.tiff import SourceInfo, open_source
 from pipeline.store.layout import OutputRef, check_store_path
 from pipeline.store.pyramid import level_shapes
@@ -153,6 +153,7 @@ class RunPlan:
             source=dataclasses.replace(self.source.ref, cache_tiles=True),  # tasks read in tile order
             resampling=self.grid.resampling,
             source_shape=self.source.shape[1:],
+            origin=self.grid.origin,
             output=OutputRef(out_path, cfg.output.dtype, token=token),
             model_path=os.path.abspath(self.model.path),
             model_sha256=self.model.sha256,
@@ -209,14 +210,19 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
         halo = round_up(config.tiling.halo, stride)
         if config.tiling.blend != "none" and halo < exact_halo:  # at or above it, plain tiling is exact
             blend = check_blend(config.tiling.tile, halo, stride, config.tiling.blend)
-    tiles = plan_tiles(*grid.shape, config.tiling.tile, halo, stride)
+    if inp.window is not None or inp.bbox is not None:
+        if blend is not None:
+            raise ConfigError("a window run reads exact halos; blending (tiling.blend) is for whole images")
+        grid = window_grid(grid, inp.window or bbox_window(grid, inp.bbox or (0, 0, 0, 0), stride), stride)
+    tiles = plan_tiles(*grid.shape, config.tiling.tile, halo, stride, bounds=grid.bounds)
     mask = foreground_mask(
         config.mask.kind,
         source,
-        grid.shape,
+        grid.full_shape or grid.shape,
         config.tiling.tile,
         image=config.mask.image,
         threshold=config.mask.threshold,
+        window=None if grid.full_shape is None else (*grid.origin, *grid.shape),
     )
     if mask is not None and not mask.keep.any():
         _warn_nothing_to_compute(source, mask)

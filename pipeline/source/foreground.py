@@ -90,8 +90,17 @@ def tissue_pixels(rgb: np.ndarray, threshold: float | None) -> tuple[np.ndarray,
     return sat > threshold, float(threshold)
 
 
-def chunk_mask_from_pixels(fg: np.ndarray, grid_shape: tuple[int, int], tile: int, margin: int = 1) -> np.ndarray:
+def chunk_mask_from_pixels(
+    fg: np.ndarray,
+    grid_shape: tuple[int, int],
+    tile: int,
+    margin: int = 1,
+    window: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
     """``(rows, cols)`` bool: the chunks of a ``grid_shape`` grid in which ``fg`` has a foreground pixel.
+
+    With ``window`` = ``(row, col, height, width)``, the chunks of that window of the grid (a window
+    run), which start at its corner.
 
     ``fg`` is a ``(fy, fx)`` foreground image of any size covering the same extent as the grid. Chunk
     rows ``[y0, y1)`` map to ``fg`` rows ``[floor(y0 * fy / H), ceil(y1 * fy / H))`` (columns likewise),
@@ -118,8 +127,9 @@ def chunk_mask_from_pixels(fg: np.ndarray, grid_shape: tuple[int, int], tile: in
     fy, fx = fg.shape
     table = np.zeros((fy + 1, fx + 1), np.int64)
     table[1:, 1:] = (fg != 0).cumsum(axis=0).cumsum(axis=1)
-    top, bottom = _spans(height, tile, fy, margin)
-    left, right = _spans(width, tile, fx, margin)
+    row, col, rows, cols = window or (0, 0, height, width)
+    top, bottom = _spans(height, tile, fy, margin, row, rows)
+    left, right = _spans(width, tile, fx, margin, col, cols)
     count = (
         table[np.ix_(bottom, right)]
         - table[np.ix_(top, right)]
@@ -130,10 +140,11 @@ def chunk_mask_from_pixels(fg: np.ndarray, grid_shape: tuple[int, int], tile: in
     return keep
 
 
-def _spans(size: int, tile: int, low_size: int, margin: int) -> tuple[np.ndarray, np.ndarray]:
-    """Start and stop (exclusive) in the low-resolution image of each chunk along one axis."""
-    start = np.arange(0, size, tile, dtype=np.int64)
-    stop = np.minimum(start + tile, size)
+def _spans(size: int, tile: int, low_size: int, margin: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop (exclusive) in the low-resolution image of each chunk along one axis; the
+    chunks cover ``[offset, offset + length)`` of the ``size`` pixels."""
+    start = np.arange(offset, offset + length, tile, dtype=np.int64)
+    stop = np.minimum(start + tile, offset + length)
     first = (start * low_size) // size - margin  # integer floor and ceil: exact at any size
     last = -((-stop * low_size) // size) + margin
     return np.clip(first, 0, low_size), np.clip(last, 0, low_size)

@@ -53,6 +53,10 @@ TISSUE_PIXELS_PER_CHUNK = 16
 _BAND_PIXELS = 1 << 22  # pixels per read of a large user mask
 
 
+Window = tuple[int, int, int, int] | None
+"""``(row, col, height, width)`` of the grid that a window run computes; None: the whole grid."""
+
+
 @dataclass(frozen=True, eq=False)
 class ChunkMask:
     """Which chunks of the grid a run computes, and how that was decided.
@@ -97,6 +101,7 @@ def foreground_mask(
     *,
     image: str | None = None,
     threshold: float | None = None,
+    window: tuple[int, int, int, int] | None = None,
 ) -> ChunkMask | None:
     """The chunks of the ``grid_shape`` grid (chunks of ``tile`` px) worth computing, or None for all.
 
@@ -113,20 +118,21 @@ def foreground_mask(
       any size with the grid's aspect ratio (within 2 %).
 
     ``threshold`` (in [0, 1], checked by the config) overrides the automatic threshold of a tissue
-    or fluorescence mask.
+    or fluorescence mask. ``window`` ``(row, col, height, width)``: the chunks of that window of the
+    grid (a window run), from the same foreground as a full run's.
     """
     if kind == "image":
         if image is None:
             raise ConfigError("Expected the path of a mask image for a mask of kind 'image'. Got none.")
-        return user_mask(image, grid_shape, tile)
+        return user_mask(image, grid_shape, tile, window)
     if kind == "none":
         return None
     ref = source.ref
     if ref.alpha or ref.nodata is not None or ref.mask_series is not None:
-        return _nodata_mask(source, grid_shape, tile)
+        return _nodata_mask(source, grid_shape, tile, window)
     if source.georeference is not None:
         return None
-    return _tissue_mask(source, grid_shape, tile, threshold)
+    return _tissue_mask(source, grid_shape, tile, threshold, window)
 
 
 def _level_ref(source: SourceInfo, level: int) -> SourceRef:
@@ -142,7 +148,7 @@ def _level_ref(source: SourceInfo, level: int) -> SourceRef:
     return ref if ref.nodata is not None else replace(ref, nodata=source.ref.nodata)
 
 
-def _nodata_mask(source: SourceInfo, grid_shape: tuple[int, int], tile: int) -> ChunkMask | None:
+def _nodata_mask(source: SourceInfo, grid_shape: tuple[int, int], tile: int, window: Window) -> ChunkMask | None:
     level = affordable_level([lv.shape for lv in source.levels], grid_shape, tile)
     if level is None:
         return None
@@ -154,12 +160,12 @@ def _nodata_mask(source: SourceInfo, grid_shape: tuple[int, int], tile: int) -> 
     what = [name for name, has in (("alpha band", ref.alpha), ("internal mask", ref.mask_series is not None)) if has]
     if ref.nodata is not None:
         what.append(f"GDAL_NODATA {ref.nodata:g}")
-    keep = chunk_mask_from_pixels(valid, grid_shape, tile)
-    return ChunkMask(keep, f"no-data: {', '.join(what)} on level {level} ({height} x {width} px)")
+    keep = chunk_mask_from_pixels(valid, grid_shape, tile, window=window)
+    return ChunkMask(keep, f"no-data: {', '.join(what)} on level {level} ({width} x {height} px)")
 
 
 def _tissue_mask(
-    source: SourceInfo, grid_shape: tuple[int, int], tile: int, threshold: float | None
+    source: SourceInfo, grid_shape: tuple[int, int], tile: int, threshold: float | None, window: Window
 ) -> ChunkMask | None:
     """Tissue on a low-resolution level: by saturation on a bright background (brightfield), by
     brightness on a dark one (fluorescence, any number of channels); None where neither applies
@@ -179,7 +185,7 @@ def _tissue_mask(
         image = block_mean(image, factor)
         averaged = f", averaged in {factor} x {factor} blocks"
     light = brightness(image, source.dtype)
-    where = f"level {level} ({height} x {width} px{averaged})"
+    where = f"level {level} ({width} x {height} px{averaged})"
     if light is not None and float(np.median(light)) < DARK_BACKGROUND:
         foreground, used = fluorescence_pixels(light, threshold)
         kind, name = "fluorescence", "brightness"
@@ -190,11 +196,11 @@ def _tissue_mask(
         return None
     clamp = SATURATION_CLAMP if kind == "tissue" else BRIGHTNESS_CLAMP
     how = "given" if threshold is not None else ("Otsu, clamped" if used in clamp else "Otsu")
-    keep = chunk_mask_from_pixels(foreground, grid_shape, tile)
+    keep = chunk_mask_from_pixels(foreground, grid_shape, tile, window=window)
     return ChunkMask(keep, f"{kind}: {name} > {used:.3f} ({how}) on {where}")
 
 
-def user_mask(path: str | os.PathLike[str], grid_shape: tuple[int, int], tile: int) -> ChunkMask:
+def user_mask(path: str | os.PathLike[str], grid_shape: tuple[int, int], tile: int, window: Window = None) -> ChunkMask:
     """A mask from an image file: nonzero pixels (in any channel) are foreground.
 
     A TIFF is read through :mod:`pipeline.source.pixels` (any layout it reads, its coarsest level with at
@@ -211,12 +217,13 @@ def user_mask(path: str | os.PathLike[str], grid_shape: tuple[int, int], tile: i
     height, width = grid_shape
     if abs((full_shape[0] / full_shape[1]) / (height / width) - 1) > 0.02:
         raise ConfigError(
-            f"{path}: the mask is {full_shape[0]} x {full_shape[1]} px but the image grid is {height} x {width} px; "
+            f"{path}: the mask is {full_shape[1]} x {full_shape[0]} px but the image grid is {width} x {height} px "
+            "(width x height); "
             "their aspect ratios differ by more than 2 %, so the mask cannot cover the same extent"
         )
     where = "" if level is None else f"level {level}, "
-    keep = chunk_mask_from_pixels(fg, grid_shape, tile)
-    return ChunkMask(keep, f"user mask: {path} ({where}{fg.shape[0]} x {fg.shape[1]} px)")
+    keep = chunk_mask_from_pixels(fg, grid_shape, tile, window=window)
+    return ChunkMask(keep, f"user mask: {path} ({where}{fg.shape[1]} x {fg.shape[0]} px)")
 
 
 def _read_tiff_mask(

@@ -11,11 +11,11 @@ resampling the whole image first: tiling remains seam-free.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pipeline.errors import SourceError, option
+from pipeline.errors import ConfigError, SourceError, option
 from pipeline.source.georef import Georeference
 from pipeline.source.pixels import SourceRef, read_masked
 from pipeline.source.tiff import SourceInfo, open_source
@@ -91,6 +91,83 @@ class Grid:
     """CRS and transform of the output grid (for a GeoTIFF)."""
     note: str | None = None
     """What a user should know about the choice, e.g. that the input records no resolution."""
+    origin: tuple[int, int] = (0, 0)
+    """``(row, col)`` of the output's top-left pixel in the full grid (a window run, else 0, 0)."""
+    full_shape: tuple[int, int] | None = None
+    """``(Y, X)`` of the full grid of a window run (None: the output is the full grid)."""
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int]:
+        """The full grid in output pixels, ``(y0, y1, x0, x1)``: where halos may read beyond the output.
+
+        >>> grid = Grid(None, None, (10, 20), None, None)  # type: ignore[arg-type]
+        >>> replace(grid, origin=(4, 8), full_shape=(100, 200)).bounds
+        (-4, 96, -8, 192)
+        """
+        oy, ox = self.origin
+        height, width = self.full_shape or self.shape
+        return (-oy, height - oy, -ox, width - ox)
+
+
+def window_grid(grid: Grid, window: tuple[int, int, int, int], stride: int) -> Grid:
+    """The ``(col_off, row_off, width, height)`` window of ``grid``, georeferenced where it lies.
+
+    Its offsets must be multiples of the network's ``stride``, so that its tiles see the sampling
+    phase of a full run and its values equal that window of a full run.
+
+    >>> small = window_grid(Grid(None, None, (100, 200), 0.5, None), (8, 4, 20, 10), 4)  # type: ignore[arg-type]
+    >>> small.shape, small.origin, small.full_shape
+    ((10, 20), (4, 8), (100, 200))
+    """
+    col, row, width, height = window
+    full_height, full_width = grid.shape
+    if col + width > full_width or row + height > full_height:
+        raise ConfigError(
+            f"{grid.source.path}: the window {col} {row} {width} {height} (col_off row_off width height) reaches "
+            f"beyond the {full_width} x {full_height} px (width x height) image read"
+        )
+    if row % stride or col % stride:
+        fix = f"{col // stride * stride} {row // stride * stride}"
+        raise ConfigError(
+            f"the window's offsets {col} {row} are not multiples of the network's stride {stride}: its values would "
+            f"not equal a full run's; start it at {fix}"
+        )
+    georef = grid.georeference
+    if georef is not None and georef.transform is not None:
+        a, b, c, d, e, f = georef.transform
+        shifted = (a, b, c + a * col + b * row, d, e, f + d * col + e * row)
+        georef = replace(georef, transform=shifted)
+    return replace(grid, shape=(height, width), origin=(row, col), full_shape=grid.shape, georeference=georef)
+
+
+def bbox_window(grid: Grid, bbox: tuple[float, float, float, float], stride: int) -> tuple[int, int, int, int]:
+    """The window of ``grid`` that covers ``bbox`` = ``(min_x, min_y, max_x, max_y)``: CRS units for a
+    georeferenced raster, micrometres from the top-left corner for a slide; every pixel it touches,
+    the start moved back to a multiple of ``stride``.
+
+    >>> bbox_window(Grid(None, None, (100, 200), 0.5, None), (10.0, 5.0, 20.0, 7.5), 4)  # type: ignore[arg-type]
+    (20, 8, 20, 7)
+    """
+    min_x, min_y, max_x, max_y = bbox
+    georef = grid.georeference
+    if georef is not None and georef.transform is not None:
+        a, _, c, _, e, f = georef.transform
+        cols, rows = sorted(((min_x - c) / a, (max_x - c) / a)), sorted(((min_y - f) / e, (max_y - f) / e))
+        unit = "CRS units"
+    elif grid.mpp is not None:
+        cols, rows = [min_x / grid.mpp, max_x / grid.mpp], [min_y / grid.mpp, max_y / grid.mpp]
+        unit = "µm"
+    else:
+        raise ConfigError(f"{grid.source.path}: has no georeference or pixel size to place a bbox in; give a window")
+    height, width = grid.shape
+    col0, col1 = max(0, math.floor(cols[0])), min(width, math.ceil(cols[1]))
+    row0, row1 = max(0, math.floor(rows[0])), min(height, math.ceil(rows[1]))
+    if col0 >= col1 or row0 >= row1:
+        raise ConfigError(
+            f"{grid.source.path}: the bbox {min_x:g} {min_y:g} {max_x:g} {max_y:g} ({unit}) misses the image"
+        )
+    col0, row0 = col0 // stride * stride, row0 // stride * stride
+    return (col0, row0, col1 - col0, row1 - row0)
 
 
 def native_grid(source: SourceInfo, note: str | None = None) -> Grid:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,16 @@ class StoreRecord:
     def level_read(self) -> int:
         level = self.spatial.get("level_read")
         return int(level if level is not None else self.config["input"]["level"] or 0)
+
+    @property
+    def window(self) -> tuple[int, int, int, int] | None:
+        """``(y0, y1, x0, x1)`` of the level read that a window run computed (None: all of it)."""
+        box, factors = self.spatial.get("window"), self.spatial.get("resampling") or (1.0, 1.0)
+        if box is None:
+            return None
+        col, row, width, height = (int(v) for v in box)  # of the grid: back to the level read
+        fy, fx = (float(v) for v in factors)
+        return (int(row * fy), math.ceil((row + height) * fy), int(col * fx), math.ceil((col + width) * fx))
 
     @property
     def mpp(self) -> float | None:

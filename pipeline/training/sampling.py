@@ -65,7 +65,9 @@ def open_pairs(images: Sequence[str], masks: Sequence[str]) -> list[tuple[Source
             )
         if mask.shape[1:] != image.shape[1:]:
             (my, mx), (iy, ix) = mask.shape[1:], image.shape[1:]
-            raise SourceError(f"{mask.path}: is {my} x {mx} px but its image {image.path} is {iy} x {ix} px")
+            raise SourceError(
+                f"{mask.path}: is {mx} x {my} px but its image {image.path} is {ix} x {iy} px (width x height)"
+            )
         if image.shape[0] != channels:
             raise SourceError(f"{image.path}: has {image.shape[0]} channels but {infos[0][0].path} has {channels}")
     return infos
