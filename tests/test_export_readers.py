@@ -347,3 +347,15 @@ def test_the_help_says_which_export_suits_which_viewer() -> None:
 def test_unknown_classes_are_listed(rgb_store: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("are class_0, class_1, class_2")):
         export_store(str(rgb_store), str(tmp_path / "p.tif"), classes=["nope"])
+
+
+def test_overlay_leaves_the_background_class_transparent_as_the_preview_does(svs_store: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline.products.overlay import class_lut
+    from pipeline.products.view import open_finished
+
+    view = replace(open_finished(str(svs_store), "labels"), class_names=("Background", "stroma", "nuclei"))
+    lut = class_lut(view)
+    assert lut[0].tolist() == [0, 0, 0, 0] and lut[255].tolist() == [0, 0, 0, 0]
+    assert lut[1].tolist() == [*view.class_colors[1], 255] and lut[2].tolist() == [*view.class_colors[2], 255]

@@ -1,9 +1,9 @@
 """A finished store's labels as a colour overlay TIFF, for OpenSlide-based viewers and QuPath.
 
-Each pixel is its class colour, RGBA, no data fully transparent (``(0, 0, 0, 0)``), so the file
-can be laid over the slide. The store's label pyramid becomes successive tiled IFDs, largest
-first, the coarser ones marked reduced-resolution: OpenSlide's "generic-tiff" layout, which
-OpenSlide, tiffslide and QuPath read as a pyramid. Every level carries its TIFF resolution
+Each pixel is its class colour, RGBA, no data and background classes fully transparent
+(``(0, 0, 0, 0)``), so the file can be laid over the slide. The store's label pyramid becomes
+successive tiled IFDs, largest first, the coarser ones marked reduced-resolution: OpenSlide's
+"generic-tiff" layout, which OpenSlide, tiffslide and QuPath read as a pyramid. Every level carries its TIFF resolution
 (pixels per centimetre, exact), so OpenSlide reports ``openslide.mpp-x``. Written with tifffile
 through :mod:`pipeline.source.writer`, a tile at a time; zlib, so the colours stay exact.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import OutputError
+from pipeline.products.preview import background_classes
 from pipeline.products.view import (
     TIFF_TILE,
     StoreView,
@@ -36,12 +37,13 @@ _BIGTIFF_FROM = 2**31
 
 
 def class_lut(view: StoreView) -> np.ndarray:
-    """``(256, 4)`` uint8: the RGBA colour of each label value (class colour, opaque; else transparent)."""
+    """``(256, 4)`` uint8: the RGBA colour of each label value: its class colour, opaque; transparent
+    for no data and for a background class (as the preview draws it: the slide shows through)."""
     lut = np.zeros((256, 4), np.uint8)
     lut[:] = NODATA_RGBA
     for index, color in enumerate(view.class_colors):
         lut[index] = (*color, 255)
-    lut[NODATA_LABEL] = NODATA_RGBA
+    lut[[NODATA_LABEL, *background_classes(view.class_names)]] = NODATA_RGBA
     return lut
 
 
