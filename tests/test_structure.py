@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pipeline"
 
-LAYERS = ["base", "source", "model", "store", "compute", "run", "products", "training", "cli"]
+LAYERS = ["base", "source", "model", "store", "compute", "run", "products", "vector", "training", "cli"]
 """The packages in the order data flows through them; a package imports only those before it.
 ``base`` is the modules at the top of ``pipeline/`` (errors, parse, config, files, tiling)."""
 
@@ -35,6 +35,8 @@ OWNERS = {
     "dask_jobqueue": "compute",
     "rasterio": "products",
     "PIL": "products",
+    "shapely": "vector",
+    "pyogrio": "vector",
     "click": "cli",
     "tqdm": "cli",
     "yaml": "pipeline.parse",
