@@ -119,9 +119,15 @@ def cli(debug: bool) -> None:
     fcnpipe train IMAGES... --masks M... -o M.pt  train any FCN on labelled TIFFs
     fcnpipe plan SLIDE.svs --model M.pt           chunks, skipped background, ETA, memory, disk
     fcnpipe run SLIDE.svs --model M.pt -o OUT.zarr   probabilities + labels, OME-Zarr, preview PNG
+    fcnpipe run SLIDE.svs -m M.pt -o C.zarr --window 0 0 2048 2048   a corner first, same values
     fcnpipe batch scans/ --model M.pt -o OUTDIR   many inputs, manifest; rerun to resume
     fcnpipe preview OUT.zarr                      the PNG again (input, classes over it, legend)
-    fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (or OUT.ome.tif for slide viewers)
+    fcnpipe export OUT.zarr -o OUT.tif            a COG for QGIS (OUT.ome.tif QuPath, OUT.overlay.tif OpenSlide)
+    fcnpipe config show -c pathology              the resolved config, and where each value comes from
+
+    
+    Every command takes -q (errors and warnings only) and -v (more detail); inspect, plan and
+    inspect-model take --json. Presets: -c pathology, satellite, cluster, cluster-gpu.
     """
     _route_warnings()
 
