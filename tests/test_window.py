@@ -59,7 +59,7 @@ def test_a_window_equals_that_window_of_a_full_run_and_is_georeferenced_there(
     part = run(image, model, tmp_path / "part.zarr", "--tile", "128", "--window", *map(str, window))
     assert_window_of(full, part, *window)
     with rasterio.open(image) as source:
-        expected = source.transform * rasterio.Affine.translation(100, 200)
+        expected = source.transform @ rasterio.Affine.translation(100, 200)
     with rasterio.open(f'ZARR:"{tmp_path / "part.zarr"}":/0:0') as opened:
         assert opened.transform.almost_equals(expected, precision=1e-9) and opened.crs.to_epsg() == 32618
         assert (opened.width, opened.height) == (300, 250)
@@ -67,8 +67,8 @@ def test_a_window_equals_that_window_of_a_full_run_and_is_georeferenced_there(
     planned = CliRunner().invoke(cli, ["plan", str(image), "-m", str(model), "--window", *map(str, window), "--json"])
     assert json.loads(planned.stdout)["input"]["window"] == list(window)
     # the same window as a bbox in the CRS (metres): every pixel it touches
-    x0, y1 = expected * (0, 0)
-    x1, y0 = expected * (300, 250)
+    x0, y1 = expected @ (0, 0)
+    x1, y0 = expected @ (300, 250)
     inset = 1.0  # metres inside the pixel edges, so that the neighbours are not touched
     bbox = [str(v) for v in (x0 + inset, y0 + inset, x1 - inset, y1 - inset)]
     boxed = run(image, model, tmp_path / "box.zarr", "--tile", "128", "--bbox", *bbox)
