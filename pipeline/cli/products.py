@@ -146,3 +146,46 @@ def export(
         classes=classes or None,
     )
     say(f"wrote {output}")
+
+
+@cli.command("stats")
+@click.argument("store", metavar="STORE", type=click.Path())
+@click.option(
+    "--regions",
+    type=click.Path(),
+    help="Count inside each polygon of this file: QuPath GeoJSON (level-0 pixels of the slide), or "
+    "GeoPackage / GeoJSON in the raster's CRS.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: classes keyed by name, numbers as numbers.")
+def stats(store: str, regions: str | None, as_json: bool) -> None:
+    """Class areas of a finished store: pixels, area and share of the labelled pixels per class.
+
+    \b
+    Areas are in um2 and mm2 on a slide (its micrometres per pixel), in m2 and ha on a raster in
+    a metric CRS (other CRS units squared otherwise), pixels only without a scale. No data is in
+    no class; the classes add up to the labelled area. The run stored them; a store written by an
+    earlier fcnpipe is counted now, chunk by chunk. With --regions, the same inside each polygon:
+    a pixel counts for a region when its centre is strictly inside it.
+    """
+    from pipeline.store.reading import open_store, store_stats
+
+    reader = open_store(store, complete=True, why="its class areas need every chunk")
+    if regions is None:
+        document = store_stats(reader)
+        if as_json:
+            click.echo(report.json_text({"store": store, **document}))
+            return
+        for line in report.class_lines(document):
+            click.echo(line)
+        return
+    from pipeline.vector.regions import region_stats
+
+    found = region_stats(reader, regions)
+    if as_json:
+        click.echo(report.json_text({"store": store, "regions_file": regions, "regions": found}))
+        return
+    for region in found:
+        kind = "" if region["classification"] in (None, region["name"]) else f" ({region['classification']})"
+        click.echo(f"region {region['index']} {region['name']}{kind}: {region['pixels']:,} px whose centre is inside")
+        for line in report.class_lines(region, indent="  "):
+            click.echo(line)

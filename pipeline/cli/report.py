@@ -152,7 +152,8 @@ def estimate_lines(estimate: Estimate) -> list[str]:
 def summary_lines(result: RunResult) -> list[str]:
     """What a run did: the store, its chunks, the no-data pixels, the memory."""
     if result.status != "done":
-        return [f"{result.output_path}: {result.status}, nothing to do"]
+        stats = [] if result.stats is None else class_lines(result.stats)
+        return [f"{result.output_path}: {result.status}, nothing to do", *stats]
     rate = result.megapixels / result.seconds if result.seconds else float("inf")
     nodata = (
         [
@@ -168,7 +169,33 @@ def summary_lines(result: RunResult) -> list[str]:
         f"({result.background_fraction:.0%}), {result.chunks_resumed} from earlier runs; "
         f"peak memory {result.peak_rss_mib:.0f} MiB",
         *nodata,
+        *([] if result.stats is None else class_lines(result.stats)),
     ]
+
+
+AREA_UNITS = {"area_mm2": "mm²", "area_um2": "µm²", "area_ha": "ha", "area_m2": "m²"}
+
+
+def _areas(values: dict[str, Any], unit: str | None) -> str:
+    """``2.097 mm² = 2,097,152 µm²``: the areas of a class, largest unit first."""
+    found = [(AREA_UNITS.get(k, unit or "CRS units²"), v) for k, v in values.items() if k.startswith("area_")]
+    return " = ".join(f"{v:,.6g} {u}" if v < 1000 else f"{v:,.0f} {u}" for u, v in reversed(found))
+
+
+def class_lines(stats: dict[str, Any], indent: str = "") -> list[str]:
+    """One line per class of :func:`pipeline.store.reading.class_stats`: pixels, areas, share;
+    then the labelled total and the pixels without data."""
+    unit, labelled = stats.get("pixel_area_unit"), stats["labelled"]
+    width = max((len(name) for name in stats["classes"]), default=0)
+    lines = [
+        f"{indent}class  {name:<{width}} {v['pixels']:>13,} px  {v['share']:6.1%}  {_areas(v, unit)}".rstrip()
+        for name, v in stats["classes"].items()
+    ]
+    lines.append(
+        f"{indent}labelled {labelled['pixels']:,} px {_areas(labelled, unit)}; "
+        f"{stats['nodata_pixels']:,} px no data (in no class)".replace("px ;", "px;")
+    )
+    return lines
 
 
 def batch_item_line(item: Any) -> str:
@@ -190,6 +217,7 @@ def batch_lines(items: list[Any], elapsed: float, outdir: str) -> list[str]:
         f"{counts['failed']} failed; {megapixels:.1f} Mpx in {elapsed:.0f} s; "
         f"{background / max(1, chunks):.0%} of chunks skipped as background",
         f"manifest {os.path.join(outdir, 'manifest.json')}",
+        f"report  {os.path.join(outdir, 'report.html')}",
     ]
 
 

@@ -112,13 +112,13 @@ def plan_command(input_path: str, output: str | None, configs: tuple[str, ...], 
     "outdir",
     required=True,
     type=click.Path(),
-    help="Folder for the stores (INPUT name + .zarr), manifest.json/.csv and fcnpipe-batch.log.",
+    help="Folder for the stores (INPUT name + .zarr), manifest.json/.csv, report.html and fcnpipe-batch.log.",
 )
 @run_options
 @click_option(PROGRESS)
 @click.option("--preview/--no-preview", default=True, show_default=True, help="A PNG beside each store.")
 def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], preview: bool, **given: Any) -> None:
-    """Run many inputs, one store each in OUTDIR, with a manifest of what happened to each.
+    """Run many inputs, one store each in OUTDIR, with a manifest and report.html of what happened to each.
 
     \b
     INPUTS are files, folders (their TIFFs), glob patterns ('scans/**/*.svs') or @list.txt
@@ -263,3 +263,18 @@ def config_show(configs: tuple[str, ...], as_json: bool, **given: Any) -> None:
 def _nested(key: str) -> dict[str, Any]:
     section, name = key.split(".")
     return {section: {name: True}}
+
+
+@cli.command("report")
+@click.argument("outdir", metavar="OUTDIR", type=click.Path())
+def report_command(outdir: str) -> None:
+    """Write OUTDIR/report.html again from OUTDIR/manifest.json, the folder of `fcnpipe batch`.
+
+    One static page, no server or network needed: one row per input (failed ones first, with
+    the reason), its status, time, megapixels, class areas and shares, a thumbnail of its preview
+    linking to the PNG, and a link to its store; totals last. Click a column to sort by it.
+    `fcnpipe batch` writes the same page after every input.
+    """
+    from pipeline.run.overview import write_report
+
+    say(f"report {write_report(outdir)}")

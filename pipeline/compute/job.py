@@ -2,7 +2,7 @@
 
 A task is a :class:`Job` (everything the tasks of one store share: the source's path and level,
 the model file's path and hash, the device, the output store) and a list of tiles; it returns a
-:class:`TaskStats` (pixels written, seconds per stage), or a :class:`TaskFailure` when it was run
+:class:`TaskStats` (pixels written, per class too, seconds per stage), or a :class:`TaskFailure` when it was run
 guarded. Nothing proportional to the image ever lives in the graph or in the scheduler.
 """
 
@@ -77,6 +77,9 @@ class TaskStats:
     """Compressing and writing the chunks (pyramid level 1 included)."""
     nodata_pixels: int = 0
     """Pixels of the cores written as no data (alpha 0, GDAL_NODATA, non-finite values...)."""
+    class_pixels: tuple[int, ...] = ()
+    """Pixels of the cores written with label 0, 1, ... (no data excluded): the class areas of the
+    run add these up, so that they cost no second pass over the labels."""
 
 
 @dataclass(frozen=True, slots=True)

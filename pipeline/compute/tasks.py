@@ -147,6 +147,16 @@ def nodata_pixels(results: Sequence[Any]) -> int:
     return sum(r.nodata_pixels for r in results if isinstance(r, TaskStats))
 
 
+def class_pixels(results: Sequence[Any], classes: int) -> list[int]:
+    """Pixels written with label 0 ... ``classes - 1``, summed over the :class:`TaskStats` in ``results``."""
+    total = [0] * classes
+    for result in results:
+        if isinstance(result, TaskStats):
+            for label, count in enumerate(result.class_pixels[:classes]):
+                total[label] += count
+    return total
+
+
 def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), name: str | None = None) -> TaskStats:
     """Read, predict, crop and write ``tiles``; return the pixels written and the time per stage.
 
@@ -163,6 +173,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
     done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
     written: list[str] = []
     nodata = 0
+    counts = np.zeros(NODATA_LABEL + 1, np.int64)
     for tile, stored, core_labels in cores:
         if valid is not None:
             y0, y1, x0, x1 = tile.core
@@ -171,6 +182,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
             core_labels[empty] = NODATA_LABEL
             nodata += int(np.count_nonzero(empty))
         write_stored(job.output, 0, tile.core, stored, core_labels)
+        counts += np.bincount(core_labels.ravel(), minlength=NODATA_LABEL + 1)  # 0.2 ms a 512² core
         if name is not None:
             written += chunk_files(job.output, 0, tile.core)
         if job.level1:
@@ -191,6 +203,7 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
         predict_s=predict_s,
         write_s=total_s - read_s - predict_s,
         nodata_pixels=nodata,
+        class_pixels=tuple(int(n) for n in np.trim_zeros(counts[:NODATA_LABEL], "b")),
     )
 
 

@@ -5,7 +5,9 @@
 manifest (``manifest.json`` and ``manifest.csv`` in the output folder, rewritten atomically after
 every input) with each input's status: ``done``, ``already complete`` (its store was complete and
 made with the same input, model and config, so it was kept) or ``failed`` with the one-line
-reason. One bad input never stops the others.
+reason, and its class areas as columns (:func:`pipeline.run.overview.class_columns`); and the page
+``report.html`` made from the manifest (:mod:`pipeline.run.overview`), rewritten with it. One bad
+input never stops the others.
 
 Inputs are run in *waves*: the level-0 tasks of consecutive inputs are computed together until a
 wave holds enough tasks to keep every worker busy (:data:`TASKS_PER_WORKER`), so many small
@@ -35,6 +37,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FcnpipeError
 from pipeline.files import atomic_write
 from pipeline.run.execute import StoreWriter
+from pipeline.run.overview import class_columns, write_report
 from pipeline.run.plan import RunPlan, prepare
 from pipeline.store.safety import store_lock
 
@@ -60,6 +63,8 @@ class BatchItem:
     """Chunks without foreground: neither computed nor stored."""
     chunks_resumed: int = 0
     """Chunks written by an earlier, interrupted run."""
+    stats: dict[str, Any] | None = None
+    """Pixels and areas per class of its store (:func:`pipeline.store.reading.class_stats`)."""
 
 
 STATUSES = ("done", "already complete", "failed")
@@ -124,17 +129,24 @@ def output_paths(inputs: Sequence[str], outdir: str) -> list[str]:
 
 
 def write_manifest(outdir: str, items: Sequence[BatchItem]) -> None:
-    """``manifest.json`` and ``manifest.csv`` in ``outdir``, each replaced atomically."""
-    rows = [dataclasses.asdict(item) for item in items]
-    for item in rows:
-        item["seconds"] = round(item["seconds"], 2)
-        item["megapixels"] = round(item["megapixels"], 3)
+    """``manifest.json`` and ``manifest.csv`` in ``outdir``, each replaced atomically: one row per
+    input, its class areas flattened into columns (the union over the inputs; empty where absent)."""
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for item in items:
+        row = {k: v for k, v in dataclasses.asdict(item).items() if k != "stats"}
+        row["seconds"] = round(row["seconds"], 2)
+        row["megapixels"] = round(row["megapixels"], 3)
+        rows.append({**row, **class_columns(item.stats)})
+        names += [name for name in (item.stats or {}).get("classes", {}) if name not in names]
+    fields = list(dict.fromkeys(key for row in rows for key in row)) or ["input"]
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["input"])
+    writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     summary = {"inputs": len(items), **{s: sum(i.status == s for i in items) for s in STATUSES}}
-    atomic_write(os.path.join(outdir, f"{MANIFEST}.json"), json.dumps({"summary": summary, "inputs": rows}, indent=1))
+    document = {"summary": summary, "classes": names, "inputs": rows}
+    atomic_write(os.path.join(outdir, f"{MANIFEST}.json"), json.dumps(document, indent=1))
     atomic_write(os.path.join(outdir, f"{MANIFEST}.csv"), text.getvalue())
 
 
@@ -159,11 +171,13 @@ def run_batch(
         raise ConfigError(f"{outdir}: cannot create the output folder ({err.strerror or err})") from err
     items = [BatchItem(path, out) for path, out in zip(inputs, output_paths(inputs, outdir), strict=True)]
     write_manifest(outdir, items)
+    write_report(outdir)
 
     def report(item: BatchItem) -> None:
         write_manifest(outdir, items)
         if on_item is not None:
-            on_item(item)
+            on_item(item)  # writes its preview, which the page shows
+        write_report(outdir)
 
     pending = list(items)
     while pending:
@@ -176,7 +190,7 @@ def run_batch(
                 report(item)
             elif opened.writer.result is not None:
                 opened.held.close()
-                item.status = "already complete"
+                item.status, item.stats = "already complete", opened.writer.result.stats
                 item.seconds = time.perf_counter() - opened.started
                 report(item)
             elif opened.writer.plan.blend is not None:  # blended stores run on their own
@@ -241,7 +255,7 @@ def _fail(item: BatchItem, reason: str, started: float) -> None:
 def _run_alone(opened: _Open, on_progress: Callable[[int], None] | None) -> None:
     try:
         opened.writer.compute(on_progress)
-        opened.writer.finish()
+        opened.item.stats = opened.writer.finish().stats
         opened.item.status = "done"
         opened.item.seconds = time.perf_counter() - opened.started
     except Exception as err:
@@ -286,7 +300,7 @@ def _finish(opened: _Open, results: list[Any], failures: dict[str, str], seconds
         _fail(item, failure, opened.started)
         return
     try:  # the wave's compute time, shared by pixels
-        writer.finish(seconds_per_mpx * writer.plan.megapixels_to_compute)
+        item.stats = writer.finish(seconds_per_mpx * writer.plan.megapixels_to_compute).stats
         item.status = "done"
         item.seconds = time.perf_counter() - opened.started
     except Exception as err:

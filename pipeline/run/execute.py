@@ -1,9 +1,16 @@
-"""The long part of a run: create (or resume) the store, run its tasks, make its pyramid, mark it complete.
+"""The long part of a run: create (or resume) the store, run its tasks, make its pyramid, count its
+class areas, mark it complete.
 
 :class:`StoreWriter` is a store between its start and its completion mark, and the one way to
 write one: ``fcnpipe run`` uses it through :func:`execute`, ``fcnpipe batch`` directly, so that the
 level-0 tasks of several stores can be computed together. :func:`run_pipeline` is
 ``execute(prepare(config))``.
+
+The class areas come from the level-0 tasks, which count the labels they write
+(:attr:`pipeline.compute.job.TaskStats.class_pixels`); the chunks of tasks that earlier,
+interrupted runs finished are counted from disk, so a resumed store has the counts of an
+uninterrupted one. Blended runs write level 0 in merge tasks that do not count: they are counted
+from disk, chunk by chunk, once level 0 is done.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,14 +27,17 @@ from typing import Any
 
 from pipeline.compute import state
 from pipeline.compute.blend import predict_blended
+from pipeline.compute.job import task_id
 from pipeline.compute.tasks import (
     build_reduce_tasks,
     build_tasks,
     chunks_written,
+    class_pixels,
     compute_results,
     compute_tasks,
     nodata_pixels,
     stage_seconds,
+    task_groups,
 )
 from pipeline.config import RunConfig
 from pipeline.errors import OutputError, option
@@ -38,6 +49,7 @@ from pipeline.run.resume import Resume, check_resume
 from pipeline.source.resample import Grid
 from pipeline.store.arrays import create_store
 from pipeline.store.ome import write_gis_metadata, write_viewer_metadata
+from pipeline.store.reading import class_stats, count_labels, open_store, pixel_area, store_stats
 from pipeline.store.record import StoreRecord, write_record
 from pipeline.store.safety import clear_state, remove_leftovers, staged_store, store_lock, write_state
 from pipeline.tiling import plan_tiles
@@ -66,6 +78,8 @@ class RunResult:
     nodata_pixels: int = 0
     """Pixels of the computed chunks that hold no data (alpha 0, GDAL_NODATA, non-finite values)."""
     peak_rss_mib: float = 0.0
+    stats: dict[str, Any] | None = None
+    """Pixels and areas per class (:func:`pipeline.store.reading.class_stats`)."""
 
     @property
     def background_fraction(self) -> float:
@@ -111,6 +125,8 @@ class StoreWriter:
         self.chunks_written = 0
         """Level-0 chunks the tasks of this run say they wrote."""
         """Pixels written as no data by this run's level-0 tasks (plain tiling; blended runs count none)."""
+        self.class_pixels = [0] * plan.model.spec.num_classes
+        """Pixels per class of the labels this run's level-0 tasks wrote (plain tiling)."""
         self._record: StoreRecord | None = None
         self._started = 0.0
         self._compute_s = 0.0
@@ -189,6 +205,8 @@ class StoreWriter:
         self.stages = stage_seconds(mine)
         self.nodata_pixels = nodata_pixels(mine)
         self.chunks_written += chunks_written(mine)
+        found = class_pixels(mine, len(self.class_pixels))
+        self.class_pixels = [a + b for a, b in zip(self.class_pixels, found, strict=True)]
 
     def finish(self, compute_s: float | None = None) -> RunResult:
         """Make pyramid levels 2, 3, ... (level 1 came with level 0) and mark the store complete.
@@ -218,12 +236,37 @@ class StoreWriter:
             timings["stages"] = {k: round(v, 3) for k, v in self.stages.items()}
         if plan.engine.distributed:  # a worker that died mid-write left zarr's temporary file behind
             remove_partial_files(self.path)
-        final = self._record.completed(timings)
+        final = self._record.completed(timings, self.stats())
         write_record(self.path, final)
         clear_state(self.path)
         log.info("%s: complete in %.1f s", self.path, total_s)
         state.forget(self.job.output.token)
         return self._result(total_s, final, "done")
+
+    def stats(self) -> dict[str, Any]:
+        """The class areas of the store, whose level 0 is done: this run's tasks' counts, plus the
+        chunks of the tasks earlier runs finished read from disk (all of them for a blended run)."""
+        plan = self.plan
+        names = list(plan.model.spec.class_names)
+        with warnings.catch_warnings():  # zarr does not know the resume state's folder
+            warnings.simplefilter("ignore", UserWarning)
+            labels = open_store(self.path, complete=False).labels[0]
+        if plan.blend is not None:
+            counts = count_labels(labels, len(names))
+        else:
+            done = plan.resume.done if plan.resume is not None else frozenset()
+            groups = [
+                g for g in task_groups(plan.tiles, self.job.level1, plan.config.tiling.batch) if task_id(g) in done
+            ]
+            boxes = [tile.core for group in groups for tile in group if plan.kept(tile)]
+            before = count_labels(labels, len(names), boxes) if boxes else [0] * len(names)
+            counts = [a + b for a, b in zip(self.class_pixels, before, strict=True)]
+        height, width = plan.grid.shape
+        georef = plan.grid.georeference
+        transform = None if georef is None else georef.transform
+        crs = None if georef is None else georef.crs
+        area, unit = pixel_area(plan.grid.mpp, transform, crs, plan.source.crs_units)
+        return class_stats(counts, names, height * width, area, unit)
 
     def _create(self) -> StoreRecord:
         """A new store: arrays, viewer and GIS metadata, the start record, then the resume state."""
@@ -263,6 +306,9 @@ class StoreWriter:
 
     def _result(self, seconds: float, record: StoreRecord, status: str) -> RunResult:
         plan = self.plan
+        stats = record.stats  # a complete store of an earlier fcnpipe: counted now, from disk
+        if stats is None and record.complete:
+            stats = store_stats(open_store(self.path, complete=True), plan.source.crs_units)
         return RunResult(
             output_path=self.path,
             shape=plan.output_shape,
@@ -276,6 +322,7 @@ class StoreWriter:
             chunks_resumed=plan.chunks_resumed,
             nodata_pixels=self.nodata_pixels,
             peak_rss_mib=peak_rss_mib(),
+            stats=stats,
         )
 
 
@@ -316,6 +363,7 @@ def _spatial(grid: Grid) -> dict[str, Any]:
         "transform": None if georef is None or georef.transform is None else list(georef.transform),
         "pixel_is_point": None if georef is None else georef.pixel_is_point,
         "level_read": grid.source.ref.level,
+        "level0_shape": list(grid.source.levels[0].shape) if grid.source.levels else None,
         "resampling": None if resampling is None else [resampling.factor_y, resampling.factor_x],
         **({} if grid.full_shape is None else {"window": [*grid.origin[::-1], *grid.shape[::-1]]}),
     }

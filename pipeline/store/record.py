@@ -3,7 +3,8 @@
 It holds the fcnpipe version, the resolved config, the input (path, size, shape of the level
 read), the model (sha256, architecture, classes and colours, receptive radius and stride), the
 tile and halo, the scale or georeference, the fingerprint that ``--resume`` and ``batch`` compare,
-the mask, timings, and ``complete``, which is written ``false`` when the store is created and
+the mask, timings, the class areas (``stats``, :func:`pipeline.store.reading.class_stats`), and
+``complete``, which is written ``false`` when the store is created and
 ``true`` only after every chunk is on disk, so that a killed or failed run never leaves an output
 that looks finished. :class:`StoreRecord` is the one reader and writer of the attribute; its
 ``to_dict`` is exactly what is stored.
@@ -63,6 +64,9 @@ class StoreRecord:
     resumed: int | None = None
     """How often the run was resumed, once it was."""
     timings_s: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None
+    """Pixels and areas per class of the level-0 labels (:func:`pipeline.store.reading.class_stats`),
+    written with ``complete``; None in stores of earlier fcnpipe versions (counted when asked)."""
     finished: str | None = None
 
     @property
@@ -125,14 +129,16 @@ class StoreRecord:
         """This record for a run that resumes the store once more."""
         return dataclasses.replace(self, resumed=(self.resumed or 0) + 1)
 
-    def completed(self, timings: Mapping[str, Any]) -> StoreRecord:
-        """This record once the run is done: its timings, ``complete``, and when it finished."""
-        return dataclasses.replace(self, timings_s=dict(timings), complete=True, finished=_now())
+    def completed(self, timings: Mapping[str, Any], stats: Mapping[str, Any] | None = None) -> StoreRecord:
+        """This record once the run is done: its timings, its class areas, ``complete``, and when it
+        finished (all written in one attribute, so a complete store always has its stats)."""
+        kept = None if stats is None else dict(stats)
+        return dataclasses.replace(self, timings_s=dict(timings), stats=kept, complete=True, finished=_now())
 
     def to_dict(self) -> dict[str, Any]:
         """The attribute as stored (fields that are None and were never set are left out)."""
         value = dataclasses.asdict(self)
-        for optional in ("resumed", "timings_s", "finished"):
+        for optional in ("resumed", "timings_s", "stats", "finished"):
             if value[optional] is None:
                 del value[optional]
         return value
