@@ -261,7 +261,7 @@ def test_the_kind_comes_from_the_name_and_a_mismatch_is_refused(rgb_store: Path,
     for args, message in (
         (["-o", str(tmp_path / "y.ome.tif"), "--as", "cog"], f"name ends in .tif; pass -o {tmp_path / 'y.tif'}"),
         (["-o", str(tmp_path / "y.tif"), "--as", "ome-tiff"], "name ends in .ome.tif; pass -o"),
-        (["-o", str(tmp_path / "y.png")], "name it .tif for a Cloud-Optimized GeoTIFF (GIS), .ome.tif"),
+        (["-o", str(tmp_path / "y.png")], ".tif a Cloud-Optimized GeoTIFF (GIS), .ome.tif an OME-TIFF"),
     ):
         result = CliRunner().invoke(cli, ["export", str(rgb_store), *args])
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

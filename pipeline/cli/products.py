@@ -69,7 +69,13 @@ def preview(store: str, png_path: str | None, size: int) -> None:
 
 @cli.command("export")
 @click.argument("store", metavar="STORE", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="TIFF file to write, e.g. OUT.tif.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="File to write: a TIFF (OUT.tif) or polygons (OUT.geojson, .geojson.gz, .gpkg, .fgb).",
+)
 @click.option(
     "--as",
     "kind",
@@ -92,7 +98,8 @@ def preview(store: str, png_path: str | None, size: int) -> None:
     "classes",
     multiple=True,
     metavar="NAME",
-    help="Export only this class's probability band; repeat for more, in the order given.",
+    help="Export only this class's probability band; repeat for more, in the order given.  "
+    "Polygons: only the regions of this class, a background class too.",
 )
 @click.option(
     "--co",
@@ -108,6 +115,38 @@ def preview(store: str, png_path: str | None, size: int) -> None:
     "[default: NaN, 255]",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (and its .aux.xml).")
+@click.option(
+    "--skip-class",
+    "skip_classes",
+    multiple=True,
+    metavar="NAME",
+    help="Polygons: leave this class out; repeat for more.  [default: the background classes (background, "
+    "bg, glass, no tissue, unlabelled; any case) unless --class names them]",
+)
+@click.option(
+    "--object-type",
+    type=click.Choice(["annotation", "detection"]),
+    help="Polygons in GeoJSON: the QuPath object each becomes.  [default: annotation]",
+)
+@click.option(
+    "--connectivity",
+    type=click.Choice(["4", "8"]),
+    help="Polygons: pixels of one region share an edge (4), or an edge or a corner (8).  [default: 4]",
+)
+@click.option(
+    "--min-area",
+    metavar="AREA",
+    help="Polygons: drop regions smaller than this, in label-map pixels (50), um2 on a slide (20um2) or m2 "
+    "on a raster (900m2).",
+)
+@click.option(
+    "--simplify",
+    type=click.FloatRange(min=0),
+    metavar="TOL",
+    help="Polygons: simplify by this tolerance in output units (level-0 pixels, CRS units); shared edges stay "
+    "shared. Holds all polygons in memory.",
+)
+@click.option("--fill-holes", is_flag=True, help="Polygons: outer outlines only, holes dropped.")
 def export(
     store: str,
     output: str,
@@ -118,8 +157,14 @@ def export(
     creation_options: tuple[str, ...],
     nodata: float | None,
     overwrite: bool,
+    skip_classes: tuple[str, ...],
+    object_type: str | None,
+    connectivity: str | None,
+    min_area: str | None,
+    simplify: float | None,
+    fill_holes: bool,
 ) -> None:
-    """Write a finished store (from `fcnpipe run`) as one TIFF, for the viewer at hand.
+    """Write a finished store (from `fcnpipe run`) as one TIFF or as polygons, for the viewer at hand.
 
     \b
     OUT.tif          Cloud-Optimized GeoTIFF: QGIS, GDAL, ArcGIS (grey bands named after the
@@ -128,10 +173,56 @@ def export(
                      classes; labels as a palette image with the class names in the OME-XML)
     OUT.overlay.tif  the labels in their class colours, RGBA, no data transparent: OpenSlide-based
                      viewers, and QuPath as a colour overlay
+    OUT.geojson      the regions of each class as polygons, QuPath GeoJSON: annotations (or
+                     detections) in level-0 pixels of the slide, with class names and colours;
+                     in CRS units for a GeoTIFF (.geojson.gz: gzipped)
+    OUT.gpkg, .fgb   the same as GeoPackage or FlatGeobuf: QGIS, GDAL (the input's CRS, one
+                     layer 'regions' with 'class' and 'area' in CRS units squared)
+
+    Polygons equal those of the whole label map at once (rasterio / gdal_polygonize), holes
+    included, without seams at chunk edges; no data and the background classes are left out.
 
     The store is read chunk by chunk, so memory stays small however large the map. A store whose
     run did not finish is refused. The file appears only when complete.
     """
+    from pipeline.vector.writers import vector_kind
+
+    if vector_kind(output) is not None:
+        from pipeline.errors import ConfigError
+        from pipeline.vector.export import export_polygons
+
+        tiff_only: dict[str, object] = {
+            "--as": kind,
+            "--what": what,
+            "--dtype": dtype,
+            "--co": creation_options,
+            "--nodata": nodata,
+        }
+        given = [flag for flag, value in tiff_only.items() if value not in (None, ())]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to a TIFF export, not to polygons ({output})")
+        count = export_polygons(
+            store,
+            output,
+            object_type=object_type or "annotation",
+            classes=classes or None,
+            skip_classes=skip_classes or None,
+            connectivity=int(connectivity or 4),
+            min_area=min_area,
+            simplify=simplify,
+            fill_holes=fill_holes,
+            overwrite=overwrite,
+        )
+        say(f"wrote {output} ({count:,} polygons)")
+        return
+    polygon_only: dict[str, object] = {"--skip-class": skip_classes, "--object-type": object_type}
+    polygon_only["--connectivity"] = connectivity
+    polygon_only |= {"--min-area": min_area, "--simplify": simplify, "--fill-holes": fill_holes or None}
+    given = [flag for flag, value in polygon_only.items() if value not in (None, ())]
+    if given:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(given)} apply to polygons (.geojson, .gpkg, .fgb), not to {output}")
     from pipeline.products.export import export_store
 
     export_store(

@@ -64,8 +64,9 @@ def kind_for(path: str, kind: str | None) -> str:
     if kind is None:
         if named is None:
             raise ConfigError(
-                f"{path}: fcnpipe export writes a TIFF: name it .tif for a Cloud-Optimized GeoTIFF (GIS), "
-                ".ome.tif for an OME-TIFF (slide viewers) or .overlay.tif for a colour overlay (OpenSlide)"
+                f"{path}: fcnpipe export writes what the name says: .tif a Cloud-Optimized GeoTIFF (GIS), "
+                ".ome.tif an OME-TIFF (slide viewers), .overlay.tif a colour overlay (OpenSlide), or polygons: "
+                ".geojson / .geojson.gz (QuPath), .gpkg / .fgb (GIS)"
             )
         return named
     parse_choice(kind, "kind", KINDS)
