@@ -68,6 +68,8 @@ PLAN_WORDS = (
     "nodata",
     "progress",
     "preview",
+    "class",
+    "labelled",
 )
 """First words of the lines a run prints on stderr besides warnings and errors."""
 
