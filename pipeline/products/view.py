@@ -181,7 +181,7 @@ def check_output_file(path: str, overwrite: bool) -> None:
     A sidecar left from an earlier file would lend its class names to the new one in every GDAL tool.
     """
     if os.path.isdir(path):
-        raise OutputError(f"{path}: is a folder; the export is one TIFF file")
+        raise OutputError(f"{path}: is a folder; the export is one file")
     for existing in (path, path + SIDECAR):
         if os.path.lexists(existing) and not overwrite:
             raise OutputError(f"{existing}: already exists; {option('overwrite')} to replace it")

@@ -18,11 +18,12 @@ import numpy as np
 import shapely  # type: ignore[import-untyped, unused-ignore]
 
 from pipeline.errors import ConfigError
+from pipeline.products.view import check_output_file
 from pipeline.store.reading import open_store
 from pipeline.vector import features
 from pipeline.vector.features import Matrix, finish, single, transformed
 from pipeline.vector.polygons import Region, regions, tidy
-from pipeline.vector.writers import Batch, check_vector_output, vector_kind, write_ogr, write_qupath
+from pipeline.vector.writers import Batch, vector_kind, write_ogr, write_qupath
 
 BATCH = 20_000
 """Polygons written at a time: large enough that per-call overheads vanish, small in memory."""
@@ -62,7 +63,7 @@ def export_polygons(
         raise ConfigError(f"{out_path}: a vector export is named .geojson, .geojson.gz, .gpkg or .fgb")
     if simplify is not None and simplify < 0:
         raise ConfigError(f"Expected a tolerance >= 0 for 'simplify'. Got {simplify} instead.")
-    check_vector_output(out_path, overwrite)
+    check_output_file(out_path, overwrite)  # the same rule as every export
     reader = open_store(store, complete=True, why="rerun it before exporting")
     record = reader.record
     names = [c.name for c in record.classes]

@@ -6,7 +6,7 @@ They leave in the coordinates the reader expects:
 * a slide (no transform in the record): full-resolution (level-0) pixels of the slide, ``x`` right
   and ``y`` down, what QuPath reads. The grid is mapped back through a window run's offset, the
   resampling factors and the downsample of the level the run read (level-0 size over that
-  level's, as :func:`pipeline.vector.regions.grid_matrix` maps the other way);
+  level's, as :func:`pipeline.vector.regions.grid_matrix`, its inverse, maps the other way);
 * a georeferenced raster: CRS units through the store's transform (GDAL's affine of level-0
   pixel corners; a window run's is already shifted).
 """

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import shapely  # type: ignore[import-untyped, unused-ignore]
 
-from pipeline.errors import ConfigError, OutputError
+from pipeline.errors import ConfigError
 from pipeline.store.layout import NODATA_LABEL
 from pipeline.store.reading import StoreReader, chunk_boxes, class_stats, pixel_area
 from pipeline.store.record import StoreRecord
+from pipeline.vector.features import Matrix, level0_shape, output_matrix, transformed
 
 GEOJSON = (".geojson", ".json")
 
@@ -130,35 +131,20 @@ def _read_ogr(path: str) -> tuple[list[Region], str | None]:
     return regions, None if crs is None else str(crs)
 
 
-def grid_matrix(record: StoreRecord, level0_shape: tuple[int, int] | None = None) -> list[float]:
-    """The affine map (shapely's ``[a, b, d, e, xoff, yoff]``) from the regions' coordinates to
-    the store's grid, in pixels with ``(0, 0)`` the top-left corner of its pixel ``(0, 0)``:
-    the inverse of the transform of a georeferenced store; else from level-0 pixels of the slide.
-
-    ``level0_shape``: ``(Y, X)`` of the slide's level 0, for a store whose record lacks it.
+def grid_matrix(record: StoreRecord, level0: tuple[int, int] | None = None) -> Matrix:
+    """The affine map from the regions' coordinates to the store's grid (pixels, ``(0, 0)`` the
+    top-left corner of its pixel ``(0, 0)``): the inverse of the map polygons are exported with
+    (:func:`pipeline.vector.features.output_matrix`), so both directions agree by construction.
 
     >>> r = StoreRecord(config={}, input={"shape_cyx": [3, 100, 100]}, model={}, tile=8, halo=0,
     ...                 spatial={"level_read": 1, "level0_shape": [400, 400], "resampling": [2.0, 2.0]})
     >>> grid_matrix(r)
-    [0.125, 0.0, 0.0, 0.125, 0.0, 0.0]
+    (0.125, 0.0, 0.0, 0.125, 0.0, 0.0)
     """
-    if record.transform is not None:
-        a, b, c, d, e, f = record.transform
-        det = a * e - b * d
-        return [e / det, -b / det, -d / det, a / det, (b * f - e * c) / det, (d * c - a * f) / det]
-    _, height, width = record.input_shape
-    full = record.spatial.get("level0_shape") or level0_shape
-    if full is None:
-        if record.level_read != 0:
-            raise OutputError(
-                f"the store records no level-0 size and was read at level {record.level_read}: "
-                "cannot place full-resolution coordinates"
-            )
-        full = (height, width)
-    dy, dx = float(full[0]) / height, float(full[1]) / width
-    fy, fx = (float(v) for v in record.spatial.get("resampling") or (1.0, 1.0))
-    col, row = (int(v) for v in (record.spatial.get("window") or (0, 0))[:2])
-    return [1.0 / (fx * dx), 0.0, 0.0, 1.0 / (fy * dy), float(-col), float(-row)]
+    a, b, d, e, xoff, yoff = output_matrix(record, level0)
+    det = a * e - b * d
+    inverse = (e, -b, -d, a, b * yoff - e * xoff, d * xoff - a * yoff)
+    return tuple(v / det + 0.0 for v in inverse)  # type: ignore[return-value]  # + 0.0: no -0.0
 
 
 def _epsg(crs: str | None) -> str | None:
@@ -204,20 +190,6 @@ def count_regions(labels: Any, geometries: Sequence[Any], classes: int) -> list[
     return [([int(n) for n in counts[i, :classes]], inside[i]) for i in range(len(geometries))]
 
 
-def _level0_shape(record: StoreRecord) -> tuple[int, int] | None:
-    """``(Y, X)`` of level 0 of the input, for a store of an earlier fcnpipe that read another level
-    and did not record it: from the input TIFF, if it is still there."""
-    if record.transform is not None or record.level_read == 0 or record.spatial.get("level0_shape"):
-        return None
-    from pipeline.errors import SourceError
-    from pipeline.source.tiff import open_source
-
-    try:
-        return open_source(record.input_path, record.series).levels[0].shape
-    except SourceError:
-        return None
-
-
 def region_stats(store: StoreReader, path: str) -> list[dict[str, Any]]:
     """The class areas (:func:`pipeline.store.reading.class_stats`) inside each region of the file
     at ``path``, with its ``index``, ``name`` and ``classification``; ``pixels`` are those whose
@@ -229,10 +201,8 @@ def region_stats(store: StoreReader, path: str) -> list[dict[str, Any]]:
             f"{path}: its polygons are in {crs}, the store is in {record.crs}; reproject them first "
             f"(ogr2ogr -t_srs {record.crs} OUT.gpkg {os.path.basename(path)})"
         )
-    matrix = grid_matrix(record, _level0_shape(record))
-    a, b, d, e, xoff, yoff = matrix
-    linear = np.array([[a, d], [b, e]])
-    geometries = [shapely.transform(r.geometry, lambda xy: xy @ linear + (xoff, yoff)) for r in regions]
+    matrix = grid_matrix(record, level0_shape(record))
+    geometries = list(transformed(np.asarray([r.geometry for r in regions], dtype=object), matrix))
     names = [k.name for k in record.classes]
     area, unit = pixel_area(record.mpp, record.transform, record.crs)
     found = count_regions(store.labels[0], geometries, len(names))

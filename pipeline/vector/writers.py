@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 import shapely  # type: ignore[import-untyped, unused-ignore]
 
-from pipeline.errors import ConfigError, OutputError, option
+from pipeline.errors import ConfigError, OutputError
 
 Batch = tuple[np.ndarray, np.ndarray]
 """``(labels, geometries)``: int labels and shapely (Multi)Polygons of one batch."""
@@ -48,14 +48,6 @@ def vector_kind(path: str) -> str | None:
         if lower.endswith(suffix):
             return kind
     return None
-
-
-def check_vector_output(path: str, overwrite: bool) -> None:
-    """Refuse an existing file without ``overwrite``, and a folder even with it."""
-    if os.path.isdir(path):
-        raise OutputError(f"{path}: is a folder; the export is one file")
-    if os.path.lexists(path) and not overwrite:
-        raise OutputError(f"{path}: already exists; {option('overwrite')} to replace it")
 
 
 @contextmanager
