@@ -52,6 +52,8 @@ def row_runs(block: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
     >>> row_runs(np.array([[1, 1, 2], [1, 1, 0]], np.uint8), np.ones(256, bool)).tolist()
     [[0, 1, 2, 2, 3], [1, 0, 2, 0, 2], [2, 0, 1, 2, 3]]
+    >>> row_runs(np.zeros((2, 3), np.uint8), np.arange(256) > 0).shape
+    (0, 5)
     """
     width = block.shape[1]
     starts = np.ones(block.shape, bool)
@@ -62,6 +64,8 @@ def row_runs(block: np.ndarray, keep: np.ndarray) -> np.ndarray:
     labels = block[ys, xs].astype(np.int64)
     chosen = keep[labels]
     ys, xs, ends, labels = ys[chosen], xs[chosen], ends[chosen], labels[chosen]
+    if not len(ys):  # nothing kept in this block (all background, or all no data)
+        return np.empty((0, 5), np.int64)
     order = np.lexsort((ys, ends, xs, labels))
     ys, xs, ends, labels = ys[order], xs[order], ends[order], labels[order]
     same = np.zeros(len(ys), bool)
