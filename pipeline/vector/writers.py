@@ -159,6 +159,9 @@ def _write_batch(
                 driver=DRIVERS[kind],
                 layer=LAYER,
                 append=append,
+                # GeoPackage 1.2: what GDAL 3.6 (QGIS LTR) reads without warning it "may only be
+                # partially supported" (pyogrio's GDAL writes 1.4 otherwise)
+                **({"dataset_options": {"VERSION": "1.2"}} if kind == "gpkg" and not append else {}),
             )
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as err:
         raise OutputError(f"{shown}: cannot write it ({' '.join(str(err).split())})") from err
