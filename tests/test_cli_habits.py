@@ -134,3 +134,14 @@ def test_small_texts_say_what_they_mean(make_tiff: Callable[..., Path], tmp_path
     assert "--device [auto|cpu|cuda|mps] Where the network runs" in help_text
     missing = CliRunner().invoke(cli, ["preview", str(tmp_path / "gone.zarr")])
     assert missing.output.strip() == f"fcnpipe: error: {tmp_path / 'gone.zarr'}: no such file or folder"
+
+
+def test_a_quiet_batch_still_names_each_failed_input(
+    real_data: Path, make_tiff: Callable[..., Path], make_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    good = make_tiff(random_image((64, 64, 3)))
+    args = ["batch", str(good), str(real_data / "corrupt.tif"), "-m", str(make_model()), "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, [*args, "--no-progress", "-q"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcnpipe: error: failed") and "corrupt.tif" in lines[0]

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from pipeline.cli import report
-from pipeline.cli.app import cli, log_to, say
+from pipeline.cli.app import cli, log_to, quiet, say
 from pipeline.cli.options import PROGRESS, RESUME, RUN_OPTIONS, click_option, load, run_options
 from pipeline.cli.progress import Progress
 from pipeline.errors import ConfigError, FcnpipeError, Interrupted
@@ -153,7 +153,10 @@ def batch(inputs: tuple[str, ...], outdir: str, configs: tuple[str, ...], previe
             bar.clear()
             if item.status == "done" and preview:
                 _preview_quietly(item.output)
-            say(report.batch_item_line(item))
+            line = report.batch_item_line(item)
+            if item.status == "failed" and quiet():  # -q keeps errors: a failed input is one
+                click.echo(f"fcnpipe: error: {line}", err=True)
+            say(line)
 
         items = run_batch(config, paths, outdir, on_plan, lambda pixels: bar.update(pixels / 1e6), on_item, engine)
         bar.close()
