@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.errors import ConfigError
+from pipeline import remote
+from pipeline.errors import ConfigError, option
 from pipeline.parse import merge, parse_dataclass, parse_int, parse_number, read_yaml
 from pipeline.presets import config_file
 
@@ -72,6 +73,10 @@ class InputConfig:
     """Run only ``(col_off, row_off, width, height)`` (gdal's ``-srcwin``), in pixels of the grid read."""
     bbox: tuple[float, float, float, float] | None = None
     """Run only ``(min_x, min_y, max_x, max_y)``: CRS units (rasters) or µm from the top-left (slides)."""
+    storage_options: dict[str, Any] | None = None
+    """fsspec options for an input URL (``s3://``, ``https://``), e.g. ``{endpoint_url: ..., anon: true}``
+    or ``{profile: lab}``; None: the standard AWS environment. They may hold credentials, so the
+    store records only their names, never their values."""
 
     def __post_init__(self) -> None:
         _non_negative(self.series, "input.series", 100_000)
@@ -179,10 +184,21 @@ class OutputConfig:
     resume: bool = False
     """Continue an interrupted store: compute only the chunks it lacks, after checking that the
     input, the model and the config are those it was started with. A complete store is left as it is."""
+    shard: int | None = None
+    """Chunks per shard side, for ``ome-zarr-0.5``: every level in Zarr v3 shards of ``shard x shard``
+    chunks (classes whole), a file each instead of one per chunk, for inode quotas. Each task writes
+    whole shards, so no two writers share one. None: a file per chunk."""
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise ConfigError("Give output.resume or output.overwrite, not both: one keeps the store, one replaces it")
+        if self.shard is not None:
+            _positive(self.shard, "output.shard", 1024)  # 1024 chunks of 512 px: 524288 px a side
+            if self.format != "ome-zarr-0.5":
+                raise ConfigError(
+                    "Expected output.format ome-zarr-0.5 with output.shard (shards are Zarr v3's). "
+                    f"Got {self.format} (Zarr v2) instead; {option('output.format', 'ome-zarr-0.5')} to shard the store"
+                )
 
 
 @dataclass(frozen=True)
@@ -226,10 +242,20 @@ class ComputeConfig:
     progress: bool = True
     """Show a progress bar (only ever on a terminal)."""
     scheduler: str = "threads"
-    """Where tasks run: ``threads`` (this process, no set-up), ``processes`` (a local Dask cluster of
-    ``workers`` processes), ``tcp://host:port`` (an existing Dask scheduler), or ``slurm`` / ``pbs``
-    / ``sge`` (a cluster of batch jobs started for the run by dask-jobqueue, see ``cluster``), or
-    ``local-jobs`` (the same job script run as local processes: a cluster config tried on one machine)."""
+    """Where tasks run: ``threads`` (this process, no set-up), ``processes`` (a local Dask cluster of ``workers``
+    processes), ``tcp://host:port`` or ``tls://host:port`` (an existing Dask scheduler), ``slurm`` / ``pbs`` /
+    ``sge`` (a cluster of batch jobs started for the run by dask-jobqueue, see ``cluster``) or ``local-jobs``
+    (the same job script run as local processes: a cluster config tried on one machine)."""
+    tls: bool = True
+    """TLS for the clusters fcnpipe starts (processes, job queues); false (plain TCP): where nobody else listens."""
+    tls_ca_file: str | None = None
+    """PEM certificate authority (``dask scheduler --tls-ca-file``). None: certificates made for the run."""
+    tls_cert: str | None = None
+    """PEM certificate of this process and of the workers fcnpipe starts (``--tls-cert``)."""
+    tls_key: str | None = None
+    """PEM key of ``tls_cert``. None: the key is in the certificate file."""
+    dashboard_address: str = "127.0.0.1:0"
+    """Where the dashboard of a cluster fcnpipe starts listens (port 0: any); ``:8787``: every interface."""
 
     def __post_init__(self) -> None:
         _positive(self.workers, "compute.workers", 4096)
@@ -239,6 +265,10 @@ class ComputeConfig:
                 f"Expected one of {', '.join(SCHEDULERS)} or an address like tcp://host:8786 for "
                 f"'compute.scheduler'. Got {self.scheduler!r} instead."
             )
+        if (self.tls_ca_file is None) != (self.tls_cert is None) or (self.tls_key and not self.tls_cert):
+            raise ConfigError("Give compute.tls_ca_file and compute.tls_cert together, and compute.tls_key with them")
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]*):\d{1,5}", self.dashboard_address):
+            raise ConfigError(f"Expected HOST:PORT for 'compute.dashboard_address'. Got {self.dashboard_address!r}.")
 
 
 SCHEDULERS = ("threads", "processes", "slurm", "pbs", "sge", "local-jobs")
@@ -279,6 +309,8 @@ class ClusterConfig:
     """Where the jobs' stdout / stderr go."""
     interface: str | None = None
     """Network interface the workers and scheduler talk over, e.g. ib0."""
+    credentials_directory: str | None = None
+    """Folder the nodes share, for the run's own TLS files the jobs read (yours only, then removed). None: cwd."""
 
     def __post_init__(self) -> None:
         for key in ("cores", "processes", "maximum_jobs"):
@@ -309,35 +341,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as YAML or JSON would hold it."""
         plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        plain["input"]["path"] = None if self.input.path is None else remote.redact(self.input.path)
+        options = plain["input"].get("storage_options")
+        if options:  # credentials never leave the process: not in a record, a log or a manifest
+            plain["input"]["storage_options"] = {key: "<hidden>" for key in options}
         return plain
-
-
-BYTE_NEUTRAL: dict[str, str] = {
-    "input.path": "the input is fingerprinted by its file name and size instead",
-    "model.path": "the model is fingerprinted by the sha256 of its file instead",
-    "output.path": "where the store is, not what it holds",
-    "output.overwrite": "whether an existing store may be replaced",
-    "output.resume": "whether an existing store is continued",
-    "model.allow_other_dtype": "whether a run may start, not what it computes",
-    "compute.workers": "tasks at once: each task's bytes do not depend on what else runs",
-    "compute.torch_threads": "a resumed run takes the interrupted run's count (same bytes); a complete "
-    "store made with another count holds the same probabilities to float rounding",
-    "compute.progress": "what the terminal shows",
-    "compute.scheduler": "where the tasks run: every worker computes the same bytes",
-    "cluster": "the batch jobs that run the tasks (the whole section)",
-}
-"""Config keys (or whole sections) that do not change a byte of the output, and why. Every other
-key is part of the store's fingerprint (:func:`pipeline.run.resume.fingerprint`), so a key added to the
-schema is compared by ``--resume`` and ``batch`` unless it is declared here."""
-
-
-def byte_neutral(key: str) -> bool:
-    """Whether ``key`` (``"section.name"``) or its section is declared in :data:`BYTE_NEUTRAL`.
-
-    >>> byte_neutral("compute.workers"), byte_neutral("cluster.cores"), byte_neutral("tiling.tile")
-    (True, True, False)
-    """
-    return key in BYTE_NEUTRAL or key.split(".", 1)[0] in BYTE_NEUTRAL
 
 
 def config_keys(cls: type[Any] = RunConfig, prefix: str = "") -> list[str]:

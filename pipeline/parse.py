@@ -161,6 +161,10 @@ def _value(hint: Any, value: Any, key: str) -> Any:
         return _value(inner, value, key)
     if origin is Literal:
         return parse_choice(value, key, [str(a) for a in args])
+    if origin is dict:  # options passed through as they are (fsspec's storage_options)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"Expected a mapping of names to values for {key!r}. Got {value!r} instead.")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
             kind = "strings" if args[0] is str else "numbers"

@@ -3,7 +3,8 @@
 A tile has a *core*, the block of output pixels it owns, and a *read window*, the core grown by a
 halo of real neighbouring pixels on every side and clipped to the image. The cores form a regular
 grid of ``tile x tile`` blocks (smaller at the right and bottom edges), which is exactly the chunk
-grid of the output Zarr arrays, so no two tiles ever write the same chunk.
+grid of the output Zarr arrays, so no two tiles ever write the same chunk. In a store sharded in
+``N x N`` chunks the tiles of a task are those of one shard (:func:`blocks`), for the same reason.
 
 Why clipping is exact: a fully convolutional network zero-pads at the border of whatever it is
 given. Where a read window is clipped, its border *is* the image border, so the network sees
@@ -188,10 +189,24 @@ def blocks_2x2(tiles: Sequence[Tile]) -> Iterator[list[Tile]]:
     >>> [[(t.row, t.col) for t in b] for b in blocks_2x2(plan_tiles(12, 8, 4, 1))]
     [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1)]]
     """
+    return blocks(tiles, 2)
+
+
+def blocks(tiles: Sequence[Tile], side: int) -> Iterator[list[Tile]]:
+    """Groups of the (up to) ``side x side`` tiles of each block of that many tile rows and columns,
+    block by block in row-major order, each group's tiles in the order given.
+
+    With a store sharded in ``side x side`` chunks, a block is exactly the tiles of one shard: a task
+    that owns a block writes that shard whole, and no other task writes into it.
+
+    >>> [[(t.row, t.col) for t in b] for b in blocks(plan_tiles(12, 12, 4, 1), 2)]
+    [[(0, 0), (0, 1), (1, 0), (1, 1)], [(0, 2), (1, 2)], [(2, 0), (2, 1)], [(2, 2)]]
+    """
+    parse_int(side, "block side", minimum=1)
     groups: dict[tuple[int, int], list[Tile]] = {}
     for tile in tiles:
-        groups.setdefault((tile.row // 2, tile.col // 2), []).append(tile)
-    yield from (groups[key] for key in sorted(groups))
+        groups.setdefault((tile.row // side, tile.col // side), []).append(tile)
+    return (groups[key] for key in sorted(groups))
 
 
 def union_window(tiles: Sequence[Tile]) -> Box:

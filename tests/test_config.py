@@ -77,8 +77,8 @@ def test_resolved_config_is_plain_data() -> None:
 def test_every_config_key_is_fingerprinted_or_declared_byte_neutral() -> None:
     """Walk the whole schema: changing a key changes the fingerprint unless BYTE_NEUTRAL names it
     (or its section); and BYTE_NEUTRAL names only keys that exist."""
-    from pipeline.config import BYTE_NEUTRAL, RunConfig, byte_neutral, config_keys
-    from pipeline.run.resume import fingerprint_of
+    from pipeline.config import RunConfig, config_keys
+    from pipeline.run.resume import BYTE_NEUTRAL, byte_neutral, fingerprint_of
 
     values = RunConfig().to_dict()
     base = fingerprint_of(values, "s.svs", 100, "ab")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.compute.engine import job_queue_cluster
+from pipeline.compute.cluster import job_queue_cluster
 from pipeline.config import load_config
 from pipeline.store.safety import STATE_DIR
 from tests.conftest import slide_and_model
@@ -149,11 +149,13 @@ def test_the_job_queue_path_runs_with_local_jobs(slide: tuple[Path, Path, Path],
     """The job script, adaptive scaling and the model plugin, with the jobs run as local processes."""
     image, model, local = slide
     config = tmp_path / "jobs.yaml"
-    config.write_text("compute:\n  scheduler: local-jobs\ncluster:\n  cores: 1\n  memory: 2GB\n  maximum_jobs: 2\n")
+    cluster = f"  cores: 1\n  memory: 2GB\n  maximum_jobs: 2\n  credentials_directory: {tmp_path / 'credentials'}\n"
+    config.write_text(f"compute:\n  scheduler: local-jobs\ncluster:\n{cluster}")
     store = tmp_path / "jobs.zarr"
     done = fcnpipe("run", image, "-m", model, "-o", store, *FIXED, "-c", config)
     assert done.returncode == 0, done.stderr
-    assert "Dask local-jobs" in done.stderr
+    assert "Dask local-jobs" in done.stderr and "TLS" in done.stderr
+    assert not list((tmp_path / "credentials").iterdir())  # the run's own certificates, gone with it
     assert_same_bytes(local, store)
 
 

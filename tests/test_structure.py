@@ -40,6 +40,9 @@ OWNERS = {
     "click": "cli",
     "tqdm": "cli",
     "yaml": "pipeline.parse",
+    "fsspec": "pipeline.remote",
+    "s3fs": "pipeline.remote",
+    "aiohttp": "pipeline.remote",
 }
 """Each third-party library and the one package (or module) that may import it."""
 ANYWHERE = {"numpy"}

@@ -4,7 +4,8 @@
 #SBATCH --mem=8G
 #SBATCH --time=14:00:00
 #SBATCH --output=fcnpipe-gpu-%j.log
-# As slurm-batch.sh, on GPU jobs (configs/cluster-gpu.yaml: one GPU per worker job, half precision).
+# As slurm-batch.sh, on GPU jobs (configs/cluster-gpu.yaml: one GPU per worker job, half precision),
+# TLS and the dashboard on loopback included.
 #
 #   sbatch workflows/slurm-gpu.sh /data/scans models/tumour.pt /data/maps
 set -euo pipefail

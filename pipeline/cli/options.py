@@ -169,6 +169,16 @@ RUN_OPTIONS = [
         },
     ),
     Option(
+        ("--shard",),
+        "output.shard",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "With --format ome-zarr-0.5: Zarr v3 shards of N x N chunks, one file each instead of one per "
+            "chunk (inode quotas).  [default: none]",
+        },
+    ),
+    Option(
         ("--device",),
         "compute.device",
         {
@@ -194,9 +204,10 @@ RUN_OPTIONS = [
         ("--scheduler",),
         "compute.scheduler",
         {
-            "metavar": "threads|processes|tcp://HOST:PORT|slurm|pbs|sge",
+            "metavar": "threads|processes|tls://HOST:PORT|tcp://HOST:PORT|slurm|pbs|sge",
             "help": "Where tasks run: this process's threads; a local Dask cluster of --workers processes; a running "
-            "Dask scheduler; or batch jobs started for the run (see configs/cluster.yaml).  [default: threads]",
+            "Dask scheduler (tls:// with compute.tls_* certificates); or batch jobs started for the run (see "
+            "configs/cluster.yaml). Clusters fcnpipe starts use TLS and a loopback dashboard.  [default: threads]",
         },
     ),
     Option(

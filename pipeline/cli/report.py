@@ -15,6 +15,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from pipeline import remote
 from pipeline.run.describe import file_info, inspect_info, model_info, store_info
 from pipeline.tiling import halo_overhead
 
@@ -61,7 +62,7 @@ def plan_lines(plan: RunPlan, dry_run: bool = False) -> list[str]:
     grid = plan.grid
     window = "" if grid.full_shape is None else f"; window {grid.origin[1]} {grid.origin[0]} {width} {height} of it"
     return [
-        f"input   {plan.source.path} level {plan.source.ref.level}: {x} x {y} px (width x height), "
+        f"input   {remote.redact(plan.source.path)} level {plan.source.ref.level}: {x} x {y} px (width x height), "
         f"{plural(c, 'channel')}, {plan.source.dtype}{window} ({plan.megapixels:.1f} Mpx)",
         f"model   {plan.model.path} ({spec.architecture}, {plural(spec.num_classes, 'class', 'classes')}, "
         f"receptive radius {plan.radius} px, stride {plan.stride} px)",

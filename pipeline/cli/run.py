@@ -276,7 +276,7 @@ def report_command(outdir: str) -> None:
     One static page, no server or network needed: one row per input (failed ones first, with
     the reason), its status, time, megapixels, class areas and shares, a thumbnail of its preview
     linking to the PNG, and a link to its store; totals last. Click a column to sort by it.
-    `fcnpipe batch` writes the same page after every input.
+    `fcnpipe batch` writes the same page as inputs end.
     """
     from pipeline.run.overview import write_report
 

@@ -6,8 +6,10 @@ config asks for, as a context manager:
 
 * ``threads``: Dask's local threaded scheduler, no set-up; the model is shared by the threads;
 * ``processes``: a ``distributed.LocalCluster`` of ``compute.workers`` processes;
-* ``tcp://host:port``: an existing scheduler (``dask scheduler`` + ``dask worker`` started by you);
-* ``slurm`` / ``pbs`` / ``sge``: a dask-jobqueue cluster of batch jobs (:func:`job_queue_cluster`),
+* ``tcp://host:port`` / ``tls://host:port``: an existing scheduler (``dask scheduler`` + ``dask worker``
+  started by you), joined with the certificates of ``compute.tls_ca_file`` for ``tls://``;
+* ``slurm`` / ``pbs`` / ``sge``: a dask-jobqueue cluster of batch jobs
+  (:func:`pipeline.compute.cluster.job_queue_cluster`),
   scaled between ``cluster.minimum_jobs`` and ``cluster.maximum_jobs`` with the work left;
   ``local-jobs`` runs the same job script as local processes, to try a cluster config on one machine.
 
@@ -16,6 +18,9 @@ which also reaches workers that join later) and kept loaded there; tasks carry o
 worker runs the same number of torch threads, so that any worker computes the same bytes for a
 chunk, and a worker that dies has its tasks recomputed elsewhere by the scheduler with the same
 result. CUDA tasks ask for the worker resource ``GPU=1``: a GPU runs one model at a time.
+
+The clusters started here are closed to others (:mod:`pipeline.compute.cluster`): TLS with the
+run's own certificates, and the dashboard on loopback.
 
 The thread split matters on a CPU: Dask threads that each run a forward pass with all cores' worth
 of torch threads oversubscribe the machine and run slower than either alone.
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import dask.threaded
 
 from pipeline.config import JOB_QUEUES, ClusterConfig, ComputeConfig
-from pipeline.errors import ClusterError, ConfigError, FcnpipeError
+from pipeline.errors import ClusterError, FcnpipeError
 
 if TYPE_CHECKING:
     from pipeline.compute.job import Job
@@ -111,7 +116,8 @@ class Engine:
                     on_done(result)
 
         with _Progress():  # the function, not "threads": the name made dask import distributed (0.16 s)
-            return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=workers))
+            # optimize_graph=False: culling each task's own layer costs O(tasks²) (1.3 ms a task at 10,000)
+            return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=workers, optimize_graph=False))
 
 
 THREADS = Engine()
@@ -125,10 +131,11 @@ class DistributedEngine(Engine):
 
     distributed = True
 
-    def __init__(self, client: Any, name: str, torch_threads: int | None = None) -> None:
+    def __init__(self, client: Any, name: str, torch_threads: int | None = None, dashboard: str | None = None) -> None:
         self.client = client
         self.name = name
-        self.dashboard = client.dashboard_link
+        self.dashboard = dashboard or client.dashboard_link
+        """Where the dashboard is, and how to reach it (:func:`pipeline.compute.cluster.dashboard_text`)."""
         self.torch_threads = torch_threads
         """Torch threads fixed by the cluster's shape (job queues: one core per Dask thread), or None:
         measured from the workers connected when the run is planned."""
@@ -214,86 +221,59 @@ class DistributedEngine(Engine):
         return results
 
 
-def job_queue_cluster(kind: str, cluster: ClusterConfig, workers: int | None = None) -> Any:
-    """A dask-jobqueue cluster of ``kind`` (slurm, pbs, sge, local-jobs) from ``cluster``; no job is submitted yet.
-
-    ``cluster.job_script()`` is the script each job runs: a Dask worker of ``cores / processes``
-    threads per process (and the resource GPU=1 with ``gpus: 1``).
-    """
-    try:
-        import dask_jobqueue
-    except ImportError as err:
-        raise ConfigError(f"compute.scheduler {kind} needs dask-jobqueue: pip install dask-jobqueue ({err})") from err
-    from dask_jobqueue.local import LocalCluster as LocalJobs
-
-    classes = {
-        "slurm": dask_jobqueue.SLURMCluster,
-        "pbs": dask_jobqueue.PBSCluster,
-        "sge": dask_jobqueue.SGECluster,
-        "local-jobs": LocalJobs,
-    }
-    directives = list(cluster.job_extra_directives)
-    extra_args: list[str] = []
-    if cluster.gpus:
-        directives += ["--gres=gpu:1"] if kind == "slurm" else []
-        extra_args += ["--resources", "GPU=1"]
-    options: dict[str, Any] = {
-        "queue": cluster.queue,
-        "account": cluster.account if kind != "sge" else None,
-        "project": cluster.account if kind == "sge" else None,
-        "cores": cluster.cores,
-        "memory": cluster.memory,
-        "processes": 1 if cluster.gpus else cluster.processes,
-        "walltime": cluster.walltime,
-        "job_extra_directives": directives,
-        "job_script_prologue": list(cluster.job_script_prologue),
-        "worker_extra_args": extra_args,
-        "local_directory": cluster.local_directory,
-        "log_directory": cluster.log_directory,
-        "interface": cluster.interface,
-        "job_name": "fcnpipe-worker",
-        "scheduler_options": {"dashboard_address": ":0"},
-    }
-    if kind == "local-jobs":  # the job script run as local processes: no queue to ask
-        options = {k: v for k, v in options.items() if k not in ("queue", "account", "project", "walltime")}
-    return classes[kind](**{k: v for k, v in options.items() if v is not None})
-
-
 @contextlib.contextmanager
 def open_engine(compute: ComputeConfig, cluster: ClusterConfig) -> Iterator[Engine]:
-    """The engine ``compute.scheduler`` names, started for the block and stopped after it."""
+    """The engine ``compute.scheduler`` names, started for the block and stopped after it.
+
+    A cluster started here speaks TLS (:func:`pipeline.compute.cluster.cluster_security`) unless
+    ``compute.tls`` is false, and its dashboard listens on ``compute.dashboard_address`` (loopback).
+    """
     kind = compute.scheduler
     if kind == "threads":
         yield THREADS
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from pipeline.compute.cluster import (
+        client_security,
+        cluster_security,
+        forget_credentials,
+        job_queue_cluster,
+        local_cluster,
+    )
 
     for name in ["distributed", *logging.root.manager.loggerDict]:  # its errors reach the user as one line
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with contextlib.ExitStack() as stack:
-        if kind == "processes":
-            workers = compute.workers or thread_plan(available_cores(), None, compute.torch_threads, "cpu")[0]
-            made = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-                silence_logs=logging.ERROR,
-            )
-            client = stack.enter_context(Client(stack.enter_context(made)))
-            client.wait_for_workers(workers)
-        elif kind in JOB_QUEUES:
-            made = stack.enter_context(job_queue_cluster(kind, cluster))
-            made.adapt(minimum_jobs=cluster.minimum_jobs, maximum_jobs=cluster.maximum_jobs)
-            client = stack.enter_context(Client(made))
-            log.info("%s: jobs are submitted as tasks queue up; each runs:\n%s", kind, made.job_script())
-            jobs = f"{cluster.minimum_jobs}-{cluster.maximum_jobs} jobs of {cluster.cores} cores"
-            yield DistributedEngine(client, f"{kind} ({jobs})", torch_threads=1)  # a core per Dask thread
-            return
-        else:
+        if kind not in ("processes", *JOB_QUEUES):
             try:
-                client = stack.enter_context(Client(kind, timeout="30s"))
+                client = stack.enter_context(Client(kind, timeout="30s", security=client_security(compute, kind)))
             except OSError as err:
                 raise ClusterError(f"compute.scheduler {kind}: cannot reach the Dask scheduler ({err})") from err
-        yield DistributedEngine(client, kind)
+            yield DistributedEngine(client, kind)
+            return
+        security = cluster_security(compute)
+        tls = "TLS" if security is not None else "no TLS"
+        if kind == "processes":
+            workers = compute.workers or thread_plan(available_cores(), None, compute.torch_threads, "cpu")[0]
+            made = stack.enter_context(local_cluster(workers, security, compute.dashboard_address))
+            client = stack.enter_context(Client(made))
+            client.wait_for_workers(workers)
+            yield DistributedEngine(client, f"processes ({tls})", dashboard=_dashboard(client, compute))
+            return
+        made = job_queue_cluster(kind, cluster, security, compute.dashboard_address)
+        stack.callback(forget_credentials, made)  # after the cluster has stopped
+        stack.enter_context(made)
+        made.adapt(minimum_jobs=cluster.minimum_jobs, maximum_jobs=cluster.maximum_jobs)
+        client = stack.enter_context(Client(made))
+        log.info("%s: jobs are submitted as tasks queue up; each runs:\n%s", kind, made.job_script())
+        jobs = f"{cluster.minimum_jobs}-{cluster.maximum_jobs} jobs of {cluster.cores} cores, {tls}"
+        dashboard = _dashboard(client, compute)
+        yield DistributedEngine(client, f"{kind} ({jobs})", torch_threads=1, dashboard=dashboard)  # a core a thread
+
+
+def _dashboard(client: Any, compute: ComputeConfig) -> str:
+    from pipeline.compute.cluster import dashboard_port, dashboard_text
+
+    return dashboard_text(dashboard_port(client), compute.dashboard_address, client.scheduler.address)

@@ -10,7 +10,8 @@ scheduler.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +23,10 @@ from pipeline.compute.job import Job, TaskFailure, TaskStats, task_id
 from pipeline.errors import FcnpipeError
 from pipeline.model.predictor import Predictor, argmax_channels
 from pipeline.source.resample import read_resampled
-from pipeline.store.arrays import chunk_files, reduce_core, write_reduced, write_stored
+from pipeline.store.arrays import ShardWriter, chunk_files, reduce_cores, write_reduced, write_stored
 from pipeline.store.layout import NODATA_LABEL, OutputRef, nodata_value, quantize
 from pipeline.store.safety import mark_done
-from pipeline.tiling import Tile, batched, blocks_2x2, split_core, union_window
+from pipeline.tiling import Tile, batched, blocks, blocks_2x2, split_core, union_window
 
 if TYPE_CHECKING:
     from pipeline.compute.engine import Engine
@@ -161,50 +162,77 @@ def process_tiles(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (), n
     """Read, predict, crop and write ``tiles``; return the pixels written and the time per stage.
 
     ``block``: with ``job.level1``, the whole 2 x 2 block the tiles belong to (a masked tile of it is
-    left at the fill value). ``name``: record the task as finished once its chunks are on disk.
+    left at the fill value). ``name``: record the task as finished once its chunks are on disk. In a
+    sharded store the tiles are those of one shard (:func:`task_groups`): they are computed 2 x 2 at a
+    time, as a level-1 task's are, and written chunk by chunk into that one shard, whole.
     """
     predictor = state.predictor_for(job)
-    task_started = started = time.perf_counter()
+    task_started = time.perf_counter()
+    tally = _Tally()
+    written: list[str] = []
+    if job.output.shard:
+        with ShardWriter(job.output, 0, tiles[0].core) as shard:
+            for part in blocks_2x2(tiles):
+                for tile, stored, core_labels in _computed(job, predictor, part, tally):
+                    shard.write(tile.core, stored, core_labels)
+        written = shard.paths
+    else:
+        done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+        for tile, stored, core_labels in _computed(job, predictor, tiles, tally):
+            write_stored(job.output, 0, tile.core, stored, core_labels)
+            if name is not None:
+                written += chunk_files(job.output, 0, tile.core)
+            if job.level1:
+                done.append((tile, stored, core_labels))
+        if job.level1:
+            core = write_level1(job.output, block or tiles, done)
+            if name is not None:
+                written += chunk_files(job.output, 1, core)
+    if name is not None:
+        (state.MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
+    total_s = time.perf_counter() - task_started
+    return TaskStats(
+        token=job.output.token,
+        pixels=sum(t.core_pixels for t in tiles),
+        chunks=len(tiles),
+        read_s=tally.read_s,
+        predict_s=tally.predict_s,
+        write_s=total_s - tally.read_s - tally.predict_s,
+        nodata_pixels=tally.nodata,
+        class_pixels=tuple(int(n) for n in np.trim_zeros(tally.counts[:NODATA_LABEL], "b")),
+    )
+
+
+@dataclass
+class _Tally:
+    """What a task's tiles took and held: seconds reading and predicting, no-data pixels, pixels per label."""
+
+    read_s: float = 0.0
+    predict_s: float = 0.0
+    nodata: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(NODATA_LABEL + 1, np.int64))
+
+
+def _computed(
+    job: Job, predictor: Predictor, tiles: Sequence[Tile], tally: _Tally
+) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+    """Each of ``tiles`` with its core's probabilities as stored and its labels, no data written in
+    where the source has none; counted in ``tally``."""
+    started = time.perf_counter()
     windows, valid, (uy0, ux0) = read_windows(job, tiles)
-    read_s = time.perf_counter() - started
+    tally.read_s += time.perf_counter() - started
     started = time.perf_counter()
     cores = predict_tiles(predictor, windows, tiles, job.output.dtype)
-    predict_s = time.perf_counter() - started
-    done: list[tuple[Tile, np.ndarray, np.ndarray]] = []
-    written: list[str] = []
-    nodata = 0
-    counts = np.zeros(NODATA_LABEL + 1, np.int64)
+    tally.predict_s += time.perf_counter() - started
     for tile, stored, core_labels in cores:
         if valid is not None:
             y0, y1, x0, x1 = tile.core
             empty = ~valid[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
             stored[:, empty] = nodata_value(stored.dtype)
             core_labels[empty] = NODATA_LABEL
-            nodata += int(np.count_nonzero(empty))
-        write_stored(job.output, 0, tile.core, stored, core_labels)
-        counts += np.bincount(core_labels.ravel(), minlength=NODATA_LABEL + 1)  # 0.2 ms a 512² core
-        if name is not None:
-            written += chunk_files(job.output, 0, tile.core)
-        if job.level1:
-            done.append((tile, stored, core_labels))
-    if job.level1:
-        core = write_level1(job.output, block or tiles, done)
-        if name is not None:
-            written += chunk_files(job.output, 1, core)
-    if name is not None:
-        (state.MARK_BEHIND.submit if job.mark_behind else mark_done)(job.output.path, name, written)
-    total_s = time.perf_counter() - task_started
-    pixels = sum(t.core_pixels for t in tiles)
-    return TaskStats(
-        token=job.output.token,
-        pixels=pixels,
-        chunks=len(tiles),
-        read_s=read_s,
-        predict_s=predict_s,
-        write_s=total_s - read_s - predict_s,
-        nodata_pixels=nodata,
-        class_pixels=tuple(int(n) for n in np.trim_zeros(counts[:NODATA_LABEL], "b")),
-    )
+            tally.nodata += int(np.count_nonzero(empty))
+        tally.counts += np.bincount(core_labels.ravel(), minlength=NODATA_LABEL + 1)  # 0.2 ms a 512² core
+        yield tile, stored, core_labels
 
 
 def write_level1(
@@ -242,7 +270,7 @@ def build_tasks(
     """
     run = process_guarded if guarded else process_tiles
     todo = []
-    for group in task_groups(tiles, job.level1, batch):
+    for group in task_groups(tiles, job.level1, batch, job.output.shard):
         name = task_id(group)
         kept = group if keep is None else [tile for tile in group if keep(tile)]
         if name not in done and kept:
@@ -263,9 +291,12 @@ def delayed_call(func: Callable[..., Any], *args: Any, key: str | None = None) -
     return call() if key is None else call(dask_key_name=key)
 
 
-def task_groups(tiles: Sequence[Tile], level1: bool, batch: int) -> list[list[Tile]]:
-    """The tiles of each level-0 task, in the order they run: 2 x 2 blocks in :func:`band_order`
-    (``level1``), else ``batch`` tiles of a row, row by row."""
+def task_groups(tiles: Sequence[Tile], level1: bool, batch: int, shard: int = 0) -> list[list[Tile]]:
+    """The tiles of each level-0 task, in the order they run: in a store sharded in ``shard x shard``
+    chunks the tiles of each shard, row-major (one writer a shard); else 2 x 2 blocks in
+    :func:`band_order` (``level1``), else ``batch`` tiles of a row, row by row."""
+    if shard:
+        return list(blocks(tiles, shard))
     return band_order(list(blocks_2x2(tiles))) if level1 else list(batched(tiles, batch))
 
 
@@ -307,12 +338,14 @@ def process_guarded(job: Job, tiles: Sequence[Tile], block: Sequence[Tile] = (),
 
 
 def build_reduce_tasks(out: OutputRef, level: int, tiles: Sequence[Tile], batch: int) -> list[Any]:
-    """Tasks that make pyramid ``level`` chunk by chunk from the level above (cores of ``tiles``)."""
+    """Tasks that make pyramid ``level`` chunk by chunk from the level above (cores of ``tiles``):
+    ``batch`` chunks of a row each, or in a sharded store the chunks of one whole shard each."""
 
     def reduce(group: list[Tile]) -> int:
-        return sum(reduce_core(out, level, tile.core) for tile in group)
+        return reduce_cores(out, level, [tile.core for tile in group])
 
-    return [delayed_call(reduce, group) for group in batched(tiles, batch)]
+    groups = blocks(tiles, out.shard) if out.shard else batched(tiles, batch)
+    return [delayed_call(reduce, group) for group in groups]
 
 
 def compute_tasks(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import remote
 from pipeline.errors import ConfigError, OutputError, option
 from pipeline.parse import parse_choice
 from pipeline.store.layout import UINT8_SCALE, is_nodata, nodata_value, quantize
@@ -180,6 +181,7 @@ def check_output_file(path: str, overwrite: bool) -> None:
 
     A sidecar left from an earlier file would lend its class names to the new one in every GDAL tool.
     """
+    remote.refuse_output(path, "an export")
     if os.path.isdir(path):
         raise OutputError(f"{path}: is a folder; the export is one file")
     for existing in (path, path + SIDECAR):

@@ -2,17 +2,20 @@
 
 :func:`expand_inputs` turns files, folders, glob patterns and lists of paths into input files;
 :func:`output_paths` names a store after each input. :func:`run_batch` runs them and keeps a
-manifest (``manifest.json`` and ``manifest.csv`` in the output folder, rewritten atomically after
-every input) with each input's status: ``done``, ``already complete`` (its store was complete and
-made with the same input, model and config, so it was kept) or ``failed`` with the one-line
-reason, and its class areas as columns (:func:`pipeline.run.overview.class_columns`); and the page
-``report.html`` made from the manifest (:mod:`pipeline.run.overview`), rewritten with it. One bad
-input never stops the others.
+manifest (``manifest.json`` and ``manifest.csv`` in the output folder, rewritten atomically as
+inputs end: :class:`Manifest`) with each input's status: ``done``, ``already complete`` (its store
+was complete and made with the same input, model and config, so it was kept) or ``failed`` with
+the one-line reason, and its class areas as columns (:func:`pipeline.run.overview.class_columns`);
+and the page ``report.html`` made from the manifest (:mod:`pipeline.run.overview`), rewritten with
+it. One bad input never stops the others.
 
 Inputs are run in *waves*: the level-0 tasks of consecutive inputs are computed together until a
 wave holds enough tasks to keep every worker busy (:data:`TASKS_PER_WORKER`), so many small
 images do not leave workers idle between them while one big slide still runs, and completes, on
 its own. A store is finished (pyramid, completion mark) as soon as its wave is.
+
+A batch keeps ~1.5 KB per input (its :class:`BatchItem` and manifest row); a wave's plans and tasks
+go with it, so memory and time per input stay flat from 100 to 2,000 inputs (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ import io
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import remote
 from pipeline.compute import state
 from pipeline.compute.engine import THREADS, Engine
 from pipeline.compute.job import TaskFailure
 from pipeline.compute.tasks import compute_results
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FcnpipeError
-from pipeline.files import atomic_write
+from pipeline.files import PARTIAL, atomic_write
 from pipeline.run.execute import StoreWriter
-from pipeline.run.overview import class_columns, write_report
+from pipeline.run.overview import REPORT, class_columns, report_html
 from pipeline.run.plan import RunPlan, prepare
 from pipeline.store.safety import store_lock
 
@@ -45,6 +50,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".bif", ".scn
 TASKS_PER_WORKER = 8
 """A wave holds at least this many tasks per worker (or is a single input)."""
 MANIFEST = "manifest"
+REWRITE_SHARE = 0.05
+"""Rewriting the manifest and report takes at most this share of a batch's time (:class:`Manifest`)."""
 
 
 @dataclass
@@ -80,6 +87,8 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     for item in items:
         if item.startswith("@"):
             found += expand_inputs(_read_list(item[1:]))
+        elif remote.is_url(item):
+            found += remote.expand(item, TIFF_SUFFIXES)
         elif os.path.isdir(item):
             names = sorted(os.listdir(item))
             found += [
@@ -92,7 +101,7 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
             found.append(item)
     unique: dict[str, str] = {}
     for path in found:
-        unique.setdefault(os.path.abspath(path), path)
+        unique.setdefault(path if remote.is_url(path) else os.path.abspath(path), path)
     return list(unique.values())
 
 
@@ -103,7 +112,7 @@ def _read_list(path: str) -> list[str]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the list of inputs ({err.strerror or err})") from err
     base = os.path.dirname(path)
-    return [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line]
+    return [line if os.path.isabs(line) or remote.is_url(line) else os.path.join(base, line) for line in lines if line]
 
 
 def output_paths(inputs: Sequence[str], outdir: str) -> list[str]:
@@ -116,7 +125,7 @@ def output_paths(inputs: Sequence[str], outdir: str) -> list[str]:
     seen: dict[str, int] = {}
     paths = []
     for path in inputs:
-        name = os.path.basename(path)
+        name = os.path.basename(remote.redact(path))
         for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
@@ -128,26 +137,82 @@ def output_paths(inputs: Sequence[str], outdir: str) -> list[str]:
     return paths
 
 
-def write_manifest(outdir: str, items: Sequence[BatchItem]) -> None:
+def manifest_row(item: BatchItem) -> dict[str, Any]:
+    """The manifest's row of ``item``: its fields, rounded, and its class areas as columns."""
+    row = {field.name: getattr(item, field.name) for field in dataclasses.fields(item) if field.name != "stats"}
+    row["input"] = remote.redact(row["input"])  # a presigned URL's signature is a credential
+    row["seconds"] = round(row["seconds"], 2)
+    row["megapixels"] = round(row["megapixels"], 3)
+    return {**row, **class_columns(item.stats)}
+
+
+def write_manifest(
+    outdir: str, items: Sequence[BatchItem], rows: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """``manifest.json`` and ``manifest.csv`` in ``outdir``, each replaced atomically: one row per
-    input, its class areas flattened into columns (the union over the inputs; empty where absent)."""
-    rows: list[dict[str, Any]] = []
-    names: list[str] = []
-    for item in items:
-        row = {k: v for k, v in dataclasses.asdict(item).items() if k != "stats"}
-        row["seconds"] = round(row["seconds"], 2)
-        row["megapixels"] = round(row["megapixels"], 3)
-        rows.append({**row, **class_columns(item.stats)})
-        names += [name for name in (item.stats or {}).get("classes", {}) if name not in names]
+    input (``rows``, else made), its class areas flattened into columns (the union over the inputs;
+    empty where absent). Return the manifest, as ``manifest.json`` holds it."""
+    rows = [manifest_row(item) for item in items] if rows is None else rows
+    names = list(dict.fromkeys(name for item in items for name in (item.stats or {}).get("classes", {})))
     fields = list(dict.fromkeys(key for row in rows for key in row)) or ["input"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     summary = {"inputs": len(items), **{s: sum(i.status == s for i in items) for s in STATUSES}}
-    document = {"summary": summary, "classes": names, "inputs": rows}
+    document = {"summary": summary, "classes": names, "inputs": list(rows)}
     atomic_write(os.path.join(outdir, f"{MANIFEST}.json"), json.dumps(document, indent=1))
     atomic_write(os.path.join(outdir, f"{MANIFEST}.csv"), text.getvalue())
+    return document
+
+
+class Manifest:
+    """The manifest and ``report.html`` of a batch: written at its start and end, and as inputs end.
+
+    A rewrite is O(inputs): one after every input made 2,000 small inputs cost 0.43 s each more
+    (``benchmarks/README.md``). So an input that ends sooner than ``1 / REWRITE_SHARE`` times the
+    last rewrite's duration after it (0.32 s -> 6.4 s at 2,000 rows) waits for the next: rewrites
+    take at most :data:`REWRITE_SHARE` of the batch's time, and the files lag it by those seconds at
+    most. Inputs slower than that (any real slide) are each written as they end. A batch killed in
+    between loses only that lag: the next run checks every input again. A row is made as its input ends.
+    """
+
+    def __init__(self, outdir: str, items: Sequence[BatchItem], clock: Callable[[], float] = time.perf_counter) -> None:
+        self.outdir = outdir
+        self.items = items
+        self._rows: list[dict[str, Any] | None] = [None] * len(items)
+        self._where = {id(item): index for index, item in enumerate(items)}
+        self._clock = clock
+        self._due = 0.0
+        self._behind = True
+        self.writes = 0
+
+    def ended(self, item: BatchItem) -> None:
+        """``item`` has its final status: its row is made, and both files rewritten if it is time."""
+        self._rows[self._where[id(item)]] = manifest_row(item)
+        self._behind = True
+        if self._clock() >= self._due:
+            self.write()
+
+    def write(self) -> None:
+        """Rewrite both files now, if anything changed since the last time."""
+        if not self._behind:
+            return
+        started = self._clock()
+        rows = [manifest_row(item) if row is None else row for row, item in zip(self._rows, self.items, strict=True)]
+        document = write_manifest(self.outdir, self.items, rows)
+        atomic_write(os.path.join(self.outdir, REPORT), report_html(document, self.outdir))
+        self._behind, self.writes = False, self.writes + 1
+        now = self._clock()
+        self._due = now + (now - started) / REWRITE_SHARE
+
+
+def _remove_partial_writes(outdir: str) -> None:
+    """The temporary files of manifest and report writes that a killed batch left in ``outdir``."""
+    for name in (f"{MANIFEST}.json", f"{MANIFEST}.csv", REPORT):
+        for path in glob.glob(os.path.join(glob.escape(outdir), f"{glob.escape(name)}.*{PARTIAL}")):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def run_batch(
@@ -165,26 +230,46 @@ def run_batch(
     the level-0 tasks of every input, ``on_item(item)`` reports each input as it ends. ``engine``
     runs the tasks (:func:`pipeline.compute.engine.open_engine`).
     """
+    remote.refuse_output(outdir, "a batch's stores")
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"{outdir}: cannot create the output folder ({err.strerror or err})") from err
     items = [BatchItem(path, out) for path, out in zip(inputs, output_paths(inputs, outdir), strict=True)]
-    write_manifest(outdir, items)
-    write_report(outdir)
+    _remove_partial_writes(outdir)
+    manifest = Manifest(outdir, items)
+    manifest.write()
 
     def report(item: BatchItem) -> None:
-        write_manifest(outdir, items)
         if on_item is not None:
             on_item(item)  # writes its preview, which the page shows
-        write_report(outdir)
+        manifest.ended(item)
 
-    pending = list(items)
+    try:
+        _run_all(config, items, engine, on_plan, on_progress, report)
+    except BaseException:  # Ctrl-C, or a lost cluster: the files say what ended before it
+        with contextlib.suppress(Exception):
+            manifest.write()
+        raise
+    manifest.write()
+    return items
+
+
+def _run_all(
+    config: RunConfig,
+    items: Sequence[BatchItem],
+    engine: Engine,
+    on_plan: Callable[[BatchItem, RunPlan], None] | None,
+    on_progress: Callable[[int], None] | None,
+    report: Callable[[BatchItem], None],
+) -> None:
+    """Run every input in waves (see the module's docstring); ``report(item)`` as each ends."""
+    pending = deque(items)
     while pending:
         wave: list[_Open] = []
         tasks: list[Any] = []
         while pending and (not wave or len(tasks) < TASKS_PER_WORKER * wave[0].writer.plan.workers):
-            item = pending.pop(0)
+            item = pending.popleft()
             opened = _open(item, config, engine, on_plan)
             if opened is None:  # failed: said in the manifest
                 report(item)
@@ -202,7 +287,6 @@ def run_batch(
                 tasks += opened.writer.tasks(guarded=True)
         if wave:
             _run_wave(wave, tasks, on_progress, report)
-    return items
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from pipeline import remote
 from pipeline.errors import SourceError
 from pipeline.source.tiff import SourceInfo, crs_units, open_source
 from pipeline.tiling import halo_overhead
@@ -33,7 +34,8 @@ def plan_info(plan: RunPlan, estimate: Estimate | None, output_path: str | None)
     cfg, spec, mask, resume = plan.config, plan.model.spec, plan.mask, plan.resume
     return {
         "input": {
-            **{"path": plan.source.path, "series": plan.source.ref.series, "level": plan.source.ref.level},
+            **{"path": remote.redact(plan.source.path), "series": plan.source.ref.series},
+            "level": plan.source.ref.level,
             **{"width": x, "height": y, "channels": c, "dtype": str(plan.source.dtype), "megapixels": plan.megapixels},
             "window": None if plan.grid.full_shape is None else [*plan.grid.origin[::-1], width, height],
         },
@@ -107,6 +109,8 @@ def inspect_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A TIFF (:func:`file_info`) or, for a folder, an fcnpipe store (:func:`store_info`); a
     SourceError for a missing path or a folder that is not a Zarr store."""
     path = os.fspath(path)
+    if remote.is_url(path):
+        return file_info(path)
     if not os.path.lexists(path):
         raise SourceError(f"{path}: no such file or folder")
     if os.path.isdir(path):
@@ -130,7 +134,7 @@ def file_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             infos.append(first if index == 0 else open_source(path, series=index))
         except SourceError as err:
-            infos.append(str(err).removeprefix(f"{first.path}: "))
+            infos.append(str(err).removeprefix(f"{remote.redact(first.path)}: ").removeprefix(f"{first.path}: "))
     masks = {i.ref.mask_series: i.ref.series for i in infos if isinstance(i, SourceInfo) and i.ref.mask_series}
     series = [
         {"index": n, "name": first.series_names[n], "usable": False, "reason": info}
@@ -139,7 +143,8 @@ def file_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         for n, info in enumerate(infos)
     ]
     return {
-        **{"kind": "tiff", "path": first.path, "format": first.file_format, "file_size_bytes": first.file_size},
+        **{"kind": "tiff", "path": remote.redact(first.path), "format": first.file_format},
+        "file_size_bytes": first.file_size,
         **{"series": series},
     }
 
@@ -179,12 +184,13 @@ def _corners(transform: tuple[float, ...], width: int, height: int) -> dict[str,
 def store_info(path: str) -> dict[str, Any]:
     """An fcnpipe output store: complete or unfinished (chunks on disk of all), classes, levels,
     format, the input and model it was made from, its fingerprint, timings. Reads no chunk."""
+    from pipeline.store.layout import stored_chunks
     from pipeline.store.reading import open_store
 
     with warnings.catch_warnings():  # an unfinished run's resume state is a folder zarr does not know
         warnings.simplefilter("ignore", UserWarning)
         store = open_store(path, complete=False)
-        on_disk = int(store.labels[0].nchunks_initialized)
+        on_disk = stored_chunks(path, store.labels[0])
     record, labels, probabilities = store.record, store.labels[0], store.probabilities
     fingerprint = json.dumps(record.fingerprint, sort_keys=True).encode()
     c, y, x = record.input_shape
@@ -198,7 +204,10 @@ def store_info(path: str) -> dict[str, Any]:
         **{"dtype": str(probabilities[0].dtype), "labels_dtype": str(labels.dtype)},
         "classes": _classes([k.name for k in record.classes], [k.color for k in record.classes]),
         "levels": [
-            {"level": n, "width": a.shape[-1], "height": a.shape[-2], "chunk_width": a.chunks[-1]}
+            {
+                **{"level": n, "width": a.shape[-1], "height": a.shape[-2], "chunk_width": a.chunks[-1]},
+                **({"shard_width": a.shards[-1]} if a.shards else {}),  # a file per shard of chunks
+            }
             for n, a in enumerate(probabilities)
         ],
         **{"tile_px": record.tile, "halo_px": record.halo},

@@ -17,7 +17,7 @@ from pipeline.compute.tasks import predict_tiles, read_windows
 from pipeline.model.predictor import Predictor, select_device, set_torch_threads
 from pipeline.run.plan import RunPlan
 from pipeline.store.arrays import encoded_size
-from pipeline.tiling import Tile
+from pipeline.tiling import Tile, blocks_2x2
 
 PYRAMID_FACTOR = 4 / 3
 """Pixels of all pyramid levels over those of level 0: 1 + 1/4 + 1/16 + ..."""
@@ -86,7 +86,8 @@ def _sample(plan: RunPlan) -> list[Tile]:
         y0, y1, x0, x1 = group[0].core
         return float(((y0 + y1) / 2 - height / 2) ** 2 + ((x0 + x1) / 2 - width / 2) ** 2)
 
-    return min(groups, key=distance)
+    nearest = min(groups, key=distance)
+    return next(blocks_2x2(nearest)) if plan.shard else nearest  # a shard's task computes 2 x 2 tiles at a time
 
 
 def reset_peak_rss() -> float:

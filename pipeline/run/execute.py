@@ -25,6 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import remote
 from pipeline.compute import state
 from pipeline.compute.blend import predict_blended
 from pipeline.compute.job import task_id
@@ -37,7 +38,6 @@ from pipeline.compute.tasks import (
     compute_tasks,
     nodata_pixels,
     stage_seconds,
-    task_groups,
 )
 from pipeline.config import RunConfig
 from pipeline.errors import OutputError, option
@@ -177,6 +177,7 @@ class StoreWriter:
         """Run the level-0 tasks left on this machine's threads (or the active Dask client)."""
         plan = self.plan
         started = time.perf_counter()
+        remote.FETCHED.reset()
         if plan.blend is None:
             results = compute_results(
                 self.tasks(), plan.engine, workers=plan.workers, on_done=on_progress, gpu=plan.gpu
@@ -239,6 +240,13 @@ class StoreWriter:
         final = self._record.completed(timings, self.stats())
         write_record(self.path, final)
         clear_state(self.path)
+        if remote.is_url(plan.source.path) and not plan.engine.distributed:  # workers count their own
+            fetched, size = remote.FETCHED, plan.source.file_size
+            log.info(
+                "%s: read %.1f MiB of the input over the network in %d requests (%.2f x its %.1f MiB)",
+                remote.redact(plan.source.path),
+                *(fetched.bytes / 2**20, fetched.requests, fetched.bytes / max(size, 1), size / 2**20),
+            )
         log.info("%s: complete in %.1f s", self.path, total_s)
         state.forget(self.job.output.token)
         return self._result(total_s, final, "done")
@@ -255,9 +263,7 @@ class StoreWriter:
             counts = count_labels(labels, len(names))
         else:
             done = plan.resume.done if plan.resume is not None else frozenset()
-            groups = [
-                g for g in task_groups(plan.tiles, self.job.level1, plan.config.tiling.batch) if task_id(g) in done
-            ]
+            groups = [g for g in plan.groups() if task_id(g) in done]
             boxes = [tile.core for group in groups for tile in group if plan.kept(tile)]
             before = count_labels(labels, len(names), boxes) if boxes else [0] * len(names)
             counts = [a + b for a, b in zip(self.class_pixels, before, strict=True)]
@@ -283,6 +289,7 @@ class StoreWriter:
                 zarr_format=2 if plan.ome_version == "0.4" else 3,
                 token=token,
                 final_path=self.path,
+                shard=plan.shard,
             )
             write_viewer_metadata(
                 staging,
@@ -340,7 +347,7 @@ def start_record(plan: RunPlan) -> StoreRecord:
     return StoreRecord(
         config=cfg.to_dict(),
         input={
-            "path": os.path.abspath(plan.source.path),
+            "path": _shown_path(plan.source.path),
             "size_bytes": plan.source.file_size,
             "shape_cyx": list(plan.source.shape),
         },
@@ -352,6 +359,11 @@ def start_record(plan: RunPlan) -> StoreRecord:
         fingerprint=plan.fingerprint,
         mask=None if plan.mask is None else {"method": plan.mask.method, "chunks_skipped": plan.chunks_background},
     )
+
+
+def _shown_path(path: str) -> str:
+    """The input as the record names it: a URL without its credentials, a file by its absolute path."""
+    return remote.redact(path) if remote.is_url(path) else os.path.abspath(path)
 
 
 def _spatial(grid: Grid) -> dict[str, Any]:

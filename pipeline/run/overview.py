@@ -1,7 +1,7 @@
 """What a batch shows in the morning: its class areas as manifest columns, and ``report.html``.
 
 ``report.html`` is one static page in the batch's output folder, made from ``manifest.json`` alone
-(:func:`write_report`), so ``fcnpipe batch`` (after every input) and ``fcnpipe report`` (any time
+(:func:`write_report`), so ``fcnpipe batch`` (as inputs end) and ``fcnpipe report`` (any time
 after) write the same page. It needs no server and reaches no network: its CSS and the few lines
 of JavaScript that sort its columns (click a heading; ``report.html#sort=N`` opens it sorted by
 column N, ``#sort=-N`` descending) are inline, and the only other files it names are the

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from pipeline import remote
 from pipeline.compute.blend import Blend, check_blend
 from pipeline.compute.engine import THREADS, Engine
 from pipeline.compute.job import Job, task_id
@@ -90,13 +91,20 @@ class RunPlan:
         return self.mask is None or self.mask.kept(tile.row, tile.col)
 
     @property
+    def shard(self) -> int:
+        """Chunks per shard side (``output.shard``); 0: no shards."""
+        return self.config.output.shard or 0
+
+    @property
     def level1(self) -> bool:
-        """Level-0 tasks also write the level-1 chunk of their 2 x 2 block."""
-        return len(self.levels) > 1 and self.blend is None
+        """Level-0 tasks also write the level-1 chunk of their 2 x 2 block. Not in a sharded store:
+        a level-1 shard holds the chunks of four level-0 tasks' shards, so it is made afterwards, whole,
+        with the levels below it."""
+        return len(self.levels) > 1 and self.blend is None and not self.shard
 
     def groups(self) -> list[list[Tile]]:
         """The tiles of each task, as :func:`pipeline.compute.tasks.build_tasks` groups them."""
-        return task_groups(self.tiles, self.level1, self.config.tiling.batch)
+        return task_groups(self.tiles, self.level1, self.config.tiling.batch, self.shard)
 
     @cached_property
     def pending(self) -> tuple[Tile, ...]:
@@ -154,7 +162,7 @@ class RunPlan:
             resampling=self.grid.resampling,
             source_shape=self.source.shape[1:],
             origin=self.grid.origin,
-            output=OutputRef(out_path, cfg.output.dtype, token=token),
+            output=OutputRef(out_path, cfg.output.dtype, token=token, shard=self.shard),
             model_path=os.path.abspath(self.model.path),
             model_sha256=self.model.sha256,
             model_factory=cfg.model.factory,
@@ -188,10 +196,12 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
             k for k, v in (("input.path", image), ("model.path", model_path), ("output.path", store)) if v is None
         ]
         raise ConfigError(f"No {', '.join(missing)} given: a run needs an input, a model and an output")
+    remote.refuse_output(store)
     check_store_path(store)
     output_path = os.path.realpath(store)
     if not out.resume:
         check_target(output_path, out.overwrite)
+    remote.configure(inp.storage_options)  # every input this run opens, and its tasks' reads
     opened = open_source(image, inp.series, inp.level or 0)
     model = load_model(model_path, config.model.factory)
     model = dataclasses.replace(
@@ -210,6 +220,10 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
         halo = round_up(config.tiling.halo, stride)
         if config.tiling.blend != "none" and halo < exact_halo:  # at or above it, plain tiling is exact
             blend = check_blend(config.tiling.tile, halo, stride, config.tiling.blend)
+    if blend is not None and out.shard:
+        raise ConfigError(
+            "output.shard cannot be used with tiling.blend: blended windows overlap, so no task writes a whole shard"
+        )
     if inp.window is not None or inp.bbox is not None:
         if blend is not None:
             raise ConfigError("a window run reads exact halos; blending (tiling.blend) is for whole images")

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import RunConfig, byte_neutral
+from pipeline import remote
+from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, OutputError, option
 from pipeline.source.tiff import SourceInfo
 from pipeline.store.layout import STORE_FORMAT, is_empty_folder, is_store
@@ -61,11 +62,45 @@ class Resume:
     """The store's record, kept (with its start time) for the completion mark."""
 
 
+BYTE_NEUTRAL: dict[str, str] = {
+    "input.path": "the input is fingerprinted by its file name and size instead",
+    "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "model.path": "the model is fingerprinted by the sha256 of its file instead",
+    "output.path": "where the store is, not what it holds",
+    "output.overwrite": "whether an existing store may be replaced",
+    "output.resume": "whether an existing store is continued",
+    "model.allow_other_dtype": "whether a run may start, not what it computes",
+    "compute.workers": "tasks at once: each task's bytes do not depend on what else runs",
+    "compute.torch_threads": "a resumed run takes the interrupted run's count (same bytes); a complete "
+    "store made with another count holds the same probabilities to float rounding",
+    "compute.progress": "what the terminal shows",
+    "compute.scheduler": "where the tasks run: every worker computes the same bytes",
+    **dict.fromkeys(
+        ("compute.tls", "compute.tls_ca_file", "compute.tls_cert", "compute.tls_key", "compute.dashboard_address"),
+        "how the client, the scheduler, its workers and its dashboard are reached, not what they compute",
+    ),
+    "cluster": "the batch jobs that run the tasks (the whole section)",
+}
+"""Config keys (or whole sections) that do not change a byte of the output, and why. Every other
+key is part of the store's fingerprint (:func:`pipeline.run.resume.fingerprint`), so a key added to the
+schema is compared by ``--resume`` and ``batch`` unless it is declared here."""
+
+
+def byte_neutral(key: str) -> bool:
+    """Whether ``key`` (``"section.name"``) or its section is declared in :data:`BYTE_NEUTRAL`.
+
+    >>> byte_neutral("compute.workers"), byte_neutral("cluster.cores"), byte_neutral("tiling.tile")
+    (True, True, False)
+    """
+    return key in BYTE_NEUTRAL or key.split(".", 1)[0] in BYTE_NEUTRAL
+
+
 def fingerprint(config: RunConfig, source: SourceInfo, model_sha256: str) -> dict[str, Any]:
     """What the output's bytes depend on, as plain JSON values: the store format, the input file (name
     and size), the model (sha256) and every config key not declared byte-neutral
-    (:data:`pipeline.config.BYTE_NEUTRAL`), so that a new key is compared unless declared neutral."""
-    return fingerprint_of(config.to_dict(), os.path.basename(source.path), source.file_size, model_sha256)
+    (:data:`BYTE_NEUTRAL`), so that a new key is compared unless declared neutral."""
+    name = os.path.basename(remote.redact(source.path).rstrip("/"))
+    return fingerprint_of(config.to_dict(), name, source.file_size, model_sha256)
 
 
 def fingerprint_of(values: dict[str, Any], input_name: str, input_size: int, model_sha256: str) -> dict[str, Any]:

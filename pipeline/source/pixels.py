@@ -4,13 +4,11 @@ A task names what it reads with a small picklable :class:`SourceRef` (a path and
 series and level), not an open file: the same task graph then runs on threads, processes or a
 distributed cluster, and each thread opens the file itself, once (:func:`_open_level`).
 
-A level is read segment by segment (a segment is a tile or a strip) with tifffile's own decoder:
-``os.pread`` fetches a segment's bytes, so threads share no file position, and the decoded
-segments are copied into the window. This is one code path for every layout tifffile lays out as
-pages (a single RGB page, separate colour planes, one page per channel as in OME-TIFF, time and
-channel pages as in ScanImage, tiles or strips). It is also faster than tifffile's Zarr view,
-whose asynchronous machinery cost about as much again as decoding the JPEG tiles (2.5 against
-1.2 ms per 512 x 512 tile), and it leaves zarr to :mod:`pipeline.store`.
+A level is read segment by segment (a tile or a strip) with tifffile's own decoder: ``os.pread``
+(a URL: one batch of ranged requests per window, :mod:`pipeline.remote`) fetches the bytes, so
+threads share no file position. One code path for every layout tifffile lays out as pages (RGB,
+separate planes, a page per channel as in OME-TIFF or ScanImage, tiles or strips), and faster than
+tifffile's Zarr view (2.5 against 1.2 ms per 512 x 512 JPEG tile); it leaves zarr to the store.
 
 Channel layout: whatever the file's axes (``YXS`` for RGB, ``CYX`` for OME, ``TCYX`` for ScanImage),
 windows come back as ``(C, Y, X)``. Axes other than Y, X and the channel axis (time, depth, ...)
@@ -23,17 +21,20 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
 import numpy as np
 import tifffile
 
+from pipeline import remote
 from pipeline.errors import SourceError
 from pipeline.tiling import Box, cells_under
 
 SPATIAL = "YX"
+_Key = tuple[object, ...]
+_Options = dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,9 @@ class SourceRef:
     cache_tiles: bool = False
     """Keep recently decoded file tiles (:data:`TILE_CACHE`): for reads in tile order, where
     neighbouring windows share the tiles under their halo; not for random patches."""
+    storage: tuple[tuple[str, Any], ...] = field(default=(), repr=False, compare=False)
+    """fsspec options of a URL input (``input.storage_options``): they may hold credentials, so they
+    are never shown (``repr``) and never written anywhere; they travel with the task."""
 
 
 def one_line(err: BaseException) -> str:
@@ -86,7 +90,7 @@ def read_masked(ref: SourceRef, box: Box) -> tuple[np.ndarray, np.ndarray | None
     if ref.alpha:
         valid = data[ref.channels] != 0
     if ref.mask_series is not None:
-        mask_ref = SourceRef(ref.path, ref.mask_series, ref.level, "YX", None, 1)
+        mask_ref = SourceRef(ref.path, ref.mask_series, ref.level, "YX", None, 1, storage=ref.storage)
         in_mask = _read(mask_ref, box)[0] != 0
         valid = in_mask if valid is None else valid & in_mask
     if ref.nodata is not None and not math.isnan(ref.nodata):  # NaN: below, with every non-finite value
@@ -117,8 +121,11 @@ def _read(ref: SourceRef, box: Box) -> np.ndarray:
     try:
         data = _open_level(ref)[tuple(index)]
     except Exception as err:  # any codec or I/O failure in this window: report it with its place
+        if isinstance(err, SourceError) and remote.is_url(ref.path):
+            raise  # already one line naming the URL
         raise SourceError(
-            f"{ref.path}: cannot read pixels of level {ref.level} at rows {y0}-{y1}, columns {x0}-{x1}: {one_line(err)}"
+            f"{remote.redact(ref.path)}: cannot read pixels of level {ref.level} at rows {y0}-{y1}, "
+            f"columns {x0}-{x1}: {one_line(err)}"
         ) from err
     kept = [a for a in ref.axes if a in SPATIAL or a == ref.channel_axis]
     if ref.channel_axis is None:
@@ -168,34 +175,55 @@ class _TileCache:
 
 
 TILE_CACHE = _TileCache(max_bytes=32 * 2**20)
+FETCHED_CACHE = _TileCache(max_bytes=64 * 2**20)
+"""Undecoded tiles of URL inputs: a row of a slide's compressed tiles fits many times over."""
 
 _OPEN_LIMIT = 8
 """Levels each thread keeps open (a file descriptor each)."""
 _local = threading.local()
+_shared: OrderedDict[tuple[str, int, int, bool], Level] = OrderedDict()
+"""The levels of URL inputs, shared by this process's threads."""
+_shared_lock = threading.Lock()
 
 
 def clear_reader_caches() -> None:
     """Forget the decoded tiles of this process and close this thread's open files."""
     TILE_CACHE.clear()
+    FETCHED_CACHE.clear()
     cache = getattr(_local, "cache", None)
     while cache:
         cache.popitem(last=False)[1].close()
+    with _shared_lock:
+        while _shared:
+            _shared.popitem(last=False)[1].close()
 
 
 def _open_level(ref: SourceRef) -> Level:
-    """This thread's :class:`Level` of ``ref``, opened once and kept (a few files per thread)."""
+    """This thread's :class:`Level` of ``ref``, opened once and kept (a few files per thread); for a
+    URL, this process's: its reads share no file position, and its directory then comes over the
+    network once per process, not once per thread."""
+    if remote.is_url(ref.path):
+        with _shared_lock:
+            return _cached_level(ref, _shared)
     cache: OrderedDict[tuple[str, int, int, bool], Level] | None = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = OrderedDict()
+    return _cached_level(ref, cache)
+
+
+def _cached_level(ref: SourceRef, cache: OrderedDict[tuple[str, int, int, bool], Level]) -> Level:
     key = (ref.path, ref.series, ref.level, ref.cache_tiles)
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    name = None
-    if ref.cache_tiles:
-        stat = os.stat(ref.path)  # a file rewritten at the same path must not meet its old tiles
-        name = (*key, stat.st_mtime_ns, stat.st_size)
-    cache[key] = Level.open(ref.path, ref.series, ref.level, name)
+    name: tuple[object, ...] | None = None
+    if ref.cache_tiles:  # a file rewritten at the same path must not meet its old tiles
+        if remote.is_url(ref.path):
+            name = (*key, remote.info(ref.path, dict(ref.storage))["version"])
+        else:
+            stat = os.stat(ref.path)
+            name = (*key, stat.st_mtime_ns, stat.st_size)
+    cache[key] = Level.open(ref.path, ref.series, ref.level, name, dict(ref.storage))
     while len(cache) > _OPEN_LIMIT:
         cache.popitem(last=False)[1].close()
     return cache[key]
@@ -231,7 +259,7 @@ class Level:
     take slices.
     """
 
-    def __init__(self, tif: tifffile.TiffFile, level: Any, path: str, name: tuple[object, ...] | None) -> None:
+    def __init__(self, tif: tifffile.TiffFile, level: Any, path: str, name: _Key | None, storage: _Options) -> None:
         keyframe = level.keyframe
         self.tif = tif
         self.pages = list(level.pages)
@@ -250,20 +278,29 @@ class Level:
         self.dtype = keyframe.dtype
         self.name = name
         """Key of this level in :data:`TILE_CACHE`; None: decoded segments are not kept."""
-        self.fd = os.open(path, os.O_RDONLY)
+        self.path = path
+        self.storage = storage
+        self.url = remote.is_url(path)
+        self.fd = -1 if self.url else os.open(path, os.O_RDONLY)
+        self.handle: Any = None  # a URL's file object, which tifffile parsed the directory through
 
     @classmethod
-    def open(cls, path: str, series: int, level: int, name: tuple[object, ...] | None = None) -> Level:
-        """Open ``path`` and the level (SourceError if its layout cannot be read this way)."""
-        tif = tifffile.TiffFile(path)
+    def open(cls, path: str, series: int, level: int, name: _Key | None = None, storage: _Options = None) -> Level:
+        """Open ``path`` (a file or a URL) and the level (SourceError if its layout cannot be read this way)."""
+        handle = remote.open_file(path, storage) if remote.is_url(path) else None
+        tif = tifffile.TiffFile(path if handle is None else handle, name=remote.redact(path))
         try:
             chosen = tif.series[series].levels[level]
             problem = layout_problem(chosen)
             if problem is not None:
                 raise SourceError(f"{path}: series {series} level {level} cannot be read window by window: {problem}")
-            return cls(tif, chosen, path, name)
+            opened = cls(tif, chosen, path, name, storage)
+            opened.handle = handle
+            return opened
         except BaseException:
             tif.close()
+            if handle is not None:
+                handle.close()
             raise
 
     def __getitem__(self, index: tuple[int | slice, ...]) -> np.ndarray:
@@ -296,9 +333,12 @@ class Level:
         out = np.zeros((self.separate, y1 - y0, x1 - x0, self.contig), self.dtype)
         page = self.pages[number]
         if page is not None:  # a page the file does not store reads as 0
+            cells = list(cells_under(box, self.segment))
+            fetched = self._prefetch(page, number, cells) if self.url else {}
             for plane in range(self.separate):
-                for row, col, (a0, a1, b0, b1) in cells_under(box, self.segment):
-                    segment = self._segment(page, number, plane * self.per_plane + row * self.across + col)
+                for row, col, (a0, a1, b0, b1) in cells:
+                    index = plane * self.per_plane + row * self.across + col
+                    segment = self._segment(page, number, index, fetched.get(index))
                     if segment is None:
                         continue  # a tile the file does not store (a sparse COG): 0, as tifffile fills it
                     top, left = row * self.segment[0], col * self.segment[1]
@@ -309,8 +349,27 @@ class Level:
             return out[0, :, :, 0]
         return out[0] if self.separate == 1 else out[..., 0]
 
-    def _segment(self, page: Any, number: int, index: int) -> np.ndarray | None:
-        """Segment ``index`` of a page as ``(rows, columns, contiguous samples)``, or None if absent."""
+    def _prefetch(self, page: Any, number: int, cells: list[Any]) -> dict[int, bytes]:
+        """The undecoded bytes of the window's segments not in the tile caches, fetched in one batch
+        (and kept in :data:`FETCHED_CACHE`: the next row of windows needs this row's edge tiles)."""
+        found, wanted = {}, []
+        for index in [p * self.per_plane + r * self.across + c for p in range(self.separate) for r, c, _ in cells]:
+            key = None if self.name is None else (*self.name, number, index)
+            kept = None if key is None else FETCHED_CACHE.get(key)
+            if kept is not None:
+                found[index] = kept[0]
+            elif (key is None or TILE_CACHE.get(key) is None) and int(page.databytecounts[index]):
+                wanted.append(index)
+        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in wanted]
+        for index, data in zip(wanted, remote.read_ranges(self.path, ranges, self.storage), strict=True):
+            found[index] = data
+            if self.name is not None:
+                FETCHED_CACHE.put((*self.name, number, index), data, len(data))
+        return found
+
+    def _segment(self, page: Any, number: int, index: int, data: bytes | None = None) -> np.ndarray | None:
+        """Segment ``index`` of a page as ``(rows, columns, contiguous samples)``, or None if absent;
+        ``data``: its bytes, fetched already."""
         key = None if self.name is None else (*self.name, number, index)
         if key is not None:
             cached = TILE_CACHE.get(key)
@@ -319,7 +378,10 @@ class Level:
         count = int(page.databytecounts[index])
         if not count:
             return None
-        data = os.pread(self.fd, count, int(page.dataoffsets[index]))
+        if data is None and self.url:
+            data = remote.read_ranges(self.path, [(int(page.dataoffsets[index]), count)], self.storage)[0]
+        elif data is None:
+            data = os.pread(self.fd, count, int(page.dataoffsets[index]))
         if len(data) < count:
             raise SourceError(f"segment {index} ends past the end of the file")
         header = getattr(page, "jpegheader", None)  # an NDPI strip's restart-marker tiles are decoded with it
@@ -330,5 +392,8 @@ class Level:
         return segment
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
         self.tif.close()
+        if self.handle is not None:
+            self.handle.close()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import tifffile
 
+from pipeline import remote
 from pipeline.errors import SourceError, warn
 from pipeline.source.georef import Georeference, from_geokeys, ome_mpp, resolution_mpp, svs_mpp
 from pipeline.source.pixels import SPATIAL, SourceRef, layout_problem, one_line
@@ -91,35 +92,59 @@ class SourceInfo:
         return None if self.georeference is None else self.georeference.pixel_size
 
 
-def open_source(path: str | os.PathLike[str], series: int = 0, level: int = 0) -> SourceInfo:
+def open_source(
+    path: str | os.PathLike[str], series: int = 0, level: int = 0, storage: dict[str, Any] | None = None
+) -> SourceInfo:
     """Parse a TIFF's structure and choose one series and pyramid level; read no pixel data.
 
-    Raises SourceError naming the file for: missing, empty, not a TIFF, truncated (tile or strip
-    data past the end of the file), an unknown series or level, or a layout tifffile cannot decode.
+    ``path`` is a file or a URL (:mod:`pipeline.remote`; ``storage``: its fsspec options, None for
+    those :func:`pipeline.remote.configure` set). Raises SourceError naming the file for: missing,
+    empty, not a TIFF, truncated (tile or strip data past the end of the file), an unknown series or
+    level, a layout tifffile cannot decode, or a URL that cannot be reached.
     """
     path = os.fspath(path)
-    file_size = _check_file(path)
+    if remote.is_url(path):
+        options = remote.configured() if storage is None else storage
+        file_size = _check_file(path, options)
+        opened: Any = remote.open_file(path, options, file_size)
+    else:
+        options, file_size, opened = {}, _check_file(path), path
     try:
-        with tifffile.TiffFile(path) as tif:
-            return _describe(tif, path, file_size, series, level)
-    except SourceError:
+        with tifffile.TiffFile(opened, name=remote.redact(path)) as tif:
+            info = _describe(tif, path, file_size, series, level)
+    except SourceError as err:
+        if remote.redact(path) != path:  # a URL's credentials or signature never reach a message
+            raise SourceError(str(err).replace(path, remote.redact(path))) from err
         raise
     except Exception as err:  # tifffile meets malformed files with errors of every kind
-        raise SourceError(f"{path}: not a readable TIFF ({one_line(err)})") from err
+        if remote.is_url(path) and not isinstance(err, ValueError | tifffile.TiffFileError | KeyError | IndexError):
+            raise remote.remote_error(path, err) from err
+        raise SourceError(f"{remote.redact(path)}: not a readable TIFF ({one_line(err)})") from err
+    finally:
+        if opened is not path:
+            opened.close()
+    if options:
+        info = replace(info, ref=replace(info.ref, storage=tuple(sorted(options.items()))))
+    return info
 
 
-def _check_file(path: str) -> int:
-    if not os.path.exists(path):
-        raise SourceError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise SourceError(f"{path}: is a directory, not a TIFF file (fcnpipe batch takes a folder of inputs)")
-    size = os.path.getsize(path)
+def _check_file(path: str, options: dict[str, Any] | None = None) -> int:
+    """The size of a file or URL (``options``: its fsspec options) that starts as a TIFF does."""
+    if remote.is_url(path):
+        size = int(remote.info(path, options)["size"])
+        magic = remote.read_ranges(path, [(0, 4)], options)[0] if size else b""
+    else:
+        if not os.path.exists(path):
+            raise SourceError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise SourceError(f"{path}: is a directory, not a TIFF file (fcnpipe batch takes a folder of inputs)")
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
     if size == 0:
-        raise SourceError(f"{path}: file is empty (0 bytes)")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
+        raise SourceError(f"{remote.redact(path)}: file is empty (0 bytes)")
     if magic[:2] not in (b"II", b"MM") or magic[2:4] not in (b"*\x00", b"\x00*", b"+\x00", b"\x00+"):
-        raise SourceError(f"{path}: not a TIFF file (starts with {magic!r})")
+        raise SourceError(f"{remote.redact(path)}: not a TIFF file (starts with {magic!r})")
     return size
 
 

@@ -5,6 +5,12 @@ the 2 x 2 chunks above it, so every task writes whole chunks that no other task 
 nothing ever holds a whole map. Chunks are encoded here and written as files (a zarr
 ``__setitem__`` cost several times the encoding), each whole or not at all
 (:func:`pipeline.files.atomic_write`). Blended runs keep their scratch arrays here too.
+
+A sharded store (``output.shard``, Zarr v3) holds each level in shards of N x N chunks, and a task
+writes whole shards only (:class:`ShardWriter`): its chunks are appended to a temporary file as
+they are made, the shard's index closes it, and a rename puts it in place, so a kill leaves the
+shard as it was, never half of it. Zarr has no lock for concurrent writes into one shard
+(zarr-python#3514), so the tasks are cut along the shards (:func:`pipeline.tiling.blocks`).
 """
 
 from __future__ import annotations
@@ -23,27 +29,29 @@ import zarr.codecs
 
 from pipeline.errors import OutputError, option
 from pipeline.files import atomic_write
-from pipeline.store.layout import LABEL_GROUP, NODATA_LABEL, NODATA_UINT8, OutputRef, nodata_value, quantize
+from pipeline.store.layout import (
+    BLOSC,
+    LABEL_GROUP,
+    NODATA_LABEL,
+    NODATA_UINT8,
+    OutputRef,
+    ShardFile,
+    bitshuffle,
+    check_chunk,
+    chunk_path,
+    encode_chunk,
+    nodata_value,
+    quantize,
+    shard_shape,
+    stored_chunk,
+)
 from pipeline.store.pyramid import mean_2x2, subsample_2x2
 from pipeline.tiling import Box, cells_under
 
-_BLOSC = {
-    False: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),  # float probabilities
-    True: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),  # uint8 values, labels
-}
-"""Blosc LZ4 at level 5, at GB/s, far below the network's cost. Byte shuffle groups the bytes of
-float32/float16 values; one-byte values are bit-shuffled instead (byte shuffle does nothing to them):
-a 512 x 512 uint8 probability chunk compressed 6.5x in 0.19 ms, against 2.3x in 0.76 ms unshuffled."""
 
-
-def _bitshuffle(dtype: Any) -> bool:
-    """Values of one byte (uint8 probabilities, labels) are bit-shuffled, wider ones byte-shuffled."""
-    return bool(np.dtype(dtype).itemsize == 1)
-
-
-def _compressor(zarr_format: int, bitshuffle: bool) -> dict[str, Any]:
+def compressor(zarr_format: int, bitshuffle: bool) -> dict[str, Any]:
     if zarr_format == 2:
-        return {"compressors": _BLOSC[bitshuffle], "chunk_key_encoding": _V2_KEYS}
+        return {"compressors": BLOSC[bitshuffle], "chunk_key_encoding": _V2_KEYS}
     codec = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bitshuffle else "shuffle")
     return {"compressors": codec}
 
@@ -61,15 +69,19 @@ def create_store(
     zarr_format: int = 2,
     token: str = "",
     final_path: str | None = None,
+    shard: int = 0,
 ) -> None:
     """Create the group and the empty arrays of every level at ``path``; an existing folder there
     is refused, or deleted first with ``overwrite``.
 
     ``levels`` are the ``(Y, X)`` shapes of level 0, 1, ... (see :func:`pipeline.store.pyramid.level_shapes`).
-    The arrays created are the handles of ``OutputRef(final_path or path, dtype, token)`` for this
-    process's tasks (:func:`_arrays`), which then need not open them again; ``final_path`` is where
-    a store built in a staging folder (:func:`staged_store`) will be.
+    The arrays created are the handles of ``OutputRef(final_path or path, dtype, token, shard)`` for
+    this process's tasks (:func:`_arrays`), which then need not open them again; ``final_path`` is
+    where a store built in a staging folder (:func:`staged_store`) will be. ``shard``: chunks per
+    shard side at every level (:func:`pipeline.store.layout.shard_shape`; Zarr format 3 only), 0: none.
     """
+    if shard and zarr_format != 3:  # the config refuses it first: never a user's mistake here
+        raise ValueError(f"shards need Zarr format 3, not {zarr_format}")
     if os.path.lexists(path):
         if not overwrite:
             raise OutputError(f"{path}: already exists; {option('output.overwrite')} to replace it")
@@ -83,27 +95,30 @@ def create_store(
         v3 = zarr_format == 3
         for level, (height, width) in enumerate(levels):
             chunks = (min(tile, height), min(tile, width))
+            shards = shard_shape((height, width), chunks, shard) if shard else None
             probabilities = group.create_array(
                 str(level),
                 shape=(classes, height, width),
                 chunks=(classes, *chunks),
+                shards=None if shards is None else (classes, *shards),
                 dtype=dtype,
                 fill_value=nodata_value(dtype),
                 attributes=_fill_attribute(v3, dtype),
                 dimension_names=("c", "y", "x") if v3 else None,
-                **_compressor(zarr_format, _bitshuffle(dtype)),
+                **compressor(zarr_format, bitshuffle(dtype)),
             )
             label_array = labels.create_array(
                 str(level),
                 shape=(height, width),
                 chunks=chunks,
+                shards=shards,
                 dtype="uint8",
                 fill_value=NODATA_LABEL,
                 attributes=_fill_attribute(v3, "uint8"),
                 dimension_names=("y", "x") if v3 else None,
-                **_compressor(zarr_format, bitshuffle=True),
+                **compressor(zarr_format, bitshuffle=True),
             )
-            _keep_arrays(OutputRef(named, dtype, token), level, (probabilities, label_array))
+            _keep_arrays(OutputRef(named, dtype, token, shard), level, (probabilities, label_array))
     except OSError as err:
         raise OutputError(f"{named}: cannot create the output store ({err.strerror or err})") from err
 
@@ -116,7 +131,7 @@ def _fill_attribute(v3: bool, dtype: str) -> dict[str, Any]:
 
 def encoded_size(stored: np.ndarray, labels: np.ndarray) -> int:
     """Bytes one chunk of probabilities as stored (:func:`quantize`) and its ``labels`` take on disk."""
-    return sum(len(_BLOSC[_bitshuffle(v.dtype)].encode(np.ascontiguousarray(v))) for v in (stored, labels))
+    return sum(len(BLOSC[bitshuffle(v.dtype)].encode(np.ascontiguousarray(v))) for v in (stored, labels))
 
 
 _HANDLES_KEPT = 32
@@ -173,7 +188,8 @@ def write_stored(
 ) -> None:
     """Write the one chunk of each array of ``level`` that ``core`` is: ``probs`` already as stored
     (:func:`quantize`), and ``labels``. As files, without zarr's array machinery: a zarr
-    ``__setitem__`` cost 2-3 ms per chunk, several times the encoding."""
+    ``__setitem__`` cost 2-3 ms per chunk, several times the encoding. Unsharded stores only: a
+    sharded one is written a whole shard at a time (:class:`ShardWriter`)."""
     y0, y1, x0, x1 = core
     try:
         for array, values in zip(_arrays(out, level), (probs, labels), strict=True):
@@ -184,69 +200,101 @@ def write_stored(
         ) from err
 
 
-def _chunk_path(path: str, array: Any, core: tuple[int, int, int, int]) -> str:
-    y0, _, x0, _ = core
-    cy, cx = array.chunks[-2:]
-    coords = (y0 // cy, x0 // cx) if array.ndim == 2 else (0, y0 // cy, x0 // cx)
-    key = array.metadata.encode_chunk_key(coords)
-    return os.path.join(path, *array.path.split("/"), *key.split("/"))
-
-
 def _put_chunk(path: str, array: Any, core: tuple[int, int, int, int], values: np.ndarray) -> None:
-    """Encode ``values`` (the chunk at ``core``, smaller at the array's edges) as zarr stores a chunk:
-    the full chunk shape (padded with the fill value), C order, little-endian, then Blosc; write it
-    atomically (a temporary file renamed over the chunk). A chunk that is all fill value is not
-    stored, as zarr does not store it (``write_empty_chunks=False``)."""
-    y0, y1, x0, x1 = core
-    cy, cx = array.chunks[-2:]
-    if y0 % cy or x0 % cx or y1 - y0 > cy or x1 - x0 > cx:  # the tiling's invariant: never a user's mistake
-        raise ValueError(f"core {core} is not one whole {cy} x {cx} chunk of {array.path}")
-    fill = array.fill_value
-    target = _chunk_path(path, array, core)
-    if _all_fill(values, fill):
+    """Write the chunk ``values`` at ``core`` (:func:`pipeline.store.layout.encode_chunk`) atomically,
+    as a temporary file renamed over the chunk; remove the chunk's file instead where it is all fill
+    value."""
+    if array.shards is not None:
+        raise ValueError(f"{array.path} is sharded: it is written a whole shard at a time (ShardWriter)")
+    check_chunk(array, core)
+    target = chunk_path(path, array, core)
+    data = encode_chunk(array, values)
+    if data is None:
         if os.path.exists(target):
             os.unlink(target)
         return
-    dtype = np.dtype(array.dtype).newbyteorder("<")
-    if values.shape[-2:] != (cy, cx):
-        full = np.full((*values.shape[:-2], cy, cx), fill, dtype)
-        full[..., : values.shape[-2], : values.shape[-1]] = values
-        values = full
-    atomic_write(target, _BLOSC[_bitshuffle(dtype)].encode(np.ascontiguousarray(values, dtype)))
+    atomic_write(target, data)
 
 
-def _all_fill(values: np.ndarray, fill: Any) -> bool:
-    """Whether every value is ``fill`` (NaN included); a sparse sample answers the usual "no"
-    without a full pass."""
-    flat = values.reshape(-1)
-    if isinstance(fill, float) and np.isnan(fill):
-        return bool(np.isnan(flat[::997]).all() and np.isnan(flat).all())
-    return not (flat[::997] != fill).any() and not (flat != fill).any()
+class ShardWriter:
+    """The shard of each array of ``level`` that holds ``core``, written whole, chunk by chunk.
+
+    :meth:`write` adds the chunk at a core (each core of the shard at most once, in any order; those
+    never written hold no data); leaving the block writes each shard's index and renames it into
+    place, so memory holds one chunk, never a shard, and a kill at any moment leaves each shard as it
+    was before. On an error the temporary files are removed. :attr:`paths` are the shard files.
+    """
+
+    def __init__(self, out: OutputRef, level: int, core: tuple[int, int, int, int]) -> None:
+        self.out, self.level = out, level
+        self._shards = [ShardFile(out.path, array, core) for array in _arrays(out, level)]
+        self.paths = [shard.target for shard in self._shards]
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            for shard in self._shards:
+                shard.abandon()
+            return
+        try:
+            for shard in self._shards:
+                shard.close()
+        except OSError as err:
+            for shard in self._shards:
+                shard.abandon()
+            raise OutputError(f"{shard.target}: cannot write this shard ({err.strerror or err})") from err
+
+    def write(self, core: tuple[int, int, int, int], probs: np.ndarray, labels: np.ndarray) -> None:
+        """Add the chunk at ``core`` of each array: ``probs`` as stored (:func:`quantize`), ``labels``."""
+        try:
+            for shard, values in zip(self._shards, (probs, labels), strict=True):
+                shard.add(core, values)
+        except OSError as err:
+            y0, y1, x0, x1 = core
+            raise OutputError(
+                f"{self.out.path}: cannot write level {self.level} at rows {y0}-{y1}, columns {x0}-{x1} "
+                f"({err.strerror or err})"
+            ) from err
 
 
 def chunk_files(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> list[str]:
-    """Paths of the probability and label chunk files that hold ``core`` of ``level``.
+    """Paths of the probability and label files (chunks, or shards) that hold ``core`` of ``level``.
 
     Used to flush a task's chunks to disk before it is recorded as finished (:mod:`pipeline.run.resume`).
     """
-    return [_chunk_path(out.path, array, core) for array in _arrays(out, level)]
+    return [chunk_path(out.path, array, core) for array in _arrays(out, level)]
 
 
-def reduce_core(out: OutputRef, level: int, core: tuple[int, int, int, int]) -> int:
-    """Make ``core`` of ``level`` (>= 1) from the 2 x 2 larger region of the stored level above.
+def reduce_cores(out: OutputRef, level: int, cores: Sequence[tuple[int, int, int, int]]) -> int:
+    """Make ``cores`` of ``level`` (>= 1), each from the 2 x 2 larger region of the stored level
+    above: a chunk file each, or in a sharded store the one whole shard they are (all its cores, so
+    that one task writes it). Returns the number of pixels written at ``level``."""
+    above = _arrays(out, level - 1)
+    indexes: dict[str, np.ndarray] = {}  # the level above is complete: its shards' indexes hold
 
-    Returns the number of pixels written at ``level``.
-    """
-    y0, y1, x0, x1 = core
-    box = (2 * y0, 2 * y1, 2 * x0, 2 * x1)
-    probs, labels = (_read_chunks(out.path, array, box) for array in _arrays(out, level - 1))
-    return write_reduced(out, level, core, probs, labels)
+    def reduced(core: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        y0, y1, x0, x1 = core
+        probs, labels = (_read_chunks(out.path, array, (2 * y0, 2 * y1, 2 * x0, 2 * x1), indexes) for array in above)
+        return mean_2x2(probs, out.dtype)[:, : y1 - y0, : x1 - x0], subsample_2x2(labels)[: y1 - y0, : x1 - x0]
+
+    if not out.shard:
+        for core in cores:
+            write_stored(out, level, core, *reduced(core))
+    else:
+        with ShardWriter(out, level, cores[0]) as shard:
+            for core in cores:
+                shard.write(core, *reduced(core))
+    return sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in cores)
 
 
-def _read_chunks(path: str, array: Any, box: tuple[int, int, int, int]) -> np.ndarray:
-    """``array[..., y0:y1, x0:x1]`` (clipped to the array) from the chunk files this module wrote,
-    decoded directly: through zarr's array machinery, reading the 2 x 2 chunks under a pyramid
-    chunk cost 6 ms, more than making it."""
+def _read_chunks(
+    path: str, array: Any, box: tuple[int, int, int, int], indexes: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """``array[..., y0:y1, x0:x1]`` (clipped to the array) from the chunk or shard files this module
+    wrote, decoded directly: through zarr's array machinery, reading the 2 x 2 chunks under a pyramid
+    chunk cost 6 ms, more than making it. ``indexes``: the shard indexes read so far, by file."""
     y0, y1, x0, x1 = box
     height, width = array.shape[-2:]
     y1, x1 = min(y1, height), min(x1, width)
@@ -255,10 +303,8 @@ def _read_chunks(path: str, array: Any, box: tuple[int, int, int, int]) -> np.nd
     region = np.empty((*array.shape[:-2], y1 - y0, x1 - x0), dtype)
     for row, col, (a0, a1, b0, b1) in cells_under((y0, y1, x0, x1), (cy, cx)):
         target = region[..., a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-        try:
-            with open(_chunk_path(path, array, (row * cy, 0, col * cx, 0)), "rb") as file:
-                data = file.read()
-        except FileNotFoundError:  # never written, or all fill value
+        data = stored_chunk(path, array, row, col, {} if indexes is None else indexes)
+        if data is None:  # never written, or all fill value
             target[...] = array.fill_value
             continue
         chunk = np.frombuffer(numcodecs.blosc.decompress(data), dtype).reshape(*array.shape[:-2], cy, cx)
@@ -272,48 +318,12 @@ def write_reduced(
     """Write ``core`` of ``level`` from the region of the level above it covers, as stored there.
 
     ``probs_above`` ``(C, <= 2 Y, <= 2 X)`` in the stored dtype and ``labels_above`` are the level
-    above's pixels ``[2 y0, 2 y1) x [2 x0, 2 x1)``. Returns the pixels written.
+    above's pixels ``[2 y0, 2 y1) x [2 x0, 2 x1)``. Returns the pixels written. Unsharded stores only.
     """
     y0, y1, x0, x1 = core
     probs = mean_2x2(probs_above, out.dtype)[:, : y1 - y0, : x1 - x0]
     write_stored(out, level, core, probs, subsample_2x2(labels_above)[: y1 - y0, : x1 - x0])
     return (y1 - y0) * (x1 - x0)
-
-
-def write_georeference_arrays(path: str, group_path: str, xs: np.ndarray, ys: np.ndarray, crs: dict[str, Any]) -> None:
-    """Coordinates and a CF grid mapping beside the arrays of ``group_path``, as GIS readers expect.
-
-    ``x`` and ``y`` hold pixel-centre coordinates: with ``_ARRAY_DIMENSIONS`` on the data arrays
-    that is how GDAL finds the transform (xarray's convention for Zarr format 2). ``spatial_ref``
-    is a scalar CF grid-mapping variable whose attributes ``crs`` gives (``spatial_ref``,
-    ``GeoTransform``), as rioxarray reads them.
-    """
-    group = zarr.open_group(path, mode="r+")
-    target = group if group_path in ("", "/") else group[group_path]
-    zarr_format = group.metadata.zarr_format
-    for name, values in (("x", xs), ("y", ys)):
-        options = {"dimension_names": [name]} if zarr_format == 3 else {}
-        array = target.create_array(
-            name,
-            shape=values.shape,
-            chunks=values.shape,
-            dtype="float64",
-            fill_value=0.0,
-            **_compressor(zarr_format, bitshuffle=False),
-            **options,
-        )
-        array[:] = values
-        if zarr_format == 2:
-            array.attrs["_ARRAY_DIMENSIONS"] = [name]
-    mapping = target.create_array("spatial_ref", shape=(), dtype="int32", fill_value=0)
-    mapping.attrs.update({**crs, **({"_ARRAY_DIMENSIONS": []} if zarr_format == 2 else {})})
-
-
-def update_attributes(path: str, node: str, attributes: dict[str, Any]) -> None:
-    """Merge ``attributes`` into the attributes of the group or array at ``node`` ("" = root)."""
-    group = zarr.open_group(path, mode="r+")
-    target = group if node in ("", "/") else group[node]
-    target.attrs.update(attributes)
 
 
 # --- blended runs' scratch arrays ----------------------------------------------------------------

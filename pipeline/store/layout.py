@@ -3,13 +3,19 @@
 Layout of the group at the output path (OME-Zarr; Zarr format 2 for OME-NGFF 0.4, 3 for 0.5):
 
 * ``0``, ``1``, ...: probabilities, shape ``(C, Y, X)`` halving level by level, chunks
-  ``(C, tile, tile)``; float32/float16, or uint8 holding ``round(p * 254)``;
+  ``(C, tile, tile)``; float32/float16, or uint8 holding ``round(p * 254)``; with ``output.shard N``
+  (Zarr format 3 only) in shards of ``(C, N tile, N tile)`` at every level, or one shard for a level
+  smaller than that (:func:`shard_shape`);
 * ``labels/argmax/0``, ``1``, ...: the argmax of the full-precision probabilities, ``(Y, X)``
   uint8, :data:`NODATA_LABEL` where the source has no data;
 * ``x``, ``y``, ``spatial_ref`` (and the same in ``labels/argmax``): pixel-centre coordinates and
   the CF grid mapping, for a GeoTIFF input;
 * the root attribute ``fcnpipe`` (:mod:`pipeline.store.record`), and ``.fcnpipe/`` while a run is
   unfinished (:mod:`pipeline.store.safety`).
+
+Chunks are files encoded as zarr reads them (:func:`encode_chunk`), and shards files of chunks that
+end in their index (:class:`ShardFile`), so that fcnpipe writes and reads them directly, without
+zarr's array machinery, and zarr and every other reader reads them as its own.
 
 No data (a chunk the mask skipped, a pixel the source marks as no data) is the arrays' fill value,
 and nothing else is: NaN for float probabilities, 255 for uint8 probabilities and labels
@@ -19,13 +25,17 @@ value as missing (xarray's ``_FillValue``, GDAL's NoData, QGIS) hide only what h
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
+import numcodecs
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, OutputError
+from pipeline.files import PARTIAL
 
 STORE_FORMAT = 2
 """The layout and encoding of the stored values; raised whenever a byte of the same run would change
@@ -98,6 +108,19 @@ class OutputRef:
     """``float32``, ``float16`` or ``uint8`` for the probabilities."""
     token: str = ""
     """Unique per created store: handles cached for an earlier store at the same path are not reused."""
+    shard: int = 0
+    """Chunks per shard side at every level (:func:`shard_shape`); 0: no shards, a file per chunk."""
+
+
+def shard_shape(shape: tuple[int, int], chunks: tuple[int, int], shard: int) -> tuple[int, int]:
+    """``(Y, X)`` of the shards of a level of ``shape`` stored in ``chunks``: ``shard`` chunks a side,
+    or as many as the level has, so that a level smaller than a shard is one shard, not one padded
+    far beyond the level.
+
+    >>> shard_shape((5000, 3000), (512, 512), 4), shard_shape((700, 300), (512, 300), 4)
+    ((2048, 2048), (1024, 300))
+    """
+    return (min(shard, -(-shape[0] // chunks[0])) * chunks[0], min(shard, -(-shape[1] // chunks[1])) * chunks[1])
 
 
 def beside(store: str | os.PathLike[str], suffix: str) -> str:
@@ -151,3 +174,192 @@ def is_store(path: str) -> bool:
 def is_empty_folder(path: str) -> bool:
     """A folder with nothing in it (a store never begun): replacing it loses nothing."""
     return os.path.isdir(path) and not os.listdir(path)
+
+
+# --- chunk and shard files, as zarr reads them -----------------------------------------------------
+
+
+SHARD_ABSENT = 2**64 - 1
+"""Offset and size, in a shard's index, of an inner chunk the shard does not hold (all fill value)."""
+
+_CRC32C = numcodecs.CRC32C()
+
+
+def shard_index(entries: np.ndarray) -> bytes:
+    """The index a Zarr v3 shard ends with, as zarr's ``sharding_indexed`` codec writes it by default
+    (index at the end, ``bytes`` then ``crc32c``): ``(offset, size)`` in bytes of each inner chunk,
+    ``(rows, columns, 2)`` in C order as little-endian uint64, then their CRC-32C (4 bytes).
+
+    >>> len(shard_index(np.full((2, 2, 2), SHARD_ABSENT, np.uint64)))
+    68
+    """
+    return bytes(_CRC32C.encode(np.ascontiguousarray(entries, "<u8").tobytes()))
+
+
+def shard_index_size(chunks: tuple[int, int]) -> int:
+    """Bytes of the index of a shard of ``(rows, columns)`` inner chunks (:func:`shard_index`)."""
+    return 16 * chunks[0] * chunks[1] + 4
+
+
+def read_shard_index(tail: bytes, chunks: tuple[int, int]) -> np.ndarray:
+    """``(rows, columns, 2)`` offsets and sizes from the last :func:`shard_index_size` bytes of a
+    shard; ValueError where its checksum does not match (a damaged file).
+
+    >>> entries = np.arange(8, dtype=np.uint64).reshape(2, 2, 2)
+    >>> read_shard_index(shard_index(entries), (2, 2)).tolist() == entries.tolist()
+    True
+    """
+    try:
+        raw = _CRC32C.decode(tail)
+    except RuntimeError as err:
+        raise ValueError(f"its shard index does not match its checksum ({err})") from err
+    return np.frombuffer(raw, "<u8").reshape(*chunks, 2)
+
+
+BLOSC = {
+    False: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),  # float probabilities
+    True: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),  # uint8 values, labels
+}
+"""Blosc LZ4 at level 5, at GB/s, far below the network's cost. Byte shuffle groups the bytes of
+float32/float16 values; one-byte values are bit-shuffled instead (byte shuffle does nothing to them):
+a 512 x 512 uint8 probability chunk compressed 6.5x in 0.19 ms, against 2.3x in 0.76 ms unshuffled."""
+
+
+def bitshuffle(dtype: Any) -> bool:
+    """Values of one byte (uint8 probabilities, labels) are bit-shuffled, wider ones byte-shuffled."""
+    return bool(np.dtype(dtype).itemsize == 1)
+
+
+def chunk_path(path: str, array: Any, core: tuple[int, int, int, int]) -> str:
+    """The file holding the chunk at ``core``'s top-left corner: the chunk's own, or its shard."""
+    y0, _, x0, _ = core
+    cy, cx = (array.shards or array.chunks)[-2:]
+    coords = (y0 // cy, x0 // cx) if array.ndim == 2 else (0, y0 // cy, x0 // cx)
+    key = array.metadata.encode_chunk_key(coords)
+    return os.path.join(path, *array.path.split("/"), *key.split("/"))
+
+
+def check_chunk(array: Any, core: tuple[int, int, int, int]) -> None:
+    y0, y1, x0, x1 = core
+    cy, cx = array.chunks[-2:]
+    if y0 % cy or x0 % cx or y1 - y0 > cy or x1 - x0 > cx:  # the tiling's invariant: never a user's mistake
+        raise ValueError(f"core {core} is not one whole {cy} x {cx} chunk of {array.path}")
+
+
+def encode_chunk(array: Any, values: np.ndarray) -> bytes | None:
+    """``values`` (one chunk, smaller at the array's edges) as zarr stores a chunk: the full chunk
+    shape (padded with the fill value), C order, little-endian, then Blosc. None for a chunk that
+    is all fill value, which zarr does not store (``write_empty_chunks=False``)."""
+    fill = array.fill_value
+    if is_all_fill(values, fill):
+        return None
+    cy, cx = array.chunks[-2:]
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    if values.shape[-2:] != (cy, cx):
+        full = np.full((*values.shape[:-2], cy, cx), fill, dtype)
+        full[..., : values.shape[-2], : values.shape[-1]] = values
+        values = full
+    return bytes(BLOSC[bitshuffle(dtype)].encode(np.ascontiguousarray(values, dtype)))
+
+
+def is_all_fill(values: np.ndarray, fill: Any) -> bool:
+    """Whether every value is ``fill`` (NaN included); a sparse sample answers the usual "no"
+    without a full pass."""
+    flat = values.reshape(-1)
+    if isinstance(fill, float) and np.isnan(fill):
+        return bool(np.isnan(flat[::997]).all() and np.isnan(flat).all())
+    return not (flat[::997] != fill).any() and not (flat != fill).any()
+
+
+class ShardFile:
+    """One shard file being made: its chunks appended to a temporary file as they come, their
+    offsets and sizes kept for the index that ends it (:func:`shard_index`)."""
+
+    def __init__(self, path: str, array: Any, core: tuple[int, int, int, int]) -> None:
+        if array.shards is None:
+            raise ValueError(f"{array.path} is not sharded")
+        (cy, cx), (sy, sx) = array.chunks[-2:], array.shards[-2:]
+        self.array, self.chunk, self.origin = array, (cy, cx), (core[0] // sy * sy, core[2] // sx * sx)
+        self.target = chunk_path(path, array, core)
+        self.temporary = f"{self.target}.{uuid.uuid4().hex}{PARTIAL}"
+        self.index = np.full((sy // cy, sx // cx, 2), SHARD_ABSENT, np.uint64)
+        self.file: BinaryIO | None = None
+        self.size = 0
+
+    def add(self, core: tuple[int, int, int, int], values: np.ndarray) -> None:
+        check_chunk(self.array, core)
+        row, col = (core[0] - self.origin[0]) // self.chunk[0], (core[2] - self.origin[1]) // self.chunk[1]
+        if not (0 <= row < self.index.shape[0] and 0 <= col < self.index.shape[1]):
+            raise ValueError(f"core {core} is not in the shard of {self.array.path} at {self.origin}")
+        data = encode_chunk(self.array, values)
+        if data is None:
+            return
+        if self.file is None:  # opened at the first chunk with data: a shard of fill value is no file
+            os.makedirs(os.path.dirname(self.target), exist_ok=True)
+            self.file = open(self.temporary, "wb")  # noqa: SIM115 (closed by close or abandon)
+        self.file.write(data)
+        self.index[row, col] = (self.size, len(data))
+        self.size += len(data)
+
+    def close(self) -> None:
+        """End the shard with its index and rename it into place (none at all: its old file removed)."""
+        if self.file is None:
+            if os.path.exists(self.target):
+                os.unlink(self.target)
+            return
+        self.file.write(shard_index(self.index))
+        self.file.close()
+        os.replace(self.temporary, self.target)
+
+    def abandon(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.temporary)
+
+
+def stored_chunk(path: str, array: Any, row: int, col: int, indexes: dict[str, np.ndarray]) -> bytes | None:
+    """The encoded chunk ``(row, col)`` of ``array``: its file, or its bytes in its shard (the shard's
+    index read once into ``indexes``); None where it is not stored (all fill value)."""
+    cy, cx = array.chunks[-2:]
+    target = chunk_path(path, array, (row * cy, 0, col * cx, 0))
+    try:
+        with open(target, "rb") as file:
+            if array.shards is None:
+                return file.read()
+            sy, sx = array.shards[-2:]
+            per = (sy // cy, sx // cx)
+            if target not in indexes:
+                file.seek(-shard_index_size(per), os.SEEK_END)
+                indexes[target] = read_shard_index(file.read(), per)
+            offset, size = (int(v) for v in indexes[target][row % per[0], col % per[1]])
+            if offset == SHARD_ABSENT:
+                return None
+            file.seek(offset)
+            return file.read(size)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # a shard shorter than its index, or not matching its checksum
+        raise OutputError(f"{target}: cannot read this shard ({err})") from err
+
+
+def stored_chunks(path: str, array: Any) -> int:
+    """How many chunks of ``array`` the store at ``path`` holds: its chunk files, or the chunks the
+    indexes of its shard files list (zarr counts every chunk of a shard on disk). Reads no chunk."""
+    if array.shards is None:
+        return int(array.nchunks_initialized)
+    (cy, cx), (sy, sx) = array.chunks[-2:], array.shards[-2:]
+    per = (sy // cy, sx // cx)
+    count = 0
+    for top in range(0, array.shape[-2], sy):
+        for left in range(0, array.shape[-1], sx):
+            target = chunk_path(path, array, (top, 0, left, 0))
+            try:
+                with open(target, "rb") as file:
+                    file.seek(-shard_index_size(per), os.SEEK_END)
+                    count += int((read_shard_index(file.read(), per)[..., 0] != SHARD_ABSENT).sum())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as err:
+                raise OutputError(f"{target}: cannot read this shard ({err})") from err
+    return count

@@ -13,8 +13,9 @@ import warnings
 from typing import Any
 
 import numpy as np
+import zarr
 
-from pipeline.store.arrays import update_attributes, write_georeference_arrays
+from pipeline.store.arrays import compressor
 from pipeline.store.layout import LABEL_GROUP, LABELS, NODATA_LABEL, PROBABILITIES, UINT8_SCALE
 
 OME_VERSIONS = ("0.4", "0.5")
@@ -162,6 +163,42 @@ def write_gis_metadata(
 
 
 # --- GIS: georeference as GDAL and xarray read it from Zarr ------------------------------------------
+
+
+def write_georeference_arrays(path: str, group_path: str, xs: np.ndarray, ys: np.ndarray, crs: dict[str, Any]) -> None:
+    """Coordinates and a CF grid mapping beside the arrays of ``group_path``, as GIS readers expect.
+
+    ``x`` and ``y`` hold pixel-centre coordinates: with ``_ARRAY_DIMENSIONS`` on the data arrays
+    that is how GDAL finds the transform (xarray's convention for Zarr format 2). ``spatial_ref``
+    is a scalar CF grid-mapping variable whose attributes ``crs`` gives (``spatial_ref``,
+    ``GeoTransform``), as rioxarray reads them.
+    """
+    group = zarr.open_group(path, mode="r+")
+    target = group if group_path in ("", "/") else group[group_path]
+    zarr_format = group.metadata.zarr_format
+    for name, values in (("x", xs), ("y", ys)):
+        options = {"dimension_names": [name]} if zarr_format == 3 else {}
+        array = target.create_array(
+            name,
+            shape=values.shape,
+            chunks=values.shape,
+            dtype="float64",
+            fill_value=0.0,
+            **compressor(zarr_format, bitshuffle=False),
+            **options,
+        )
+        array[:] = values
+        if zarr_format == 2:
+            array.attrs["_ARRAY_DIMENSIONS"] = [name]
+    mapping = target.create_array("spatial_ref", shape=(), dtype="int32", fill_value=0)
+    mapping.attrs.update({**crs, **({"_ARRAY_DIMENSIONS": []} if zarr_format == 2 else {})})
+
+
+def update_attributes(path: str, node: str, attributes: dict[str, Any]) -> None:
+    """Merge ``attributes`` into the attributes of the group or array at ``node`` ("" = root)."""
+    group = zarr.open_group(path, mode="r+")
+    target = group if node in ("", "/") else group[node]
+    target.attrs.update(attributes)
 
 
 def crs_attribute(crs: str) -> dict[str, Any]:

@@ -3,6 +3,13 @@
 Pure numpy, no I/O. Probabilities are averaged (a coarse pixel is the mean probability of the four
 it covers, those with data: still a probability, still summing to one over classes); labels are subsampled (the
 top-left pixel of each 2 x 2 block), never averaged: the mean of class 1 and class 3 is not class 2.
+
+In a sharded store (``output.shard N``) every level is in shards of N x N chunks, or one whole-level
+shard where the level is smaller than that (:func:`pipeline.store.layout.shard_shape`): the same rule
+at every level, and the coarse levels are a few files anyway. A level-1 shard is made of the chunks
+of four level-0 shards, that is of four tasks, so the level-0 tasks do not write level 1 there: each
+level from 1 on is made after the one above is complete, by tasks that each write one whole shard,
+chunk by chunk, reading the 2 x 2 chunks above each (:func:`pipeline.store.arrays.reduce_cores`).
 """
 
 from __future__ import annotations
