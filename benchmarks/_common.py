@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,11 @@ import torch
 import zarr
 from torch import nn
 
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.model.checkpoint import architectures, save_checkpoint
 from pipeline.model.network import ModelSpec, ReferenceFCN, default_classes
 from pipeline.model.receptive import measure_tiling
+from pipeline.store.layout import zarr_store
 
 FILE_TILE = 512
 # Runs argv[2:] and writes {"wall_s", "maxrss_kib", "rc"} to argv[1]; a fresh process per run so
@@ -165,12 +165,12 @@ def run_cli(
         *extra,
     ]
     result = measured(cli, log, "fcnpipe run")
-    record = zarr.open_group(store, mode="r").attrs["fcnpipe"]
+    record = zarr.open_group(zarr_store(store), mode="r").attrs["fcnpipe"]  # a folder, or s3://
     if not record.get("complete"):
         raise RuntimeError(f"{store}: not marked complete")
     result["timings_s"] = dict(record["timings_s"])
     if not keep:
-        shutil.rmtree(store)
+        files.remove_tree(store)
     return result
 
 

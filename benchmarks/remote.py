@@ -2,13 +2,15 @@
 
 Serves a synthetic JPEG-tiled slide (``_common.make_inputs``) from an HTTP server with range
 requests and from moto's S3 server, both on 127.0.0.1 (``tests/servers.py``), and runs ``fcnpipe
-run`` on it from disk, from ``http://`` and from ``s3://``, for the reference
-FCN and a near-null network (``ReferenceFCN(3, 3, hidden=1)``, where reading is all there is).
+run`` on it from disk, from ``http://`` and from ``s3://``, and from disk into a store in S3
+(``to-s3``), for the reference FCN and a near-null network (``ReferenceFCN(3, 3, hidden=1)``,
+where reading and writing are all there is).
 Prints wall time, Mpx/s, the S3 / disk throughput ratio, and what the run says it fetched over the
 network: bytes fetched / bytes of the file (each file tile about once is 1.0) and requests.
 
     python benchmarks/remote.py              # 32768^2 (1.07 Gpx)
     python benchmarks/remote.py --size 8192  # a quick look
+    python benchmarks/remote.py --near-null-only --sources disk,http  # 1 Gpx, reading only
 
 The loopback network is faster than a real one: the HTTP ratio is the pipeline's own cost of ranged
 reads (requests, copies, concurrency), not a cloud's latency. moto's server copies the whole object
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=32768, help="slide side in pixels [32768]")
     parser.add_argument("--work", default="/tmp/fcnpipe-bench", help="cache of slides and models")
+    parser.add_argument("--near-null-only", action="store_true", help="skip the reference FCN's rows (reading only)")
+    parser.add_argument("--sources", default="disk,http,s3,to-s3", help="rows to run [disk,http,s3,to-s3]")
     args = parser.parse_args(argv)
     image, reference = make_inputs(args.work, args.size)
     null = os.path.join(args.work, "null_fcn_3x3.pt")
@@ -47,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with start_s3() as env, start_http(Path(image).parent) as (http, _):
         os.environ.update(env)
-        upload(env, "bench", {os.path.basename(image): Path(image)})
+        upload(env, "bench", {os.path.basename(image): Path(image)} if "s3" in args.sources.split(",") else {})
         sources = {"disk": image, "http": f"{http}/{os.path.basename(image)}"}
         sources["s3"] = f"s3://bench/{os.path.basename(image)}"
-        for network, model in (("near-null", null), ("reference FCN", reference)):
+        sources["to-s3"] = image
+        sources = {where: source for where, source in sources.items() if where in args.sources.split(",")}
+        networks = [("near-null", null)] + ([] if args.near_null_only else [("reference FCN", reference)])
+        for network, model in networks:
             for where, source in sources.items():
-                store = os.path.join(args.work, f"remote_{where}.zarr")
+                store = "s3://bench/out.zarr" if where == "to-s3" else os.path.join(args.work, f"remote_{where}.zarr")
                 log = os.path.join(args.work, f"remote_{where}.log")
                 result = run_cli(source, model, store, 512, log, extra=["--dtype", "uint8", "-v"])
                 found = FETCHED.search(Path(log).read_text())

@@ -188,6 +188,9 @@ class OutputConfig:
     """Chunks per shard side, for ``ome-zarr-0.5``: every level in Zarr v3 shards of ``shard x shard``
     chunks (classes whole), a file each instead of one per chunk, for inode quotas. Each task writes
     whole shards, so no two writers share one. None: a file per chunk."""
+    storage_options: dict[str, Any] | None = None
+    """fsspec options for an ``s3://`` output, e.g. ``{profile: lab}``; None: the standard AWS
+    environment. Stored by their names only, as ``input.storage_options``."""
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -345,6 +348,11 @@ class RunConfig:
         options = plain["input"].get("storage_options")
         if options:  # credentials never leave the process: not in a record, a log or a manifest
             plain["input"]["storage_options"] = {key: "<hidden>" for key in options}
+        options = plain["output"].get("storage_options")
+        if options:
+            plain["output"]["storage_options"] = {key: "<hidden>" for key in options}
+        if self.output.path is not None:
+            plain["output"]["path"] = remote.redact(self.output.path)
         return plain
 
 

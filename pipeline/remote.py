@@ -10,8 +10,9 @@ message: every URL fcnpipe shows goes through :func:`redact` first.
 
 Reads are ranged: :func:`read_ranges` fetches the byte ranges a window needs (a file's tiles) in
 one concurrent batch, adjacent ranges merged into one request, so that a window's tiles arrive
-together instead of one round trip after another, and :data:`FETCHED` counts what came over the
-network (the bytes-fetched / file-size ratio a run reports).
+together instead of one round trip after another; :func:`read_once` fetches each keyed range
+(a file tile) once per process, however many threads want it at the same time; and :data:`FETCHED`
+counts what came over the network (the bytes-fetched / file-size ratio a run reports).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError, SourceError
@@ -226,6 +227,72 @@ def read_ranges(url: str, ranges: Sequence[tuple[int, int]], options: Mapping[st
     return out
 
 
+K = TypeVar("K", bound=Hashable)
+
+
+class Kept(Protocol):
+    """Where :func:`read_once` looks for ranges fetched before and keeps what it fetches."""
+
+    def get(self, key: Any) -> tuple[bytes, int] | None: ...
+
+    def put(self, key: Any, value: bytes, size: int) -> None: ...
+
+
+class _Flight:
+    """A keyed range one thread is fetching: its bytes once they land (None: the fetch failed)."""
+
+    __slots__ = ("data", "landed")
+
+    def __init__(self) -> None:
+        self.landed = threading.Event()
+        self.data: bytes | None = None
+
+
+_flights: dict[Hashable, _Flight] = {}
+"""The keyed ranges being fetched in this process (an entry lives while its request is under way)."""
+_flights_lock = threading.Lock()
+
+
+def read_once(
+    url: str, ranges: Mapping[K, tuple[int, int]], options: Mapping[str, Any] | None = None, kept: Kept | None = None
+) -> dict[K, bytes]:
+    """The bytes of each keyed ``(offset, count)`` in ``ranges``, each fetched once by this process
+    however many threads ask for it at the same time: taken from ``kept`` if there; waited for if
+    another thread is fetching it (two threads reading neighbouring windows want the same halo
+    tiles); else fetched in one batch (:func:`read_ranges`) and put into ``kept`` before the threads
+    waiting for it wake. A key names the same bytes wherever it is used (a file version and a tile)."""
+    found: dict[K, bytes] = {}
+    mine: list[K] = []
+    theirs: dict[K, _Flight] = {}
+    with _flights_lock:  # a range is in flight or, once landed, in ``kept``: never neither
+        for key in ranges:
+            cached = None if kept is None else kept.get(key)
+            flight = _flights.get(key)
+            if cached is not None:
+                found[key] = cached[0]
+            elif flight is not None:
+                theirs[key] = flight
+            else:
+                _flights[key] = _Flight()
+                mine.append(key)
+    try:
+        blobs = read_ranges(url, [ranges[key] for key in mine], options) if mine else []
+        for key, data in zip(mine, blobs, strict=True):
+            found[key] = data
+            if kept is not None:
+                kept.put(key, data, len(data))
+    finally:  # failed or not, the waiting threads wake (and fetch it themselves if it failed)
+        with _flights_lock:
+            landed = [_flights.pop(key) for key in mine]
+        for key, flight in zip(mine, landed, strict=True):
+            flight.data = found.get(key)
+            flight.landed.set()
+    for key, flight in theirs.items():
+        flight.landed.wait()
+        found[key] = flight.data if flight.data is not None else read_ranges(url, [ranges[key]], options)[0]
+    return found
+
+
 _configured: dict[str, Any] = {}
 
 
@@ -240,21 +307,21 @@ def configured() -> dict[str, Any]:
     return dict(_configured)
 
 
-def refuse_output(path: str, what: str = "the store") -> None:
-    """Outputs go to a file system (local, or shared such as NFS/Lustre/GPFS, or a bucket mounted
-    with s3fs-fuse/rclone/mountpoint-s3): a URL is refused in one line that says what to do.
+def refuse_output(path: str, what: str) -> None:
+    """Outputs other than a run's store (exports, a batch's folder) go to a file system: a URL is
+    refused in one line that says what to do (``fcnpipe run -o s3://...`` writes a store to S3).
 
-    >>> refuse_output("maps/a.zarr")
+    >>> refuse_output("maps/a.tif", "an export")
     >>> try:
-    ...     refuse_output("s3://lab/maps/a.zarr")
+    ...     refuse_output("s3://lab/maps/a.tif", "an export")
     ... except ConfigError as err:
-    ...     print(str(err).split(":", 2)[2].split(";")[0].strip())
-    writing the store to object storage is not supported
+    ...     print(str(err).split(": ", 1)[1].split(" (")[0])
+    an export needs a local or shared path
     """
     if is_url(path):
         raise ConfigError(
-            f"{redact(path)}: writing {what} to object storage is not supported; write it to a local or shared "
-            "path (or a mounted bucket) and copy it after the run, e.g. aws s3 sync OUT.zarr s3://bucket/OUT.zarr"
+            f"{redact(path)}: {what} needs a local or shared path (or a mounted bucket); write it there and copy "
+            "it after, e.g. aws s3 cp OUT s3://bucket/OUT (fcnpipe run -o s3://bucket/OUT.zarr writes a store to S3)"
         )
 
 

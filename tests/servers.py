@@ -52,11 +52,16 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def start_s3() -> Iterator[dict[str, str]]:
-    """Run moto's S3 server; yield the AWS environment that points at it (endpoint, region, keys)."""
+def start_s3(authenticate: bool = False) -> Iterator[dict[str, str]]:
+    """Run moto's S3 server; yield the AWS environment that points at it (endpoint, region, keys).
+
+    ``authenticate``: the server checks every request's signature against the keys it knows (it
+    knows none), so it refuses :data:`CREDENTIALS` as AWS refuses a wrong key (403)."""
     port = free_port()
+    checks = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if authenticate else {}
     process = subprocess.Popen(
         [sys.executable, "-c", _WATCHED, str(port)],
+        env={**os.environ, **checks},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

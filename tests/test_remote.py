@@ -197,13 +197,20 @@ def test_a_url_that_cannot_be_read_gives_one_line_and_no_store(
     assert not store.exists()
 
 
-def test_an_output_url_is_refused_before_anything_runs(make_model, real_data_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="object storage is not supported"):
-        remote.refuse_output("s3://lab/out.zarr")
-    result = CliRunner().invoke(
-        cli, ["run", str(real_data_dir / "RGB.byte.tif"), "-m", str(make_model()), "-o", "s3://lab/out.zarr"]
-    )
-    assert result.exit_code != 0 and "s3://lab/out.zarr: writing the store to object storage" in result.output
+def test_an_export_or_a_batch_folder_at_a_url_is_refused_before_anything_runs(
+    make_model, real_data_dir: Path, tmp_path: Path
+) -> None:
+    """A run's store may be in S3 (tests/test_remote_store.py); exports and a batch's folder may not."""
+    with pytest.raises(ConfigError, match="an export needs a local or shared path"):
+        remote.refuse_output("s3://lab/out.tif", "an export")
+    image, model = str(real_data_dir / "RGB.byte.tif"), str(make_model())
+    for args in (
+        ["export", str(tmp_path / "none.zarr"), "-o", "s3://lab/out.tif"],
+        ["batch", image, "-o", "s3://lab/"],
+    ):
+        result = CliRunner().invoke(cli, [*args, "-m", model] if args[0] == "batch" else args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code != 0 and len(lines) == 1 and "needs a local or shared path" in lines[0], result.output
 
 
 def test_redact_and_reasons_name_no_secret() -> None:
@@ -266,3 +273,93 @@ def test_train_reads_images_and_masks_from_urls(s3_env: dict[str, str], make_tif
     result = CliRunner().invoke(cli, [*args, "--patches-per-epoch", "4", "--patch", "32", "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert model.stat().st_size > 0
+
+
+def test_two_threads_reading_neighbouring_windows_fetch_each_tile_once(
+    s3_env: dict[str, str], real_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's two workers read neighbouring windows at the same time, and their halos share file
+    tiles: a tile one thread is fetching, the other waits for instead of fetching it again. (Both
+    fetched it: over moto's S3 server, slower than HTTP, a run fetched 1.6-1.7 x the file.)"""
+    import collections
+    import dataclasses
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = "CMU-1-Small-Region.svs"  # 240 x 240 JPEG tiles, 13 rows of 10
+    upload(s3_env, "slides", {f"once/{name}": real_data_dir / name})
+    asked: collections.Counter[tuple[int, int]] = collections.Counter()
+    fetch = remote.read_ranges
+
+    def counted(url: str, ranges: list[tuple[int, int]], options: object = None) -> list[bytes]:
+        asked.update(ranges)
+        return fetch(url, ranges, options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(remote, "read_ranges", counted)
+    height, width = open_source(real_data_dir / name).shape[1:]
+    core, halo = 480, 8  # a task's window: 2 x 2 file tiles and a halo reaching into the next ones
+    windows = [
+        (max(0, y - halo), min(height, y + core + halo), max(0, x - halo), min(width, x + core + halo))
+        for y in range(0, height, core)
+        for x in range(0, width, core)
+    ]
+
+    def read_all(threads: int) -> int:
+        """Bytes fetched reading every window, ``threads`` neighbouring windows at a time."""
+        clear_reader_caches()
+        ref = dataclasses.replace(open_source(f"s3://slides/once/{name}").ref, cache_tiles=True)
+        read_window(ref, (0, 8, 0, 8))  # opens the level (its directory comes through the block cache)
+        asked.clear()
+        remote.FETCHED.reset()
+        steps = [windows[i : i + threads] for i in range(0, len(windows), threads)]
+        barrier = threading.Barrier(threads, timeout=60)
+
+        def worker(side: int) -> None:
+            for step in steps:
+                barrier.wait()  # neighbours start together, as the run's worker threads do
+                if side < len(step):
+                    read_window(ref, step[side])
+
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(worker, side) for side in range(threads)]:
+                done.result()
+        return remote.FETCHED.bytes
+
+    alone = read_all(1)  # (more than the tiles: the bytes between a window's rows of tiles come along)
+    together = read_all(2)
+    again = {span: n for span, n in asked.items() if n > 1}
+    assert not again, f"{len(again)} of {len(asked)} tiles fetched more than once"
+    assert len(asked) >= 120  # every tile of the level but the first, read on opening it
+    assert together <= 1.05 * alone, (together, alone)
+
+
+def test_a_thread_waiting_for_a_tile_whose_fetch_fails_fetches_it_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, fail = threading.Event(), threading.Event()
+    calls: list[list[tuple[int, int]]] = []
+
+    def flaky(url: str, ranges: list[tuple[int, int]], options: object = None) -> list[bytes]:
+        calls.append(list(ranges))
+        if len(calls) == 1:  # the first fetch hangs, then the connection drops
+            started.set()
+            fail.wait(30)
+            raise SourceError(f"{url}: cannot read (connection failed)")
+        return [b"t" * count for _, count in ranges]
+
+    monkeypatch.setattr(remote, "read_ranges", flaky)
+    url, key = "s3://slides/a.svs", ("s3://slides/a.svs", "etag:1", 0, 7)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(remote.read_once, url, {key: (4096, 5)})
+        assert started.wait(30)
+        second = pool.submit(remote.read_once, url, {key: (4096, 5)})
+        time.sleep(0.3)
+        assert len(calls) == 1 and not second.done()  # it waits for the fetch in flight
+        fail.set()
+        with pytest.raises(SourceError, match="connection failed"):
+            first.result()
+        assert second.result(timeout=30) == {key: b"ttttt"}  # woken, and fetched it itself
+    assert calls == [[(4096, 5)], [(4096, 5)]]
+    assert not remote._flights  # nothing left in flight

@@ -11,12 +11,13 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.cli.options import FLAGS
 from pipeline.errors import WARNINGS, ConfigError, FcnpipeError, Interrupted, render
 
@@ -188,7 +189,27 @@ class _LogFile(logging.FileHandler):
 @contextlib.contextmanager
 def log_to(path: str) -> Iterator[None]:
     """Append the ``fcnpipe`` logger's records to ``path`` while the block runs, the file made at
-    the first record; an error that ends the block after something was logged is logged too."""
+    the first record; an error that ends the block after something was logged is logged too.
+
+    A ``path`` in object storage (beside a store there) is written locally, then appended to the
+    object when the block ends (an object cannot be appended to in place)."""
+    if not files.is_remote(path):
+        with _log_file(path):
+            yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fcnpipe-log-") as folder:
+        local = os.path.join(folder, "fcnpipe.log")
+        try:
+            with _log_file(local):
+                yield
+        finally:
+            if os.path.exists(local):
+                with contextlib.suppress(FcnpipeError), open(local, "rb") as file:  # never hides the error
+                    files.put(path, (files.get(path) or b"") + file.read())
+
+
+@contextlib.contextmanager
+def _log_file(path: str) -> Iterator[None]:
     folder = os.path.dirname(os.path.abspath(path))
     existing = next(p for p in _parents(folder) if os.path.exists(p))
     if os.path.isdir(path) or not os.path.isdir(existing) or not os.access(existing, os.W_OK):

@@ -53,11 +53,13 @@ def run(
     out = _required(config.output.path, "-o", "--output", "output.path", "the Zarr store to write")
     _required(config.model.path, "-m", "--model", "model.path", "the network to run")
     from pipeline.compute.engine import open_engine
+    from pipeline.files import register
     from pipeline.run.estimate import estimate
     from pipeline.run.execute import execute
     from pipeline.run.plan import prepare
     from pipeline.store.safety import store_lock
 
+    register(out, config.output.storage_options)  # a store in S3: its lease and log, before the plan
     with (
         log_to(log_path or _beside(out, ".log")),
         store_lock(out),  # a second writer is refused now, before the plan and the sample timing
@@ -179,9 +181,10 @@ def _show(lines: list[str]) -> None:
 
 def _beside(store: str, suffix: str) -> str:
     """``OUT.log`` beside the store ``OUT.zarr``."""
+    from pipeline.files import is_remote
     from pipeline.store.layout import beside
 
-    return beside(os.path.abspath(store), suffix)
+    return beside(store if is_remote(store) else os.path.abspath(store), suffix)
 
 
 @contextlib.contextmanager
@@ -190,11 +193,12 @@ def _interrupted(store: str, resuming: bool) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        from pipeline.files import normalized
         from pipeline.run.resume import check_target
 
         started = True
         try:
-            check_target(os.path.realpath(store), overwrite=False)
+            check_target(normalized(store), overwrite=False)
             started = False  # nothing there: the run had not begun writing
         except FcnpipeError:
             pass

@@ -166,7 +166,9 @@ class DistributedEngine(Engine):
         if self.torch_threads is not None:  # a job queue: workers come and go
             each = "thread" if torch_threads == 1 else "threads"
             return f"Dask {self.name}, {torch_threads} torch {each} per task; dashboard {self.dashboard}"
-        return f"Dask {self.name}: {count} workers, {threads_text(workers, torch_threads)}; dashboard {self.dashboard}"
+        processes = "worker" if count == 1 else "workers"
+        threads = threads_text(workers, torch_threads)
+        return f"Dask {self.name}: {count} {processes}, {threads}; dashboard {self.dashboard}"
 
     def share_model(self, job: Job, module: Any) -> None:
         with open(job.model_path, "rb") as file:

@@ -8,6 +8,7 @@ read), :func:`source_thumbnail` reads the smallest large enough pyramid level, w
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline import files
 from pipeline.errors import ConfigError, OutputError, SourceError
 from pipeline.source.pixels import read_window
 from pipeline.source.tiff import SourceInfo, open_source
@@ -50,10 +52,8 @@ def stride_for(shape: Sequence[int], max_size: int) -> int:
 def label_thumbnail(array: Any, max_size: int = 1024) -> np.ndarray:
     """``array[::s, ::s]`` of a 2-D (Zarr) array, read chunk by chunk, with ``s`` from :func:`stride_for`.
 
-    ``array`` needs ``shape``, ``dtype`` and basic slicing, and is read in its ``chunks`` (a
-    zarr.Array); without ``chunks`` (a NumPy array) it is read in 1024 x 1024 blocks. The result has
-    ``ceil(Y / s) x ceil(X / s)`` pixels.
-    """
+    ``array`` needs ``shape``, ``dtype`` and basic slicing, and is read in its ``chunks`` (a zarr.Array;
+    a NumPy array in 1024 x 1024 blocks). The result has ``ceil(Y / s) x ceil(X / s)`` pixels."""
     return _read_labels(array, max_size, count=False)[0]
 
 
@@ -112,10 +112,8 @@ def _sampled(start: int, stop: int, stride: int) -> tuple[slice, slice] | None:
 def preview_level(levels: Sequence[tuple[int, int]], max_size: int) -> int:
     """The smallest level whose larger side is at least ``max_size``, else level 0 (the largest).
 
-    >>> preview_level([(8192, 8192), (4096, 4096), (2048, 2048), (1024, 1024), (512, 512)], 1024)
-    3
-    >>> preview_level([(800, 600), (400, 300)], 1024)
-    0
+    >>> preview_level([(8192, 8192), (4096, 4096), (2048, 2048), (1024, 1024)], 1024), preview_level([(800, 600)], 1024)
+    (3, 0)
     """
     large_enough = [index for index, shape in enumerate(levels) if max(shape) >= max_size]
     return min(large_enough, key=lambda index: max(levels[index])) if large_enough else 0
@@ -194,10 +192,12 @@ def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def _write_png(png_path: str | os.PathLike[str], canvas: np.ndarray) -> str:
-    """Encode ``canvas`` (``(H, W, 3)`` uint8) as a PNG at ``png_path``; return the path."""
-    path = os.fspath(png_path)
+    """Encode ``canvas`` (``(H, W, 3)`` uint8) as a PNG at ``png_path``, whole or not at all (beside a
+    store in S3: one PUT); return the path."""
+    path, encoded = os.fspath(png_path), io.BytesIO()
+    Image.fromarray(canvas).save(encoded, format="PNG")
     try:
-        Image.fromarray(canvas).save(path, format="PNG")
+        files.put(path, encoded.getvalue())
     except OSError as err:
         raise OutputError(f"{path}: cannot write the preview ({err.strerror or err})") from err
     return path

@@ -230,7 +230,7 @@ def run_batch(
     the level-0 tasks of every input, ``on_item(item)`` reports each input as it ends. ``engine``
     runs the tasks (:func:`pipeline.compute.engine.open_engine`).
     """
-    remote.refuse_output(outdir, "a batch's stores")
+    remote.refuse_output(outdir, "a batch's output folder")
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as err:

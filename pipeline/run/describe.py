@@ -110,7 +110,9 @@ def inspect_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     SourceError for a missing path or a folder that is not a Zarr store."""
     path = os.fspath(path)
     if remote.is_url(path):
-        return file_info(path)
+        from pipeline.store.layout import is_store
+
+        return store_info(path) if path.rstrip("/").lower().endswith(".zarr") and is_store(path) else file_info(path)
     if not os.path.lexists(path):
         raise SourceError(f"{path}: no such file or folder")
     if os.path.isdir(path):

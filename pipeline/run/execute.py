@@ -51,7 +51,14 @@ from pipeline.store.arrays import create_store
 from pipeline.store.ome import write_gis_metadata, write_viewer_metadata
 from pipeline.store.reading import class_stats, count_labels, open_store, pixel_area, store_stats
 from pipeline.store.record import StoreRecord, write_record
-from pipeline.store.safety import clear_state, remove_leftovers, staged_store, store_lock, write_state
+from pipeline.store.safety import (
+    check_lease,
+    clear_state,
+    remove_leftovers,
+    staged_store,
+    store_lock,
+    write_state,
+)
 from pipeline.tiling import plan_tiles
 
 log = logging.getLogger("fcnpipe")
@@ -238,6 +245,7 @@ class StoreWriter:
         if plan.engine.distributed:  # a worker that died mid-write left zarr's temporary file behind
             remove_partial_files(self.path)
         final = self._record.completed(timings, self.stats())
+        check_lease(self.path)  # in object storage: no other writer took the store meanwhile
         write_record(self.path, final)
         clear_state(self.path)
         if remote.is_url(plan.source.path) and not plan.engine.distributed:  # workers count their own

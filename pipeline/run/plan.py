@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from pipeline import remote
+from pipeline import files, remote
 from pipeline.compute.blend import Blend, check_blend
 from pipeline.compute.engine import THREADS, Engine
 from pipeline.compute.job import Job, task_id
@@ -162,7 +162,9 @@ class RunPlan:
             resampling=self.grid.resampling,
             source_shape=self.source.shape[1:],
             origin=self.grid.origin,
-            output=OutputRef(out_path, cfg.output.dtype, token=token, shard=self.shard),
+            output=OutputRef(
+                out_path, cfg.output.dtype, token=token, shard=self.shard, storage=cfg.output.storage_options
+            ),
             model_path=os.path.abspath(self.model.path),
             model_sha256=self.model.sha256,
             model_factory=cfg.model.factory,
@@ -196,9 +198,10 @@ def prepare(config: RunConfig, engine: Engine = THREADS) -> RunPlan:
             k for k, v in (("input.path", image), ("model.path", model_path), ("output.path", store)) if v is None
         ]
         raise ConfigError(f"No {', '.join(missing)} given: a run needs an input, a model and an output")
-    remote.refuse_output(store)
+    files.check_writable(store)
     check_store_path(store)
-    output_path = os.path.realpath(store)
+    output_path = files.normalized(store)
+    files.register(output_path, out.storage_options)  # before anything looks at the store
     if not out.resume:
         check_target(output_path, out.overwrite)
     remote.configure(inp.storage_options)  # every input this run opens, and its tasks' reads

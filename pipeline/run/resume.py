@@ -17,13 +17,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import remote
+from pipeline import files, remote
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, OutputError, option
 from pipeline.source.tiff import SourceInfo
 from pipeline.store.layout import STORE_FORMAT, is_empty_folder, is_store
 from pipeline.store.record import StoreRecord, read_record
-from pipeline.store.safety import done_tasks, read_state
+from pipeline.store.safety import being_created, done_tasks, read_state
 
 
 def differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -65,6 +65,7 @@ class Resume:
 BYTE_NEUTRAL: dict[str, str] = {
     "input.path": "the input is fingerprinted by its file name and size instead",
     "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "output.storage_options": "how the store is reached (endpoint, credentials), not what it holds",
     "model.path": "the model is fingerprinted by the sha256 of its file instead",
     "output.path": "where the store is, not what it holds",
     "output.overwrite": "whether an existing store may be replaced",
@@ -124,15 +125,15 @@ def fingerprint_of(values: dict[str, Any], input_name: str, input_size: int, mod
 def check_target(path: str, overwrite: bool) -> None:
     """Refuse an existing output without ``overwrite``, saying what it is and what to pass; and
     anything but a Zarr store (or an empty folder) even with it."""
-    if not os.path.lexists(path) or is_empty_folder(path):
+    if not files.exists(path) or is_empty_folder(path):
         return
     if overwrite:
-        if not is_store(path):
+        if not is_store(path) and not being_created(path):
             raise OutputError(f"{path}: exists and is not a Zarr store; refusing to delete it")
         return
-    if not is_store(path):
+    if not is_store(path) and not being_created(path):
         raise OutputError(f"{path}: already exists and is not a Zarr store; choose another output path")
-    record = read_record(path)
+    record = None if being_created(path) else read_record(path)
     if record is not None and record.complete:
         raise OutputError(f"{path}: already exists and is complete; {option('output.overwrite')} to compute it again")
     if record is None and read_state(path) is None and not _begun(path):
@@ -149,7 +150,7 @@ _METADATA_ONLY = {".zgroup", ".zattrs", "zarr.json", ".zmetadata"}
 def _begun(path: str) -> bool:
     """A Zarr group that holds nothing but its own metadata: an fcnpipe store whose creation an
     earlier fcnpipe did not finish (nothing of it can be lost by starting it again)."""
-    return set(os.listdir(path)) <= _METADATA_ONLY
+    return being_created(path) or set(files.names(path)) <= _METADATA_ONLY
 
 
 def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
@@ -160,8 +161,10 @@ def check_resume(path: str, fingerprint: dict[str, Any]) -> Resume | None:
     nothing but its own metadata (a creation killed before this fcnpipe made it atomic), is started
     again.
     """
-    if not os.path.lexists(path) or is_empty_folder(path):
+    if not files.exists(path) or is_empty_folder(path):
         return None
+    if being_created(path):  # in object storage, a creation that did not finish: nothing to lose
+        return Resume(frozenset(), restart=True)
     if not is_store(path):
         raise OutputError(f"{path}: exists and is not a Zarr store; cannot resume it")
     record = read_record(path)

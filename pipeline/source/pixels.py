@@ -350,22 +350,17 @@ class Level:
         return out[0] if self.separate == 1 else out[..., 0]
 
     def _prefetch(self, page: Any, number: int, cells: list[Any]) -> dict[int, bytes]:
-        """The undecoded bytes of the window's segments not in the tile caches, fetched in one batch
-        (and kept in :data:`FETCHED_CACHE`: the next row of windows needs this row's edge tiles)."""
-        found, wanted = {}, []
+        """The undecoded bytes of the window's segments not decoded already, fetched in one batch and
+        each once however many threads want it (:func:`remote.read_once`; kept in
+        :data:`FETCHED_CACHE`: the next row of windows needs this row's edge tiles)."""
+        wanted: dict[_Key, int] = {}
         for index in [p * self.per_plane + r * self.across + c for p in range(self.separate) for r, c, _ in cells]:
-            key = None if self.name is None else (*self.name, number, index)
-            kept = None if key is None else FETCHED_CACHE.get(key)
-            if kept is not None:
-                found[index] = kept[0]
-            elif (key is None or TILE_CACHE.get(key) is None) and int(page.databytecounts[index]):
-                wanted.append(index)
-        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in wanted]
-        for index, data in zip(wanted, remote.read_ranges(self.path, ranges, self.storage), strict=True):
-            found[index] = data
-            if self.name is not None:
-                FETCHED_CACHE.put((*self.name, number, index), data, len(data))
-        return found
+            key = (id(self), number, index) if self.name is None else (*self.name, number, index)
+            if int(page.databytecounts[index]) and (self.name is None or TILE_CACHE.get(key) is None):
+                wanted[key] = index
+        ranges = {key: (int(page.dataoffsets[i]), int(page.databytecounts[i])) for key, i in wanted.items()}
+        found = remote.read_once(self.path, ranges, self.storage, None if self.name is None else FETCHED_CACHE)
+        return {wanted[key]: data for key, data in found.items()}
 
     def _segment(self, page: Any, number: int, index: int, data: bytes | None = None) -> np.ndarray | None:
         """Segment ``index`` of a page as ``(rows, columns, contiguous samples)``, or None if absent;

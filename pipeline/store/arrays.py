@@ -15,8 +15,6 @@ shard as it was, never half of it. Zarr has no lock for concurrent writes into o
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,8 +25,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from pipeline import files
 from pipeline.errors import OutputError, option
-from pipeline.files import atomic_write
 from pipeline.store.layout import (
     BLOSC,
     LABEL_GROUP,
@@ -44,6 +42,7 @@ from pipeline.store.layout import (
     quantize,
     shard_shape,
     stored_chunk,
+    zarr_store,
 )
 from pipeline.store.pyramid import mean_2x2, subsample_2x2
 from pipeline.tiling import Box, cells_under
@@ -82,15 +81,15 @@ def create_store(
     """
     if shard and zarr_format != 3:  # the config refuses it first: never a user's mistake here
         raise ValueError(f"shards need Zarr format 3, not {zarr_format}")
-    if os.path.lexists(path):
+    if files.exists(path):
         if not overwrite:
             raise OutputError(f"{path}: already exists; {option('output.overwrite')} to replace it")
-        shutil.rmtree(path)
+        files.remove_tree(path)
     named = final_path or path
     if classes >= NODATA_LABEL:
         raise OutputError(f"{named}: {classes} classes do not fit the uint8 label map (at most {NODATA_LABEL - 1})")
     try:
-        group = zarr.open_group(path, mode="w-", zarr_format=zarr_format)  # type: ignore[arg-type]
+        group = zarr.open_group(zarr_store(path), mode="w-", zarr_format=zarr_format)  # type: ignore[arg-type]
         labels = group.require_group(LABEL_GROUP)
         v3 = zarr_format == 3
         for level, (height, width) in enumerate(levels):
@@ -151,7 +150,8 @@ def _arrays(out: OutputRef, level: int) -> tuple[Any, Any]:
     with _handles_lock:
         found = _handles.get((out, level))
     if found is None:  # two threads may both open it: the same metadata either way
-        group = zarr.open_group(out.path, mode="r")
+        files.register(out.path, out.storage)  # a worker process writing to object storage
+        group = zarr.open_group(zarr_store(out.path, read_only=True), mode="r")
         found = (group[str(level)], group[f"{LABEL_GROUP}/{level}"])
         _keep_arrays(out, level, found)
     return found
@@ -210,10 +210,9 @@ def _put_chunk(path: str, array: Any, core: tuple[int, int, int, int], values: n
     target = chunk_path(path, array, core)
     data = encode_chunk(array, values)
     if data is None:
-        if os.path.exists(target):
-            os.unlink(target)
+        files.delete(target)
         return
-    atomic_write(target, data)
+    files.put(target, data)
 
 
 class ShardWriter:
@@ -342,7 +341,7 @@ def create_blend_arrays(path: str, classes: int, shape: tuple[int, int], side: i
     height, width = shape
     chunk = (min(side, height), min(side, width))
     try:
-        root = zarr.open_group(path, mode="r+")
+        root = zarr.open_group(zarr_store(path), mode="r+")
         group = root.create_group(BLEND_GROUP, overwrite=True)
         for name in PARITIES:
             sub = group.create_group(name)
@@ -356,12 +355,12 @@ def create_blend_arrays(path: str, classes: int, shape: tuple[int, int], side: i
 
 def remove_blend_arrays(path: str) -> None:
     """Delete the ``_blend`` group of the store at ``path``, if it is there."""
-    shutil.rmtree(os.path.join(path, BLEND_GROUP), ignore_errors=True)
+    files.remove_tree(files.join(path, BLEND_GROUP))
 
 
 def blend_arrays(path: str) -> dict[str, tuple[Any, Any]]:
     """The ``(sum, weight)`` arrays of each parity of the store at ``path``, to read and write."""
-    group = zarr.open_group(os.path.join(path, BLEND_GROUP), mode="r+")
+    group = zarr.open_group(zarr_store(path), mode="r+")[BLEND_GROUP]
     return {name: (group[f"{name}/sum"], group[f"{name}/weight"]) for name in PARITIES}
 
 

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numcodecs
 import numpy as np
 
+from pipeline import files
 from pipeline.errors import ConfigError, OutputError
 from pipeline.files import PARTIAL
 
@@ -110,6 +113,9 @@ class OutputRef:
     """Unique per created store: handles cached for an earlier store at the same path are not reused."""
     shard: int = 0
     """Chunks per shard side at every level (:func:`shard_shape`); 0: no shards, a file per chunk."""
+    storage: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """fsspec options of a store in object storage (``output.storage_options``): they may hold
+    credentials, so they are never shown, and a worker registers them before it writes."""
 
 
 def shard_shape(shape: tuple[int, int], chunks: tuple[int, int], shard: int) -> tuple[int, int]:
@@ -126,10 +132,11 @@ def shard_shape(shape: tuple[int, int], chunks: tuple[int, int], shard: int) -> 
 def beside(store: str | os.PathLike[str], suffix: str) -> str:
     """A file beside ``store``, named after it: ``.zarr`` replaced by ``suffix`` (preview, log).
 
-    >>> beside("/data/slide1.zarr/", ".preview.png"), beside("out", ".log")
-    ('/data/slide1.preview.png', 'out.log')
+    >>> beside("/data/slide1.zarr/", ".preview.png"), beside("out", ".log"), beside("s3://b/s1.zarr", ".log")
+    ('/data/slide1.preview.png', 'out.log', 's3://b/s1.log')
     """
-    path = os.path.normpath(os.fspath(store))
+    path = os.fspath(store)
+    path = files.normalized(path) if files.is_remote(path) else os.path.normpath(path)
     return (path[:-5] if path.lower().endswith(".zarr") else path) + suffix
 
 
@@ -157,7 +164,7 @@ def check_store_path(path: str) -> None:
             stem = os.path.join(os.path.dirname(path), name[: -len(suffix)] + ".zarr")
             raise ConfigError(
                 f"{path}: fcnpipe run writes a Zarr store (a folder, e.g. {stem}), not a TIFF; "
-                f"run with -o {stem}, then fcnpipe export {stem} -o {path}"
+                f"run with -o {stem}, then fcnpipe export {stem} -o {name if files.is_remote(path) else path}"
             )
     for suffix in _OTHER_FILES:
         if lower.endswith(suffix):
@@ -168,12 +175,23 @@ def check_store_path(path: str) -> None:
 
 
 def is_store(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", "zarr.json"))
+    return bool({".zgroup", "zarr.json"} & set(files.names(path)))
 
 
 def is_empty_folder(path: str) -> bool:
-    """A folder with nothing in it (a store never begun): replacing it loses nothing."""
-    return os.path.isdir(path) and not os.listdir(path)
+    """A folder with nothing in it (a store never begun): replacing it loses nothing. In object
+    storage a prefix with nothing under it does not exist."""
+    return not files.is_remote(path) and os.path.isdir(path) and not os.listdir(path)
+
+
+def zarr_store(path: str, read_only: bool = False) -> Any:
+    """What :func:`zarr.open_group` takes for the store at ``path``: a folder's path, or an fsspec
+    store of a URL (with its registered options, :func:`pipeline.files.register`)."""
+    if not files.is_remote(path):
+        return path
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(path, storage_options=files.options_for(path), read_only=read_only)
 
 
 # --- chunk and shard files, as zarr reads them -----------------------------------------------------
@@ -236,7 +254,7 @@ def chunk_path(path: str, array: Any, core: tuple[int, int, int, int]) -> str:
     cy, cx = (array.shards or array.chunks)[-2:]
     coords = (y0 // cy, x0 // cx) if array.ndim == 2 else (0, y0 // cy, x0 // cx)
     key = array.metadata.encode_chunk_key(coords)
-    return os.path.join(path, *array.path.split("/"), *key.split("/"))
+    return files.join(path, *array.path.split("/"), *key.split("/"))
 
 
 def check_chunk(array: Any, core: tuple[int, int, int, int]) -> None:
@@ -281,7 +299,9 @@ class ShardFile:
         (cy, cx), (sy, sx) = array.chunks[-2:], array.shards[-2:]
         self.array, self.chunk, self.origin = array, (cy, cx), (core[0] // sy * sy, core[2] // sx * sx)
         self.target = chunk_path(path, array, core)
-        self.temporary = f"{self.target}.{uuid.uuid4().hex}{PARTIAL}"
+        self.remote = files.is_remote(path)  # made in a local temporary file, then uploaded whole
+        folder = tempfile.gettempdir() if self.remote else os.path.dirname(self.target)
+        self.temporary = os.path.join(folder, f"{os.path.basename(self.target)}.{uuid.uuid4().hex}{PARTIAL}")
         self.index = np.full((sy // cy, sx // cx, 2), SHARD_ABSENT, np.uint64)
         self.file: BinaryIO | None = None
         self.size = 0
@@ -295,7 +315,7 @@ class ShardFile:
         if data is None:
             return
         if self.file is None:  # opened at the first chunk with data: a shard of fill value is no file
-            os.makedirs(os.path.dirname(self.target), exist_ok=True)
+            os.makedirs(os.path.dirname(self.temporary), exist_ok=True)
             self.file = open(self.temporary, "wb")  # noqa: SIM115 (closed by close or abandon)
         self.file.write(data)
         self.index[row, col] = (self.size, len(data))
@@ -304,12 +324,17 @@ class ShardFile:
     def close(self) -> None:
         """End the shard with its index and rename it into place (none at all: its old file removed)."""
         if self.file is None:
-            if os.path.exists(self.target):
-                os.unlink(self.target)
+            files.delete(self.target)
             return
         self.file.write(shard_index(self.index))
         self.file.close()
-        os.replace(self.temporary, self.target)
+        if not self.remote:
+            os.replace(self.temporary, self.target)
+            return
+        try:
+            files.upload(self.temporary, self.target)
+        finally:
+            os.unlink(self.temporary)
 
     def abandon(self) -> None:
         if self.file is not None:
@@ -323,22 +348,20 @@ def stored_chunk(path: str, array: Any, row: int, col: int, indexes: dict[str, n
     index read once into ``indexes``); None where it is not stored (all fill value)."""
     cy, cx = array.chunks[-2:]
     target = chunk_path(path, array, (row * cy, 0, col * cx, 0))
+    if array.shards is None:
+        return files.get(target)
+    sy, sx = array.shards[-2:]
+    per = (sy // cy, sx // cx)
     try:
-        with open(target, "rb") as file:
-            if array.shards is None:
-                return file.read()
-            sy, sx = array.shards[-2:]
-            per = (sy // cy, sx // cx)
-            if target not in indexes:
-                file.seek(-shard_index_size(per), os.SEEK_END)
-                indexes[target] = read_shard_index(file.read(), per)
-            offset, size = (int(v) for v in indexes[target][row % per[0], col % per[1]])
-            if offset == SHARD_ABSENT:
+        if target not in indexes:
+            tail = files.get(target, -shard_index_size(per))
+            if tail is None:
                 return None
-            file.seek(offset)
-            return file.read(size)
-    except FileNotFoundError:
-        return None
+            indexes[target] = read_shard_index(tail, per)
+        offset, size = (int(v) for v in indexes[target][row % per[0], col % per[1]])
+        if offset == SHARD_ABSENT:
+            return None
+        return files.get(target, offset, offset + size)
     except (OSError, ValueError) as err:  # a shard shorter than its index, or not matching its checksum
         raise OutputError(f"{target}: cannot read this shard ({err})") from err
 
@@ -355,11 +378,9 @@ def stored_chunks(path: str, array: Any) -> int:
         for left in range(0, array.shape[-1], sx):
             target = chunk_path(path, array, (top, 0, left, 0))
             try:
-                with open(target, "rb") as file:
-                    file.seek(-shard_index_size(per), os.SEEK_END)
-                    count += int((read_shard_index(file.read(), per)[..., 0] != SHARD_ABSENT).sum())
-            except FileNotFoundError:
-                continue
+                tail = files.get(target, -shard_index_size(per))
+                if tail is not None:
+                    count += int((read_shard_index(tail, per)[..., 0] != SHARD_ABSENT).sum())
             except (OSError, ValueError) as err:
                 raise OutputError(f"{target}: cannot read this shard ({err})") from err
     return count

@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from pipeline.store.arrays import compressor
-from pipeline.store.layout import LABEL_GROUP, LABELS, NODATA_LABEL, PROBABILITIES, UINT8_SCALE
+from pipeline.store.layout import LABEL_GROUP, LABELS, NODATA_LABEL, PROBABILITIES, UINT8_SCALE, zarr_store
 
 OME_VERSIONS = ("0.4", "0.5")
 
@@ -173,7 +173,7 @@ def write_georeference_arrays(path: str, group_path: str, xs: np.ndarray, ys: np
     is a scalar CF grid-mapping variable whose attributes ``crs`` gives (``spatial_ref``,
     ``GeoTransform``), as rioxarray reads them.
     """
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(zarr_store(path), mode="r+")
     target = group if group_path in ("", "/") else group[group_path]
     zarr_format = group.metadata.zarr_format
     for name, values in (("x", xs), ("y", ys)):
@@ -196,7 +196,7 @@ def write_georeference_arrays(path: str, group_path: str, xs: np.ndarray, ys: np
 
 def update_attributes(path: str, node: str, attributes: dict[str, Any]) -> None:
     """Merge ``attributes`` into the attributes of the group or array at ``node`` ("" = root)."""
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(zarr_store(path), mode="r+")
     target = group if node in ("", "/") else group[node]
     target.attrs.update(attributes)
 

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline import files
 from pipeline.errors import OutputError
-from pipeline.store.layout import LABEL_GROUP, NODATA_LABEL, is_store
+from pipeline.store.layout import LABEL_GROUP, NODATA_LABEL, is_store, zarr_store
 from pipeline.store.record import ATTRIBUTE, StoreRecord, read_record
 
 
@@ -46,10 +47,10 @@ class StoreReader:
 def open_store(path: str, *, complete: bool, why: str = "") -> StoreReader:
     """The fcnpipe store at ``path``; with ``complete``, one whose run finished, else OutputError
     (``why``: what needs it complete, for the message)."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise OutputError(f"{path}: no such file or folder")
     if not is_store(path):
-        kind = "a folder" if os.path.isdir(path) else "a file"
+        kind = "a folder" if files.is_remote(path) or os.path.isdir(path) else "a file"
         raise OutputError(f"{path}: {kind}, not a Zarr store (no .zgroup or zarr.json in it)")
     try:
         record = read_record(path)
@@ -59,7 +60,7 @@ def open_store(path: str, *, complete: bool, why: str = "") -> StoreReader:
         raise OutputError(f"{path}: has no '{ATTRIBUTE}' attribute; it was not written by fcnpipe run")
     if complete and not record.complete:
         raise OutputError(f"{path}: is incomplete (the run did not finish); {why or 'rerun it first'}")
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     return StoreReader(
         path=path, record=record, probabilities=_levels(group, "", path), labels=_levels(group, LABEL_GROUP, path)
     )

@@ -23,6 +23,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.errors import OutputError
+from pipeline.store.layout import zarr_store
 
 ATTRIBUTE = "fcnpipe"
 
@@ -160,12 +161,12 @@ class StoreRecord:
 
 def write_record(path: str, record: StoreRecord) -> None:
     """Write ``record`` as the ``fcnpipe`` attribute of the store (or staging folder) at ``path``."""
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(zarr_store(path), mode="r+")
     group.attrs[ATTRIBUTE] = record.to_dict()
 
 
 def read_record(path: str) -> StoreRecord | None:
     """The record of the store at ``path``, or None when it has no ``fcnpipe`` attribute."""
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     value = group.attrs.get(ATTRIBUTE)
     return StoreRecord.from_dict(value, path) if isinstance(value, dict) else None
