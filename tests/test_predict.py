@@ -137,3 +137,34 @@ def test_delayed_call_names_the_task_and_passes_its_arguments_as_they_are() -> N
     assert task.key == "fcnpipe-test-1"
     (result,) = dask.compute(task, scheduler="sync")
     assert result[0][0] is inner and result[1] == {"x": 1}  # not searched for collections, not computed
+
+
+def test_the_device_pass_stores_the_bytes_of_the_numpy_passes_and_refuses_nan() -> None:
+    """``Predictor.stored`` (quantise and argmax where the network runs: a GPU's path, run here on the
+    CPU) gives the values of the numpy passes the CPU path uses, ties to the first channel included;
+    probabilities that are not finite are refused by both paths."""
+    import torch
+    from torch import nn
+
+    from pipeline.errors import ModelError
+    from pipeline.model.network import ReferenceFCN
+    from pipeline.model.predictor import Predictor, argmax_channels
+    from pipeline.store.layout import UINT8_SCALE, quantize
+
+    torch.manual_seed(0)
+    predictor = Predictor(ReferenceFCN(3, 4, hidden=8), torch.device("cpu"))
+    batch = np.random.default_rng(0).normal(size=(2, 3, 48, 40)).astype(np.float32)
+    batch[:, :, :8] = 0.0  # equal inputs: the same logits in places, ties after rounding
+    probs = predictor(batch)
+    for dtype in ("uint8", "float16", "float32"):
+        values, labels = predictor.stored(batch, dtype, UINT8_SCALE)
+        expected = quantize(probs, dtype)
+        assert values.dtype == expected.dtype and values.tobytes() == expected.tobytes(), dtype
+        assert labels.tobytes() == argmax_channels(probs).tobytes(), dtype
+    tied, broken = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        tied.weight.zero_(), tied.bias.zero_(), broken.bias.__setitem__(1, float("nan"))
+    assert not Predictor(tied, torch.device("cpu")).stored(batch, "uint8", UINT8_SCALE)[1].any()  # equal: the first
+    for call in (lambda p: p(batch), lambda p: p.stored(batch, "uint8", UINT8_SCALE)):
+        with pytest.raises(ModelError, match=r"NaN or infinite probabilities \(11520 of 11520 values"):
+            call(Predictor(broken, torch.device("cpu")))
