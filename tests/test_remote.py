@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from click.testing import CliRunner
 
 from pipeline import remote
@@ -363,3 +364,32 @@ def test_a_thread_waiting_for_a_tile_whose_fetch_fails_fetches_it_itself(monkeyp
         assert second.result(timeout=30) == {key: b"ttttt"}  # woken, and fetched it itself
     assert calls == [[(4096, 5)], [(4096, 5)]]
     assert not remote._flights  # nothing left in flight
+
+
+def test_a_wide_level_keeps_the_rows_its_halos_reach_back_to_fetched(
+    make_tiff, make_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The undecoded-tile cache grows with the width of a URL level (ROWS_FETCHED rows of its
+    compressed tiles), so that a slide far wider than a fixed cache still fetches each tile once: a
+    32768² slide fetched 1.20 x its bytes with a fixed 64 MiB. Here the fixed size is shrunk below
+    one row of a small slide's tiles (and the decoded tiles' cache to two), which the growth must
+    make up for."""
+    from pipeline.source import pixels
+
+    y, x = np.mgrid[0:1536, 0:6144]
+    rng = np.random.default_rng(0)
+    image = np.stack([(x // 7 + y // 5) % 256, (x // 3) % 256, (y // 2) % 256], axis=-1).astype(np.uint8)
+    image = np.clip(image + rng.integers(0, 24, image.shape), 0, 255).astype(np.uint8)
+    path = make_tiff(image, "wide.tif", tile=(256, 256), compression="jpeg", photometric="rgb")
+    row = path.stat().st_size / 6
+    monkeypatch.setattr(pixels.FETCHED_CACHE, "max_bytes", int(row / 2))
+    monkeypatch.setattr(pixels.TILE_CACHE, "max_bytes", 2 * 256 * 256 * 3)  # decoded: two tiles, not a row
+    clear_reader_caches()
+    with start_http(tmp_path) as (server, _):
+        log = tmp_path / "wide.log"
+        args = ["run", f"{server}/wide.tif", "-m", str(make_model()), "-o", str(tmp_path / "wide.zarr")]
+        result = CliRunner().invoke(cli, [*args, "--mask", "none", "--tile", "256", "--no-preview", "--log", str(log)])
+    assert result.exit_code == 0, result.output
+    tiles = sum(tifffile.TiffFile(path).pages[0].databytecounts)  # type: ignore[union-attr]
+    assert pixels.FETCHED_CACHE.max_bytes >= pixels.ROWS_FETCHED * row * 0.9
+    assert 0.5 * tiles <= remote.FETCHED.bytes <= 1.05 * tiles, (remote.FETCHED.bytes, tiles)
