@@ -476,3 +476,25 @@ def test_masked_run_computes_only_tissue_chunks_and_matches_the_unmasked_run(
             assert not (stores["auto"] / "0" / "0" / str(row) / str(col)).exists()
     assert (stores["none"] / "0" / "0" / "0" / "0").exists()
     assert masked.record.mask is not None and masked.record.mask["chunks_skipped"] == (~expected).sum()
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "factor"),
+    [
+        ((3, 517, 301), np.uint8, 32),
+        ((1, 64, 64), np.uint8, 8),
+        ((4, 100, 101), np.uint16, 16),
+        ((2, 33, 35), np.uint8, 64),
+    ],
+)
+def test_block_means_of_integer_pixels_are_the_float32_sums_exactly(shape, dtype, factor) -> None:
+    """The integer path of block_mean (interleaved pixels, summed as integers) gives the bytes of
+    summing in float32, partial edge blocks included, so no mask decision moves."""
+    rng = np.random.default_rng(1)
+    image = np.moveaxis(rng.integers(0, np.iinfo(dtype).max + 1, (*shape[1:], shape[0]), dtype=dtype), -1, 0)
+    _, height, width = shape
+    rows, cols = np.arange(0, height, factor), np.arange(0, width, factor)
+    sums = np.add.reduceat(np.add.reduceat(image, rows, axis=1, dtype=np.float32), cols, axis=2)
+    counts = np.outer(np.diff(rows, append=height), np.diff(cols, append=width)).astype(np.float32)
+    found = block_mean(image, factor)
+    assert found.dtype == np.float32 and found.tobytes() == (sums / counts).tobytes()
