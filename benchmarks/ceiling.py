@@ -384,7 +384,20 @@ def background_slide(work: str, n: int, tissue: float = 0.3) -> tuple[str, float
 
     print(f"making {path} ({side}² of {across}² tiles of tissue) ...", file=sys.stderr, flush=True)
     write_slide(path, n, tiles())
+    add_pyramid(path)
     return path, 1 - side * side / (across * across)
+
+
+def add_pyramid(path: str, levels: int = 3) -> None:
+    """Rewrite the slide at ``path`` with ``levels`` halving sub-resolutions, as a scanner writes them:
+    the tissue mask reads a level of at most 16 Mpx, so a slide without one is not masked."""
+    full = tifffile.imread(path)
+    options = {"tile": (FILE_TILE, FILE_TILE), "compression": "jpeg", "photometric": "rgb"}
+    with tifffile.TiffWriter(path + ".part", bigtiff=True) as tif:
+        tif.write(full, subifds=levels, **options)
+        for level in range(1, levels + 1):
+            tif.write(full[:: 2**level, :: 2**level], subfiletype=1, **options)
+    os.replace(path + ".part", path)
 
 
 def kept_run(image: str, model: str, store: str, log: str, extra: Sequence[str]) -> dict[str, Any]:

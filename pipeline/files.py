@@ -81,6 +81,7 @@ def remove_partial_files(folder: str) -> int:
 
 
 # --- a path or a URL ------------------------------------------------------------------------------
+
 WRITABLE = ("s3",)
 """URL schemes a store may be written to (objects PUT whole; conditional writes for the lease)."""
 
@@ -148,14 +149,6 @@ def join(path: str, *names: str) -> str:
     if is_remote(path):
         return "/".join([path.rstrip("/"), *names])
     return os.path.join(path, *names)
-
-
-def split(path: str) -> tuple[str, str]:
-    """``(folder, name)`` of ``path``, as :func:`os.path.split` for a URL too."""
-    if is_remote(path):
-        folder, _, name = path.rstrip("/").rpartition("/")
-        return folder, name
-    return os.path.split(os.path.normpath(path))
 
 
 def _failed(path: str, err: BaseException, doing: str) -> OutputError:

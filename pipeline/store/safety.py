@@ -88,15 +88,19 @@ def store_lock(store: str) -> Iterator[None]:
         return
     if files.is_remote(store):
         files.check_writable(store)
-        with _lease(store, path):
+    with _lease(store, path) if files.is_remote(store) else _flock(store, path):
+        with _held_lock:
+            _held[path] = 1
+        try:
+            yield
+        finally:
             with _held_lock:
-                _held[path] = 1
-            try:
-                yield
-            finally:
-                with _held_lock:
-                    del _held[path]
-        return
+                del _held[path]
+
+
+@contextmanager
+def _flock(store: str, path: str) -> Iterator[None]:
+    """Hold the ``flock`` of the lock file ``path`` of ``store`` while the block runs."""
     folder = os.path.dirname(path)
     made = not os.path.isdir(folder)
     if made:  # the store's folder: needed for the store anyway
@@ -105,13 +109,9 @@ def store_lock(store: str) -> Iterator[None]:
         except OSError as err:
             raise OutputError(f"{store}: cannot create its folder {folder} ({err.strerror or err})") from err
     fd = _acquire(store, path)
-    with _held_lock:
-        _held[path] = 1
     try:
         yield
     finally:
-        with _held_lock:
-            del _held[path]
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)  # closing releases the lock
