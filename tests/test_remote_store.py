@@ -108,7 +108,7 @@ def test_a_store_in_s3_holds_the_bytes_of_the_store_on_disk(
         result = runner.invoke(cli, ["run", str(image), "-m", str(model), "-o", target, "--tile", "256", *extra])
         assert result.exit_code == 0, result.output
     stored, on_disk = objects(s3_env, "maps", f"{form}/slide.zarr"), local_files(local)
-    assert chunks(stored) == chunks(on_disk) and len(chunks(stored)) > 8
+    assert chunks(stored) == chunks(on_disk) and len(chunks(stored)) >= 8
     assert sorted(stored) == sorted(on_disk)  # the same metadata files too, and no run state left
     for name in stored:  # metadata byte for byte, but the record of each run (its own timings, paths)
         if name.endswith((".zarray", ".zgroup")) or (name.endswith("zarr.json") and "/" in name):
