@@ -187,8 +187,8 @@ def _lease(store: str, path: str) -> Iterator[None]:
         reason = remote.short_reason(err)
         raise OutputError(f"{shown}: cannot create its lease {remote.redact(path)} ({reason})") from err
     _lost.discard(path)
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(fs, key, path, stop), name="fcnpipe-lease", daemon=True)
+    stop, etag = threading.Event(), _etag(fs, key)  # ours: just written, and unexpired
+    renewer = threading.Thread(target=_renew, args=(fs, key, etag, path, stop), name="fcnpipe-lease", daemon=True)
     renewer.start()
     try:
         yield
@@ -242,10 +242,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _renew(fs: Any, key: str, path: str, stop: threading.Event) -> None:
+def _renew(fs: Any, key: str, etag: str, path: str, stop: threading.Event) -> None:
     """Renew the lease every :data:`RENEW_SECONDS` on its own ETag until ``stop``; a lease that
     another writer took is recorded in :data:`_lost` (:func:`check_lease`)."""
-    etag = _etag(fs, key)
     while not stop.wait(RENEW_SECONDS):
         try:
             fs.pipe_file(key, _lease_body(time.time() + LEASE_SECONDS), IfMatch=etag)
